@@ -1,0 +1,113 @@
+"""What a training job asks for: typed, frozen settings checked on construction.
+
+The servicer builds a `JobSpec` from the request (errors become INVALID_ARGUMENT with a field
+violation named after the proto field), the store keeps it as JSON, and the worker reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tunewire.errors import invalid
+
+ADAPTER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+MODULE_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+BIASES = ("none", "all", "lora_only")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = 8                                # rank of the update matrices
+    lora_alpha: float | None = None           # scaling numerator; None means 2 * r
+    target_modules: tuple[str, ...] = ()      # module names to adapt; () = peft's model default
+    lora_dropout: float = 0.0                 # dropout on the LoRA input, in [0, 1)
+    bias: str = "none"                        # which biases train: none | all | lora_only
+    use_rslora: bool = False                  # scale by alpha / sqrt(r) instead of alpha / r
+
+    def __post_init__(self):
+        if not 1 <= self.r <= 256:
+            raise invalid("training_job.lora.r", "must be in [1, 256]")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise invalid("training_job.lora.lora_alpha", "must be > 0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise invalid("training_job.lora.lora_dropout", "must be in [0, 1)")
+        if self.bias not in BIASES:
+            raise invalid("training_job.lora.bias", f"must be one of {BIASES}")
+        for m in self.target_modules:
+            if not MODULE_NAME_RE.match(m):
+                raise invalid("training_job.lora.target_modules", f"bad module name {m!r}")
+
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.r
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    learning_rate: float = 2e-4               # AdamW peak learning rate
+    num_epochs: int = 1                       # passes over the data (ignored if max_steps > 0)
+    max_steps: int = 0                        # optimizer steps; > 0 overrides num_epochs
+    batch_size: int = 8                       # examples per optimizer step
+    max_seq_length: int = 512                 # examples are truncated to this many tokens
+    warmup_steps: int = 0                     # linear warm-up, then linear decay to 0
+    weight_decay: float = 0.0                 # AdamW weight decay
+    max_grad_norm: float = 1.0                # gradient clipping norm (0 = no clipping)
+    seed: int = 0                             # shuffling, dropout and LoRA init
+
+    def __post_init__(self):
+        p = "training_job.hyperparameters."
+        if not 0 < self.learning_rate <= 1:
+            raise invalid(p + "learning_rate", "must be in (0, 1]")
+        if not 1 <= self.num_epochs <= 1000:
+            raise invalid(p + "num_epochs", "must be in [1, 1000]")
+        if not 0 <= self.max_steps <= 1_000_000:
+            raise invalid(p + "max_steps", "must be in [0, 1000000]")
+        if not 1 <= self.batch_size <= 1024:
+            raise invalid(p + "batch_size", "must be in [1, 1024]")
+        if not 8 <= self.max_seq_length <= 32768:
+            raise invalid(p + "max_seq_length", "must be in [8, 32768]")
+        if self.warmup_steps < 0:
+            raise invalid(p + "warmup_steps", "must be >= 0")
+        if self.weight_decay < 0:
+            raise invalid(p + "weight_decay", "must be >= 0")
+        if self.max_grad_norm < 0:
+            raise invalid(p + "max_grad_norm", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    base_model: str                           # HF model directory (config.json, tokenizer, weights)
+    training_data: str                        # JSONL file: prompt/completion or messages per line
+    adapter_name: str                         # publish the adapter under this name
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
+
+    def __post_init__(self):
+        if not self.base_model:
+            raise invalid("training_job.base_model", "is required")
+        if not self.training_data:
+            raise invalid("training_job.training_data.path", "is required")
+        if not ADAPTER_NAME_RE.match(self.adapter_name or ""):
+            raise invalid("training_job.adapter_name",
+                          "must match [a-z0-9][a-z0-9_-]{0,62}")
+
+    def check_paths(self) -> None:
+        """Checks that the referenced files exist (done at create time, not on reload)."""
+        if not (Path(self.base_model) / "config.json").is_file():
+            raise invalid("training_job.base_model", f"no model directory at {self.base_model}")
+        if not Path(self.training_data).is_file():
+            raise invalid("training_job.training_data.path", f"no file at {self.training_data}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "JobSpec":
+        d = json.loads(text)
+        lora = dict(d.pop("lora"))
+        lora["target_modules"] = tuple(lora.get("target_modules", ()))
+        return cls(lora=LoraSpec(**lora), hyperparameters=Hyperparameters(**d.pop("hyperparameters")),
+                   **d)

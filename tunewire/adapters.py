@@ -1,0 +1,162 @@
+"""The adapter store and its manifests, shared by the trainer (writes) and serving (verifies).
+
+Layout: `<store>/<adapter>/<version>/{adapter_model.safetensors, adapter_config.json, manifest.json}`.
+The manifest records the sha256 of every file, the fingerprint of the base model the adapter was
+trained on, its rank and target modules, and the job that made it. Serving checks all of that
+against its own base model and limits before the engine ever sees the adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunewire.errors import FailedPrecondition, InvalidArgument, NotFound
+
+MANIFEST = "manifest.json"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+VERSION_RE = re.compile(r"^v[0-9]{1,9}$")
+# Config keys that change with the tool that saved the model, not with the model itself.
+_VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def base_model_fingerprint(model_dir: str | Path) -> str:
+    """sha256 of the model's config (minus volatile keys) and its tokenizer files."""
+    d = Path(model_dir)
+    config = json.loads((d / "config.json").read_text())
+    canon = {k: v for k, v in config.items() if k not in _VOLATILE}
+    h = hashlib.sha256(json.dumps(canon, sort_keys=True).encode())
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt"):
+        if (d / name).is_file():
+            h.update(name.encode())
+            h.update(sha256_file(d / name).encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str                          # adapter name
+    version: str                       # "v1", "v2", ...
+    base_model_fingerprint: str        # see base_model_fingerprint()
+    rank: int                          # LoRA r
+    target_modules: tuple[str, ...]    # module names the adapter touches
+    files: dict                        # file name -> sha256
+    source_job: str                    # "trainingJobs/{id}" or ""
+    created_unix: float                # when it was published
+    sha256: str                        # sha256 of manifest.json itself
+
+
+def _adapter_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        raise FailedPrecondition("ADAPTER_CONFIG_MISSING", f"{path} does not exist")
+    return json.loads(path.read_text())
+
+
+def write_manifest(adapter_dir: str | Path, *, name: str, version: str, base_model_dir: str | Path,
+                   source_job: str = "") -> Manifest:
+    """Hashes the adapter's files and writes manifest.json beside them."""
+    d = Path(adapter_dir)
+    cfg = _adapter_config(d)
+    targets = cfg.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else sorted(targets)
+    files = {p.name: sha256_file(p) for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}
+    body = {
+        "name": name, "version": version,
+        "base_model_fingerprint": base_model_fingerprint(base_model_dir),
+        "rank": int(cfg["r"]), "target_modules": targets, "files": files,
+        "source_job": source_job, "created_unix": time.time(),
+    }
+    text = json.dumps(body, indent=2, sort_keys=True)
+    (d / MANIFEST).write_text(text)
+    return read_manifest(d, verify_files=False)
+
+
+def read_manifest(adapter_dir: str | Path, *, verify_files: bool = True) -> Manifest:
+    """Reads manifest.json; with verify_files, every listed file must hash as recorded."""
+    d = Path(adapter_dir)
+    path = d / MANIFEST
+    if not path.is_file():
+        raise FailedPrecondition("ADAPTER_MANIFEST_MISSING", f"{path} does not exist")
+    raw = path.read_bytes()
+    try:
+        body = json.loads(raw)
+        m = Manifest(name=body["name"], version=body["version"],
+                     base_model_fingerprint=body["base_model_fingerprint"], rank=int(body["rank"]),
+                     target_modules=tuple(body["target_modules"]), files=dict(body["files"]),
+                     source_job=body.get("source_job", ""),
+                     created_unix=float(body.get("created_unix", 0)),
+                     sha256=hashlib.sha256(raw).hexdigest())
+    except (ValueError, KeyError, TypeError) as e:
+        raise FailedPrecondition("ADAPTER_MANIFEST_INVALID", f"{path}: {e}") from e
+    if verify_files:
+        if "adapter_config.json" not in m.files:
+            raise FailedPrecondition("ADAPTER_MANIFEST_INVALID", "manifest lists no adapter_config.json")
+        for fname, digest in m.files.items():
+            f = d / fname
+            if "/" in fname or not f.is_file():
+                raise FailedPrecondition("ADAPTER_FILE_MISSING", f"{fname} listed but missing")
+            if sha256_file(f) != digest:
+                raise FailedPrecondition("ADAPTER_CHECKSUM_MISMATCH", f"{fname} does not match its sha256")
+    return m
+
+
+def resolve_in_store(store_root: str | Path, uri: str) -> Path:
+    """Maps a client-given adapter URI to a directory inside the store; nothing outside it."""
+    root = Path(store_root).resolve()
+    p = Path(uri.removeprefix("file://"))
+    p = (p if p.is_absolute() else root / p).resolve()
+    if p != root and root not in p.parents:
+        raise InvalidArgument("ADAPTER_URI_OUTSIDE_STORE", f"{uri} is outside the adapter store",
+                              field_violations={"uri": "must lie inside the adapter store"})
+    if not p.is_dir():
+        raise NotFound("ADAPTER_NOT_IN_STORE", f"no adapter directory at {uri}")
+    return p
+
+
+def next_version(store_root: str | Path, name: str) -> str:
+    d = Path(store_root) / name
+    nums = [int(p.name[1:]) for p in d.glob("v*") if VERSION_RE.match(p.name)] if d.is_dir() else []
+    return f"v{max(nums, default=0) + 1}"
+
+
+def publish(src_dir: str | Path, store_root: str | Path, name: str, *, base_model_dir: str | Path,
+            source_job: str = "") -> tuple[Path, Manifest]:
+    """Copies an adapter into the store as the next version of `name`, with its manifest.
+
+    The copy lands in a temporary directory first and is renamed into place, so a reader never
+    sees a half-written version.
+    """
+    if not NAME_RE.match(name):
+        raise InvalidArgument("ADAPTER_NAME_INVALID", f"bad adapter name {name!r}")
+    root = Path(store_root)
+    (root / name).mkdir(parents=True, exist_ok=True)
+    for _ in range(5):  # another publisher may take the same version number: retry with the next
+        version = next_version(root, name)
+        tmp = root / name / f".tmp-{version}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src_dir, tmp)
+        write_manifest(tmp, name=name, version=version, base_model_dir=base_model_dir,
+                       source_job=source_job)
+        try:
+            os.rename(tmp, root / name / version)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            continue
+        dest = root / name / version
+        return dest, read_manifest(dest)
+    raise FailedPrecondition("ADAPTER_PUBLISH_CONFLICT", f"could not allocate a version of {name}")
