@@ -54,7 +54,7 @@ class Internal(TunewireError):
     code = "INTERNAL"
 
 
-def invalid(field: str, problem: str, reason: str = "INVALID_ARGUMENT") -> InvalidArgument:
+def invalid(field: str, problem: str, reason: str = "INVALID_FIELD") -> InvalidArgument:
     """One-field INVALID_ARGUMENT, the most common case."""
     return InvalidArgument(reason, f"{field}: {problem}", field_violations={field: problem})
 

@@ -1,0 +1,43 @@
+"""Serving service settings: a frozen dataclass, read from a TOML file and/or CLI flags.
+
+    tunewire serve serving --model /path/to/hf-model [--config configs/serving.example.toml]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    model: str = ""                    # HF model directory to serve (required)
+    host: str = "127.0.0.1"            # interface for gRPC and metrics
+    port: int = 50052                  # gRPC port (0 = pick a free one)
+    metrics_port: int = 9092           # Prometheus /metrics HTTP port (0 = off)
+    adapter_store: str = "var/adapters"  # adapters may only be loaded from under this directory
+    max_model_len: int = 2048          # context length (prompt + completion tokens)
+    max_loras: int = 4                 # adapters in one engine batch
+    max_lora_rank: int = 16            # largest adapter rank accepted
+    max_cpu_loras: int = 8             # adapters kept resident by the engine
+    max_num_seqs: int = 32             # sequences in one engine batch
+    kv_cache_gib: int = 1              # VLLM_CPU_KVCACHE_SPACE when unset (CPU only)
+    enforce_eager: bool = False        # skip torch.compile/graphs: faster start, slower decode
+    default_max_tokens: int = 256      # when a request leaves max_tokens at 0
+    drain_seconds: float = 2.0         # NOT_SERVING period on SIGTERM before the server stops
+    log_level: str = "INFO"            # Python logging level
+
+    def __post_init__(self):
+        if not self.model:
+            raise ValueError("model is required (a Hugging Face model directory)")
+        if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
+            raise ValueError("port and metrics_port must be in [0, 65535]")
+        if self.max_lora_rank not in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+            raise ValueError("max_lora_rank must be one of vLLM's sizes: 1, 8, 16, 32, 64, ...")
+        for name in ("max_model_len", "max_loras", "max_cpu_loras", "max_num_seqs", "kv_cache_gib",
+                     "default_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be >= max_loras")
+        if self.default_max_tokens > self.max_model_len:
+            raise ValueError("default_max_tokens must be <= max_model_len")

@@ -1,0 +1,72 @@
+"""Test harness: start tunewire services as real subprocesses on 127.0.0.1 and wait for health."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def health_status(address: str, service: str = "", timeout: float = 2.0):
+    with grpc.insecure_channel(address) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
+
+
+@dataclass
+class Service:
+    proc: subprocess.Popen
+    address: str
+    metrics_port: int
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_serving(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                if health_status(self.address) == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"{self.address} not SERVING after {timeout}s:\n{self.log()[-4000:]}")
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_service(kind: str, log_dir: Path, *flags: str, env: dict | None = None) -> Service:
+    port, metrics_port = free_port(), free_port()
+    log_path = Path(log_dir) / f"{kind}-{port}.log"
+    cmd = [sys.executable, "-m", "tunewire.cli", "serve", kind, "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", str(metrics_port), *flags]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
+    return Service(proc, f"127.0.0.1:{port}", metrics_port, log_path)

@@ -1,0 +1,39 @@
+"""Trainer service settings: a frozen dataclass, read from a TOML file and/or CLI flags.
+
+    tunewire serve trainer --config configs/trainer.example.toml --port 50051
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    host: str = "127.0.0.1"            # interface for gRPC and metrics
+    port: int = 50051                  # gRPC port (0 = pick a free one)
+    metrics_port: int = 9091           # Prometheus /metrics HTTP port (0 = off)
+    data_dir: str = "var/trainer"      # job store (SQLite) and per-job directories
+    adapter_store: str = "var/adapters"  # published adapters: <name>/<version>/ (shared with serving)
+    serving_address: str = ""          # host:port of serving for the handoff; "" = publish only
+    max_concurrent_jobs: int = 1       # workers running at once (1 suits a CPU machine)
+    worker_threads: int = 0            # torch threads per worker; 0 = all cores
+    cancel_grace_seconds: float = 10.0  # SIGTERM → SIGKILL delay for a worker being stopped
+    drain_seconds: float = 2.0         # NOT_SERVING period on SIGTERM before the server stops
+    handoff_timeout_seconds: float = 300.0  # deadline of the LoadAdapter call to serving
+    log_level: str = "INFO"            # Python logging level
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
+            raise ValueError("port and metrics_port must be in [0, 65535]")
+        if self.max_concurrent_jobs < 1:
+            raise ValueError("max_concurrent_jobs must be >= 1")
+        if self.worker_threads < 0:
+            raise ValueError("worker_threads must be >= 0")
+        if self.cancel_grace_seconds < 0 or self.drain_seconds < 0 or self.handoff_timeout_seconds <= 0:
+            raise ValueError("grace, drain and handoff timeouts must be positive")
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.data_dir) / "jobs.sqlite3"

@@ -1,0 +1,316 @@
+"""Job orchestration: create, schedule, run out of process, record progress, publish, cancel.
+
+`JobService` is the trainer's domain core (no gRPC): the servicers call it, workers' reports reach
+it through the worker servicer, and it is the only writer of the `JobStore`. A bounded scheduler
+runs at most `max_concurrent` workers through a `Launcher`; when a worker reports success the
+adapter is published to the store with a manifest and handed to serving through a `Handoff`.
+
+Lifecycle: QUEUED → RUNNING → PUBLISHING → SUCCEEDED, or FAILED / CANCELLING → CANCELLED.
+On shutdown running jobs are stopped and re-queued; on start-up leftovers of a crash are too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+from prometheus_client import Counter, Gauge
+
+from trainer_service.launcher import Launcher, WorkerHandle
+from trainer_service.spec import JobSpec
+from trainer_service.store import STATES, TERMINAL, Entry, Job, JobStore
+from tunewire import adapters
+from tunewire.errors import FailedPrecondition, InvalidArgument, Unauthenticated
+
+log = logging.getLogger("tunewire.trainer.jobs")
+
+JOBS = Gauge("tunewire_trainer_jobs", "Training jobs by state.", ["state"])
+CREATED = Counter("tunewire_trainer_jobs_created_total", "Training jobs created.")
+STEPS = Counter("tunewire_trainer_steps_total", "Optimizer steps reported by workers.")
+LOSS = Gauge("tunewire_trainer_loss", "Training loss at the last step of a running job.", ["job"])
+TOKENS_PER_S = Gauge("tunewire_trainer_tokens_per_second",
+                     "Real (non-pad) tokens per second at the last step of a running job.", ["job"])
+
+
+class HandoffError(Exception):
+    """Serving refused or could not be reached; the message says why."""
+
+
+class Handoff(Protocol):
+    async def load_adapter(self, *, name: str, version: str, uri: str, manifest_sha256: str) -> str: ...
+
+
+def _error(reason: str, message: str, *, user_error: bool = False, retryable: bool = False) -> dict:
+    return {"reason": reason, "message": message, "user_error": user_error, "retryable": retryable}
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class JobService:
+    def __init__(self, store: JobStore, launcher: Launcher, *, data_dir: Path, adapter_store: Path,
+                 report_address: str, handoff: Handoff | None, max_concurrent: int = 1,
+                 cancel_grace_seconds: float = 10.0):
+        self.store, self.launcher, self.handoff = store, launcher, handoff
+        self.data_dir, self.adapter_store = Path(data_dir), Path(adapter_store)
+        self.report_address = report_address
+        self.max_concurrent = max_concurrent
+        self.cancel_grace_seconds = cancel_grace_seconds
+        self._workers: dict[str, WorkerHandle] = {}
+        self._tokens: dict[str, str] = {}          # job id -> token of the running worker
+        self._changed: dict[str, asyncio.Event] = {}
+        self._kick = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._draining = False
+        self._scheduler: asyncio.Task | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        for job in self.store.in_states("RUNNING", "PUBLISHING"):
+            self._event(job.id, "REQUEUED", "the trainer restarted while the job ran; starting over")
+            self._set_state(job.id, "QUEUED")
+        for job in self.store.in_states("CANCELLING"):
+            self._set_state(job.id, "CANCELLED", end_time=time.time())
+        self._scheduler = asyncio.create_task(self._schedule_loop())
+        self._kick.set()
+
+    async def drain(self) -> None:
+        """Stops launching; running workers are stopped and their jobs re-queued."""
+        self._draining = True
+        if self._scheduler:
+            self._scheduler.cancel()
+        for handle in list(self._workers.values()):
+            handle.terminate()
+        await self._wait_workers(self.cancel_grace_seconds)
+
+    async def _wait_workers(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._workers and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for handle in list(self._workers.values()):
+            handle.kill()
+        while self._workers:
+            await asyncio.sleep(0.05)
+
+    # -- client API ------------------------------------------------------------------------
+    async def create(self, spec: JobSpec, request_id: str | None) -> Job:
+        spec.check_paths()
+        job, created = self.store.create(spec.to_json(), "", request_id)
+        if created:
+            CREATED.inc()
+            self._set_state(job.id, "QUEUED")
+            self._kick.set()
+        return self.get(job.id)
+
+    def get(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        return self._with_queue_position([job])[0]
+
+    def list(self, *, state: str | None, page_size: int, page_token: str) -> tuple[list[Job], str]:
+        jobs, nxt = self.store.list(state=state, page_size=page_size, page_token=page_token)
+        return self._with_queue_position(jobs), nxt
+
+    def _with_queue_position(self, jobs: list[Job]) -> list[Job]:
+        if any(j.state == "QUEUED" for j in jobs):
+            order = {j.id: i + 1 for i, j in enumerate(self.store.in_states("QUEUED"))}
+            for j in jobs:
+                j.progress = {**j.progress, "queue_position": order.get(j.id, 0)}
+        return jobs
+
+    async def cancel(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        if job.terminal:
+            raise FailedPrecondition("JOB_ALREADY_TERMINAL", f"job {job_id} is already {job.state}")
+        if job.state == "PUBLISHING":
+            raise FailedPrecondition("JOB_PUBLISHING", f"job {job_id} finished training and is publishing")
+        if job.state == "QUEUED" and job_id not in self._workers:
+            self._set_state(job_id, "CANCELLED", end_time=time.time())
+        elif job.state != "CANCELLING":
+            self._event(job_id, "CANCEL_REQUESTED", "stopping the worker")
+            self._set_state(job_id, "CANCELLING")
+            handle = self._workers.get(job_id)
+            if handle:
+                handle.terminate()
+                self._spawn(self._kill_after(job_id, handle))
+        return self.get(job_id)
+
+    async def _kill_after(self, job_id: str, handle: WorkerHandle) -> None:
+        await asyncio.sleep(self.cancel_grace_seconds)
+        if self._workers.get(job_id) is handle:
+            log.warning("worker ignored SIGTERM; killing", extra={"job": job_id})
+            handle.kill()
+
+    async def watch(self, job_id: str, after_seq: int = 0) -> AsyncIterator[Entry]:
+        self.store.get(job_id)  # NOT_FOUND before the stream starts
+        seq = after_seq
+        while True:
+            waiter = self._changed.setdefault(job_id, asyncio.Event())
+            entries = self.store.history(job_id, seq)
+            for e in entries:
+                yield e
+                seq = e.seq
+            if entries:
+                continue
+            job = self.store.get(job_id)
+            if job.terminal and seq >= job.last_seq:
+                return
+            await waiter.wait()
+
+    # -- worker reports --------------------------------------------------------------------
+    def authenticate(self, job_id: str, token: str) -> Job:
+        job = self.store.get(job_id)
+        if not token or not hmac.compare_digest(job.token_hash, _hash(token)):
+            raise Unauthenticated("WORKER_TOKEN_INVALID", "bad worker token for this job")
+        return job
+
+    def report_started(self, job_id: str, *, trainable: int, total: int, total_steps: int, pid: int) -> None:
+        self.store.update(job_id, trainable_params=trainable, total_params=total,
+                          progress={**self.store.get(job_id).progress, "total_steps": total_steps})
+        self._event(job_id, "WORKER_STARTED", f"worker pid {pid} started training",
+                    {"trainable_params": str(trainable), "total_params": str(total),
+                     "total_steps": str(total_steps), "pid": str(pid)})
+
+    def report_metric(self, job_id: str, point: dict) -> None:
+        progress = {"step": point["step"], "total_steps": point["total_steps"],
+                    "epoch": point["epoch"], "tokens_seen": point["tokens_seen"], "loss": point["loss"]}
+        self._append(job_id, "metric", point, progress=progress)
+        STEPS.inc()
+        LOSS.labels(job_id).set(point["loss"])
+        TOKENS_PER_S.labels(job_id).set(point["tokens_per_second"])
+
+    def report_event(self, job_id: str, kind: str, message: str, data: dict) -> None:
+        self._event(job_id, kind, message, data)
+
+    def report_failed(self, job_id: str, error: dict) -> None:
+        if self.store.get(job_id).state in ("RUNNING", "CANCELLING"):
+            self._set_state(job_id, "FAILED", error=error, end_time=time.time())
+
+    def report_finished(self, job_id: str, adapter_dir: str, metrics: dict[str, float]) -> None:
+        if self.store.get(job_id).state != "RUNNING":
+            return
+        job_dir = (self.data_dir / "jobs" / job_id).resolve()
+        path = Path(adapter_dir).resolve()
+        if job_dir not in path.parents:
+            raise InvalidArgument("ADAPTER_DIR_OUTSIDE_JOB", f"{adapter_dir} is outside the job directory")
+        self._set_state(job_id, "PUBLISHING")
+        self._spawn(self._publish(job_id, path, metrics))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.store.get(job_id).state == "CANCELLING" or self._draining
+
+    # -- internals -------------------------------------------------------------------------
+    async def _schedule_loop(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            for job in self.store.in_states("QUEUED"):
+                if len(self._workers) >= self.max_concurrent or self._draining:
+                    break
+                await self._launch(job)
+
+    async def _launch(self, job: Job) -> None:
+        job_dir = self.data_dir / "jobs" / job.id
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / "spec.json").write_text(job.spec)
+        token = secrets.token_urlsafe(32)
+        self.store.update(job.id, token_hash=_hash(token))
+        self._set_state(job.id, "RUNNING", start_time=time.time())
+        try:
+            handle = await self.launcher.launch(job_id=job.id, job_dir=job_dir,
+                                                report_address=self.report_address, token=token)
+        except OSError as e:
+            self._set_state(job.id, "FAILED", end_time=time.time(),
+                            error=_error("LAUNCH_FAILED", str(e), retryable=True))
+            return
+        self._workers[job.id] = handle
+        self._spawn(self._reap(job.id, handle))
+
+    async def _reap(self, job_id: str, handle: WorkerHandle) -> None:
+        rc = await handle.wait()
+        del self._workers[job_id]
+        state = self.store.get(job_id).state
+        if self._draining and state in ("RUNNING", "CANCELLING"):
+            if state == "RUNNING":
+                self._event(job_id, "REQUEUED", "the trainer is shutting down; the job will start over")
+            self._set_state(job_id, "QUEUED" if state == "RUNNING" else "CANCELLED")
+        elif state == "CANCELLING":
+            self._set_state(job_id, "CANCELLED", end_time=time.time())
+        elif state == "RUNNING":  # exited without a final report
+            self._set_state(job_id, "FAILED", end_time=time.time(), error=_error(
+                "WORKER_CRASHED", f"worker exited with code {rc} before finishing; see worker.log",
+                retryable=True))
+        self._kick.set()
+
+    async def _publish(self, job_id: str, adapter_dir: Path, metrics: dict[str, float]) -> None:
+        spec = JobSpec.from_json(self.store.get(job_id).spec)
+        try:
+            dest, manifest = await asyncio.to_thread(
+                adapters.publish, adapter_dir, self.adapter_store, spec.adapter_name,
+                base_model_dir=spec.base_model, source_job=f"trainingJobs/{job_id}")
+        except Exception as e:  # noqa: BLE001 - any failure here fails the job, with the reason
+            log.exception("publish failed", extra={"job": job_id})
+            self._set_state(job_id, "FAILED", end_time=time.time(),
+                            error=_error("PUBLISH_FAILED", f"{type(e).__name__}: {e}", retryable=True))
+            return
+        result = {"adapter": spec.adapter_name, "version": manifest.version, "uri": str(dest),
+                  "manifest_sha256": manifest.sha256, "metrics": metrics,
+                  "serving_loaded": False, "serving_message": "no serving endpoint configured"}
+        self._event(job_id, "ADAPTER_PUBLISHED", f"published {spec.adapter_name}@{manifest.version}",
+                    {"uri": str(dest), "version": manifest.version, "manifest_sha256": manifest.sha256})
+        if self.handoff is not None:
+            try:
+                msg = await self.handoff.load_adapter(name=spec.adapter_name, version=manifest.version,
+                                                      uri=str(dest), manifest_sha256=manifest.sha256)
+            except HandoffError as e:
+                result["serving_message"] = str(e)
+                self._event(job_id, "SERVING_LOAD_FAILED", str(e))
+                self._set_state(job_id, "FAILED", result=result, end_time=time.time(), error=_error(
+                    "HANDOFF_FAILED", f"serving did not load the adapter (it stays in the store at "
+                    f"{dest}): {e}", retryable=True))
+                return
+            result.update(serving_loaded=True, serving_message=msg)
+            self._event(job_id, "SERVING_LOADED", msg)
+        self._set_state(job_id, "SUCCEEDED", result=result, end_time=time.time())
+
+    def _append(self, job_id: str, kind: str, payload: dict, **fields) -> Entry:
+        entry = self.store.append(job_id, kind, payload, **fields)
+        ev = self._changed.pop(job_id, None)  # wake watchers; the next wait uses a fresh Event
+        if ev:
+            ev.set()
+        return entry
+
+    def _set_state(self, job_id: str, state: str, *, error: dict | None = None, **fields) -> None:
+        self._append(job_id, "state", {"state": state, "error": error}, state=state, error=error, **fields)
+        if state in TERMINAL or state == "QUEUED":
+            for gauge in (LOSS, TOKENS_PER_S):  # keep per-job labels to running jobs only
+                try:
+                    gauge.remove(job_id)
+                except KeyError:
+                    pass
+        self._update_state_gauge()
+        log.info("job state", extra={"job": job_id, "state": state,
+                                     "reason": (error or {}).get("reason", "")})
+
+    def _update_state_gauge(self) -> None:
+        counts = self.store.count_by_state()
+        for st in STATES:
+            JOBS.labels(st).set(counts.get(st, 0))
+
+    def _event(self, job_id: str, kind: str, message: str, data: dict | None = None) -> None:
+        self._append(job_id, "event", {"type": kind, "message": message, "data": data or {}})
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+__all__ = ["Handoff", "HandoffError", "JobService", "TERMINAL"]

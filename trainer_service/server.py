@@ -1,0 +1,82 @@
+"""The trainer service process: job store + scheduler + gRPC servicers (+ health, reflection,
+metrics), and the gRPC handoff client to serving.
+
+    tunewire serve trainer [--config configs/trainer.example.toml] [--port 50051]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import grpc
+
+from trainer_service.config import TrainerConfig
+from trainer_service.jobs import HandoffError, JobService
+from trainer_service.launcher import LocalLauncher
+from trainer_service.servicer import TrainerServicer, WorkerServicer
+from trainer_service.store import JobStore
+from tunewire.grpc_util import error_info, run_server
+from tunewire.logs import setup_logging
+from tunewire.serving.v1 import serving_pb2, serving_pb2_grpc
+from tunewire.trainer.v1 import trainer_pb2, trainer_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("tunewire.trainer")
+
+
+class ServingHandoff:
+    """Hands a published adapter to serving with `ServingService.LoadAdapter`."""
+
+    def __init__(self, address: str, timeout: float):
+        self.address, self.timeout = address, timeout
+
+    async def load_adapter(self, *, name: str, version: str, uri: str, manifest_sha256: str) -> str:
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = serving_pb2_grpc.ServingServiceStub(channel)
+            try:
+                resp = await stub.LoadAdapter(serving_pb2.LoadAdapterRequest(
+                    name=name, version=version, uri=uri, manifest_sha256=manifest_sha256),
+                    timeout=self.timeout, wait_for_ready=True)
+            except grpc.aio.AioRpcError as e:
+                reason, _ = error_info(e)
+                raise HandoffError(f"{e.code().name} {reason}: {e.details()}".strip()) from e
+        a = resp.adapter
+        return f"serving loaded {a.name}@{a.version} (rank {a.rank}) in {a.load_ms:.0f} ms"
+
+
+async def serve(cfg: TrainerConfig) -> None:
+    store = JobStore(cfg.db_path)
+    handoff = ServingHandoff(cfg.serving_address, cfg.handoff_timeout_seconds) if cfg.serving_address else None
+    holder: dict[str, JobService] = {}
+
+    def add(server: grpc.aio.Server, port: int):
+        # Workers report to the bound port (known only after binding when cfg.port is 0).
+        jobs = JobService(store, LocalLauncher(threads=cfg.worker_threads),
+                          data_dir=Path(cfg.data_dir), adapter_store=Path(cfg.adapter_store),
+                          report_address=f"{cfg.host}:{port}", handoff=handoff,
+                          max_concurrent=cfg.max_concurrent_jobs,
+                          cancel_grace_seconds=cfg.cancel_grace_seconds)
+        holder["jobs"] = jobs
+        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(jobs), server)
+        worker_pb2_grpc.add_TrainerWorkerServiceServicer_to_server(WorkerServicer(jobs), server)
+        return [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name,
+                worker_pb2.DESCRIPTOR.services_by_name["TrainerWorkerService"].full_name]
+
+    async def startup():
+        await holder["jobs"].start()
+
+    async def drain():
+        await holder["jobs"].drain()
+
+    async def shutdown():
+        store.close()
+
+    await run_server(name="trainer", host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
+                     add_servicers=add, startup=startup, drain=drain, shutdown=shutdown,
+                     drain_seconds=cfg.drain_seconds)
+
+
+def main(cfg: TrainerConfig) -> None:
+    setup_logging(cfg.log_level)
+    asyncio.run(serve(cfg))

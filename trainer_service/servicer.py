@@ -1,0 +1,163 @@
+"""gRPC servicers of the trainer: proto ⇄ domain mapping around `JobService`, nothing more.
+
+Domain errors raised here or below become gRPC statuses in `tunewire.grpc_util`'s interceptor.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from trainer_service.jobs import JobService
+from trainer_service.spec import Hyperparameters, JobSpec, LoraSpec
+from trainer_service.store import Entry, Job
+from tunewire.errors import InvalidArgument, invalid
+from tunewire.trainer.v1 import trainer_pb2 as pb
+from tunewire.trainer.v1 import trainer_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+_BIAS = {pb.LoraMethod.BIAS_UNSPECIFIED: "none", pb.LoraMethod.BIAS_NONE: "none",
+         pb.LoraMethod.BIAS_ALL: "all", pb.LoraMethod.BIAS_LORA_ONLY: "lora_only"}
+
+
+def _ts(t: float | None) -> Timestamp | None:
+    if t is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+def spec_from_proto(job: pb.TrainingJob) -> JobSpec:
+    if job.WhichOneof("method") != "lora":
+        raise invalid("training_job.lora", "a method is required (lora)")
+    m, h = job.lora, job.hyperparameters
+    lora = LoraSpec(r=m.r or 8, lora_alpha=m.lora_alpha if m.HasField("lora_alpha") else None,
+                    target_modules=tuple(m.target_modules), lora_dropout=m.lora_dropout,
+                    bias=_BIAS[m.bias], use_rslora=m.use_rslora)
+    d = Hyperparameters()
+    hp = Hyperparameters(
+        learning_rate=h.learning_rate or d.learning_rate, num_epochs=h.num_epochs or d.num_epochs,
+        max_steps=h.max_steps, batch_size=h.batch_size or d.batch_size,
+        max_seq_length=h.max_seq_length or d.max_seq_length, warmup_steps=h.warmup_steps,
+        weight_decay=h.weight_decay, max_grad_norm=h.max_grad_norm or d.max_grad_norm, seed=h.seed)
+    return JobSpec(base_model=job.base_model, training_data=job.training_data.path,
+                   adapter_name=job.adapter_name, lora=lora, hyperparameters=hp)
+
+
+def job_to_proto(job: Job) -> pb.TrainingJob:
+    spec = JobSpec.from_json(job.spec)
+    inv_bias = {"none": pb.LoraMethod.BIAS_NONE, "all": pb.LoraMethod.BIAS_ALL,
+                "lora_only": pb.LoraMethod.BIAS_LORA_ONLY}
+    h = spec.hyperparameters
+    out = pb.TrainingJob(
+        name=f"trainingJobs/{job.id}", id=job.id, base_model=spec.base_model,
+        lora=pb.LoraMethod(r=spec.lora.r, lora_alpha=spec.lora.alpha,
+                           target_modules=spec.lora.target_modules,
+                           lora_dropout=spec.lora.lora_dropout, bias=inv_bias[spec.lora.bias],
+                           use_rslora=spec.lora.use_rslora),
+        training_data=pb.DatasetRef(path=spec.training_data),
+        hyperparameters=pb.Hyperparameters(
+            learning_rate=h.learning_rate, num_epochs=h.num_epochs, max_steps=h.max_steps,
+            batch_size=h.batch_size, max_seq_length=h.max_seq_length, warmup_steps=h.warmup_steps,
+            weight_decay=h.weight_decay, max_grad_norm=h.max_grad_norm, seed=h.seed),
+        adapter_name=spec.adapter_name, state=pb.TrainingJob.State.Value(f"STATE_{job.state}"),
+        trainable_params=job.trainable_params, total_params=job.total_params,
+        progress=pb.Progress(**{k: v for k, v in job.progress.items()
+                                if k in pb.Progress.DESCRIPTOR.fields_by_name}),
+        create_time=_ts(job.create_time), start_time=_ts(job.start_time),
+        end_time=_ts(job.end_time), request_id=job.request_id or "")
+    if job.error:
+        out.error.CopyFrom(pb.JobError(**job.error))
+    if job.result:
+        out.result.CopyFrom(pb.JobResult(**job.result))
+    return out
+
+
+def entry_to_proto(e: Entry) -> pb.WatchTrainingJobResponse:
+    out = pb.WatchTrainingJobResponse(seq=e.seq, time=_ts(e.time))
+    p = e.payload
+    if e.kind == "state":
+        out.state_change.state = pb.TrainingJob.State.Value(f"STATE_{p['state']}")
+        if p.get("error"):
+            out.state_change.error.CopyFrom(pb.JobError(**p["error"]))
+    elif e.kind == "metric":
+        out.metric.CopyFrom(pb.MetricPoint(**p))
+    else:
+        out.event.CopyFrom(pb.JobEvent(type=pb.JobEvent.Type.Value(f"TYPE_{p['type']}"),
+                                       message=p["message"], data=p.get("data", {})))
+    return out
+
+
+def _job_id(name: str) -> str:
+    job_id = name.removeprefix("trainingJobs/")
+    if not job_id or "/" in job_id:
+        raise invalid("name", "must be 'trainingJobs/{id}' or an id")
+    return job_id
+
+
+class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
+    def __init__(self, jobs: JobService):
+        self.jobs = jobs
+
+    async def CreateTrainingJob(self, request, context):
+        if not request.HasField("training_job"):
+            raise invalid("training_job", "is required")
+        job = await self.jobs.create(spec_from_proto(request.training_job), request.request_id or None)
+        return pb.CreateTrainingJobResponse(training_job=job_to_proto(job))
+
+    async def GetTrainingJob(self, request, context):
+        return pb.GetTrainingJobResponse(training_job=job_to_proto(self.jobs.get(_job_id(request.name))))
+
+    async def ListTrainingJobs(self, request, context):
+        if not 0 <= request.page_size <= 1000:
+            raise invalid("page_size", "must be in [0, 1000]")
+        state = None
+        if request.state:
+            state = pb.TrainingJob.State.Name(request.state).removeprefix("STATE_")
+        jobs, nxt = self.jobs.list(state=state, page_size=request.page_size or 50,
+                                   page_token=request.page_token)
+        return pb.ListTrainingJobsResponse(training_jobs=[job_to_proto(j) for j in jobs],
+                                           next_page_token=nxt)
+
+    async def CancelTrainingJob(self, request, context):
+        job = await self.jobs.cancel(_job_id(request.name))
+        return pb.CancelTrainingJobResponse(training_job=job_to_proto(job))
+
+    async def WatchTrainingJob(self, request, context):
+        if request.after_seq < 0:
+            raise invalid("after_seq", "must be >= 0")
+        async for entry in self.jobs.watch(_job_id(request.name), request.after_seq):
+            yield entry_to_proto(entry)
+
+
+class WorkerServicer(worker_pb2_grpc.TrainerWorkerServiceServicer):
+    """Reports from training workers, authenticated by the per-job token."""
+
+    def __init__(self, jobs: JobService):
+        self.jobs = jobs
+
+    async def ReportProgress(self, request, context):
+        token = dict(context.invocation_metadata() or ()).get("x-tunewire-job-token", "")
+        job_id = request.job_id
+        self.jobs.authenticate(job_id, token)
+        kind = request.WhichOneof("report")
+        if kind == "started":
+            s = request.started
+            self.jobs.report_started(job_id, trainable=s.trainable_params, total=s.total_params,
+                                     total_steps=s.total_steps, pid=s.pid)
+        elif kind == "metric":
+            m = request.metric
+            self.jobs.report_metric(job_id, {f.name: getattr(m, f.name)
+                                             for f in pb.MetricPoint.DESCRIPTOR.fields})
+        elif kind == "event":
+            ev = request.event
+            self.jobs.report_event(job_id, pb.JobEvent.Type.Name(ev.type).removeprefix("TYPE_"),
+                                   ev.message, dict(ev.data))
+        elif kind == "finished":
+            self.jobs.report_finished(job_id, request.finished.adapter_dir, dict(request.finished.metrics))
+        elif kind == "failed":
+            e = request.failed.error
+            self.jobs.report_failed(job_id, {"reason": e.reason, "message": e.message,
+                                             "user_error": e.user_error, "retryable": e.retryable})
+        else:
+            raise InvalidArgument("REPORT_EMPTY", "a report is required")
+        return worker_pb2.ReportProgressResponse(cancel_requested=self.jobs.cancel_requested(job_id))

@@ -1,0 +1,283 @@
+"""`tunewire` — one command line for both services and their clients.
+
+    tunewire serve trainer|serving [--config FILE] [flags]     start a service
+    tunewire jobs create|get|list|watch|cancel ...             training jobs
+    tunewire adapters list|load|unload ...                     adapters loaded in serving
+    tunewire generate --prompt TEXT [--adapter A] [--json-schema FILE]
+    tunewire demo                                              the end-to-end demo
+
+Clients talk to $TUNEWIRE_TRAINER (default 127.0.0.1:50051) and $TUNEWIRE_SERVING
+(default 127.0.0.1:50052), or --trainer / --serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+
+def _client_errors(fn):
+    def wrapped(args):
+        try:
+            return fn(args)
+        except grpc.RpcError as e:
+            from tunewire.grpc_util import error_info
+
+            reason, fields = error_info(e)
+            print(f"error: {e.code().name} {reason}: {e.details()}", file=sys.stderr)
+            for f, d in fields.items():
+                print(f"  {f}: {d}", file=sys.stderr)
+            return 1
+    return wrapped
+
+
+def _print(msg) -> None:
+    print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True), indent=2))
+
+
+def _trainer(args):
+    from tunewire.trainer.v1 import trainer_pb2_grpc
+
+    return trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(args.trainer))
+
+
+def _serving(args):
+    from tunewire.serving.v1 import serving_pb2_grpc
+
+    return serving_pb2_grpc.ServingServiceStub(grpc.insecure_channel(args.serving))
+
+
+# -- serve ------------------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    overrides = {k: v for k, v in vars(args).items() if k not in ("cmd", "service", "config", "func",
+                                                                   "trainer", "serving")}
+    from tunewire.config import load_config
+
+    if args.service == "trainer":
+        from trainer_service.config import TrainerConfig
+        from trainer_service.server import main
+
+        main(load_config(TrainerConfig, args.config, overrides))
+    else:
+        from serving_service.config import ServingConfig
+        from serving_service.server import main
+
+        main(load_config(ServingConfig, args.config, overrides))
+    return 0
+
+
+# -- jobs -------------------------------------------------------------------------------------
+@_client_errors
+def cmd_jobs(args) -> int:
+    from tunewire.trainer.v1 import trainer_pb2 as pb
+
+    stub = _trainer(args)
+    if args.action == "create":
+        bias = {"none": pb.LoraMethod.BIAS_NONE, "all": pb.LoraMethod.BIAS_ALL,
+                "lora_only": pb.LoraMethod.BIAS_LORA_ONLY}[args.bias]
+        lora = pb.LoraMethod(r=args.r, target_modules=[m for m in args.target_modules.split(",") if m],
+                             lora_dropout=args.dropout, bias=bias, use_rslora=args.rslora)
+        if args.alpha is not None:
+            lora.lora_alpha = args.alpha
+        job = pb.TrainingJob(
+            base_model=os.path.abspath(args.base_model), lora=lora,
+            training_data=pb.DatasetRef(path=os.path.abspath(args.data)), adapter_name=args.adapter_name,
+            hyperparameters=pb.Hyperparameters(
+                learning_rate=args.lr, num_epochs=args.epochs, max_steps=args.max_steps,
+                batch_size=args.batch_size, max_seq_length=args.max_seq_length,
+                warmup_steps=args.warmup_steps, seed=args.seed))
+        resp = stub.CreateTrainingJob(pb.CreateTrainingJobRequest(training_job=job,
+                                                                  request_id=args.request_id))
+        if not args.watch:
+            _print(resp.training_job)
+            return 0
+        print(f"created {resp.training_job.name}", file=sys.stderr)
+        return watch(stub, resp.training_job.id)
+    if args.action == "get":
+        _print(stub.GetTrainingJob(pb.GetTrainingJobRequest(name=args.id)).training_job)
+    elif args.action == "list":
+        state = pb.TrainingJob.State.Value(f"STATE_{args.state.upper()}") if args.state else 0
+        resp = stub.ListTrainingJobs(pb.ListTrainingJobsRequest(page_size=args.page_size, state=state,
+                                                                page_token=args.page_token))
+        for j in resp.training_jobs:
+            print(f"{j.id}  {pb.TrainingJob.State.Name(j.state)[6:]:<11} {j.adapter_name:<20} "
+                  f"step {j.progress.step}/{j.progress.total_steps}  loss {j.progress.loss:.4f}")
+        if resp.next_page_token:
+            print(f"next page: --page-token {resp.next_page_token}")
+    elif args.action == "cancel":
+        _print(stub.CancelTrainingJob(pb.CancelTrainingJobRequest(name=args.id)).training_job)
+    elif args.action == "watch":
+        return watch(stub, args.id, args.after_seq)
+    return 0
+
+
+def watch(stub, job_id: str, after_seq: int = 0, console=None) -> int:
+    """Follows a job with a live progress bar (loss, tokens/s); returns 0 if it succeeded."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from tunewire.trainer.v1 import trainer_pb2 as pb
+
+    console = console or Console(stderr=True)
+    final = pb.TrainingJob.STATE_UNSPECIFIED
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+                  TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("queued", total=None, loss="-", tps="-")
+        for r in stub.WatchTrainingJob(pb.WatchTrainingJobRequest(name=job_id, after_seq=after_seq)):
+            kind = r.WhichOneof("payload")
+            if kind == "metric":
+                m = r.metric
+                bar.update(task, description="training", total=m.total_steps, completed=m.step,
+                           loss=f"{m.loss:.4f}", tps=f"{m.tokens_per_second:.0f}")
+            elif kind == "state_change":
+                final = r.state_change.state
+                name = pb.TrainingJob.State.Name(final)[6:].lower()
+                bar.update(task, description=name)
+                msg = f"[{r.seq}] state {name}"
+                if r.state_change.error.reason:
+                    msg += f": {r.state_change.error.reason}: {r.state_change.error.message}"
+                console.log(msg)
+            else:
+                console.log(f"[{r.seq}] {pb.JobEvent.Type.Name(r.event.type)[5:].lower()}: "
+                            f"{r.event.message}")
+    return 0 if final == pb.TrainingJob.STATE_SUCCEEDED else 1
+
+
+# -- adapters and generation ------------------------------------------------------------------
+@_client_errors
+def cmd_adapters(args) -> int:
+    from tunewire.serving.v1 import serving_pb2 as pb
+
+    stub = _serving(args)
+    if args.action == "list":
+        for a in stub.ListAdapters(pb.ListAdaptersRequest()).adapters:
+            print(f"{a.name}@{a.version}  rank {a.rank}  {','.join(a.target_modules)}  "
+                  f"requests {a.request_count}  {a.uri}")
+    elif args.action == "load":
+        _print(stub.LoadAdapter(pb.LoadAdapterRequest(name=args.name, version=args.version or "",
+                                                       uri=args.uri)).adapter)
+    else:
+        stub.UnloadAdapter(pb.UnloadAdapterRequest(name=args.name))
+        print(f"unloaded {args.name}")
+    return 0
+
+
+@_client_errors
+def cmd_generate(args) -> int:
+    from tunewire.serving.v1 import serving_pb2 as pb
+
+    fmt = pb.ResponseFormat(text=pb.TextFormat())
+    if args.json_schema:
+        with open(args.json_schema) as f:
+            fmt = pb.ResponseFormat(json_schema=pb.JsonSchemaFormat(schema=f.read()))
+    elif args.json_object:
+        fmt = pb.ResponseFormat(json_object=pb.JsonObjectFormat())
+    sampling = pb.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    stub = _serving(args)
+    if args.stream:
+        for r in stub.StreamGenerate(pb.StreamGenerateRequest(
+                adapter=args.adapter, prompt=args.prompt, sampling=sampling, response_format=fmt)):
+            print(r.text, end="", flush=True)
+        print()
+        return 0
+    _print(stub.Generate(pb.GenerateRequest(adapter=args.adapter, prompt=args.prompt,
+                                            sampling=sampling, response_format=fmt)))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from tunewire.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunewire", description="Fine-tune LoRA adapters and serve them.")
+    p.add_argument("--trainer", default=os.environ.get("TUNEWIRE_TRAINER", "127.0.0.1:50051"))
+    p.add_argument("--serving", default=os.environ.get("TUNEWIRE_SERVING", "127.0.0.1:50052"))
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="start a service")
+    s.add_argument("service", choices=["trainer", "serving"])
+    s.add_argument("--config", help="TOML file with settings (see configs/)")
+    for flag, typ in [("host", str), ("port", int), ("metrics-port", int), ("adapter-store", str),
+                      ("data-dir", str), ("serving-address", str), ("model", str),
+                      ("max-loras", int), ("max-lora-rank", int), ("max-cpu-loras", int),
+                      ("max-model-len", int), ("drain-seconds", float), ("log-level", str)]:
+        s.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"))
+    s.add_argument("--enforce-eager", action="store_const", const=True, dest="enforce_eager")
+    s.set_defaults(func=cmd_serve)
+
+    j = sub.add_parser("jobs", help="training jobs")
+    js = j.add_subparsers(dest="action", required=True)
+    c = js.add_parser("create")
+    c.add_argument("--base-model", required=True)
+    c.add_argument("--data", required=True, help="JSONL: prompt/completion or messages")
+    c.add_argument("--adapter-name", required=True)
+    c.add_argument("--r", type=int, default=16)
+    c.add_argument("--alpha", type=float, default=None)
+    c.add_argument("--target-modules", default="q_proj,v_proj")
+    c.add_argument("--dropout", type=float, default=0.05)
+    c.add_argument("--bias", default="none", choices=["none", "all", "lora_only"])
+    c.add_argument("--rslora", action="store_true")
+    c.add_argument("--lr", type=float, default=0.0)
+    c.add_argument("--epochs", type=int, default=0)
+    c.add_argument("--max-steps", type=int, default=0)
+    c.add_argument("--batch-size", type=int, default=0)
+    c.add_argument("--max-seq-length", type=int, default=0)
+    c.add_argument("--warmup-steps", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--request-id", default="")
+    c.add_argument("--watch", action="store_true", help="follow the job with a progress bar")
+    for name in ("get", "cancel", "watch"):
+        a = js.add_parser(name)
+        a.add_argument("id")
+        if name == "watch":
+            a.add_argument("--after-seq", type=int, default=0)
+    ls = js.add_parser("list")
+    ls.add_argument("--state", default="")
+    ls.add_argument("--page-size", type=int, default=50)
+    ls.add_argument("--page-token", default="")
+    j.set_defaults(func=cmd_jobs)
+
+    a = sub.add_parser("adapters", help="adapters in serving")
+    as_ = a.add_subparsers(dest="action", required=True)
+    as_.add_parser("list")
+    ld = as_.add_parser("load")
+    ld.add_argument("name")
+    ld.add_argument("--uri", required=True)
+    ld.add_argument("--version", default="")
+    ul = as_.add_parser("unload")
+    ul.add_argument("name")
+    a.set_defaults(func=cmd_adapters)
+
+    g = sub.add_parser("generate", help="generate with the base model or an adapter")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--adapter", default="")
+    g.add_argument("--json-schema", help="file with a JSON schema to constrain the output")
+    g.add_argument("--json-object", action="store_true")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--stream", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="fine-tune SmolLM2 for JSON extraction and serve it")
+    d.add_argument("--steps", type=int, default=0, help="training steps (0 = the demo default)")
+    d.add_argument("--workdir", default="", help="where services keep state (default: a temp dir)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""gRPC plumbing shared by both services: error mapping, the server interceptor, and `run_server`.
+
+- Servicers raise `tunewire.errors.TunewireError`; the interceptor turns it into the canonical
+  status with a `google.rpc.ErrorInfo` (domain "tunewire") and, for field problems, a
+  `google.rpc.BadRequest`. Anything else becomes INTERNAL without a traceback for the client.
+- The interceptor also counts and times every RPC (`grpc_server_handled_total`,
+  `grpc_server_handling_seconds`) and logs one structured line per RPC with its request id.
+- `run_server` wires health (NOT_SERVING until `startup` finishes and again while draining),
+  reflection and the Prometheus HTTP endpoint, and turns SIGTERM/SIGINT into a graceful drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Histogram, start_http_server
+
+from tunewire.errors import TunewireError
+from tunewire.logs import request_id_var
+
+log = logging.getLogger("tunewire.grpc")
+DOMAIN = "tunewire"
+
+HANDLED = Counter("grpc_server_handled_total", "RPCs completed on the server, by status code.",
+                  ["grpc_service", "grpc_method", "grpc_code"])
+LATENCY = Histogram("grpc_server_handling_seconds", "RPC handling time on the server.",
+                    ["grpc_service", "grpc_method"],
+                    buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
+
+
+def status_of(err: TunewireError) -> tuple[grpc.StatusCode, str, tuple]:
+    """(code, message, trailing metadata with google.rpc.Status details) for a domain error."""
+    code = grpc.StatusCode[err.code]
+    st = status_pb2.Status(code=getattr(code_pb2, err.code), message=err.message)
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata))
+    st.details.append(info)
+    if err.field_violations:
+        br = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+            for f, d in err.field_violations.items()])
+        any_br = any_pb2.Any()
+        any_br.Pack(br)
+        st.details.append(any_br)
+    return code, err.message, (("grpc-status-details-bin", st.SerializeToString()),)
+
+
+def error_info(call_error: grpc.RpcError) -> tuple[str, dict[str, str]]:
+    """Client side: (ErrorInfo.reason, BadRequest field -> description) from a failed call."""
+    reason, fields = "", {}
+    for key, value in (call_error.trailing_metadata() or ()):
+        if key != "grpc-status-details-bin":
+            continue
+        st = status_pb2.Status.FromString(value)
+        for d in st.details:
+            if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                d.Unpack(info)
+                reason = info.reason
+            elif d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                br = error_details_pb2.BadRequest()
+                d.Unpack(br)
+                fields.update({v.field: v.description for v in br.field_violations})
+    return reason, fields
+
+
+def _request_id(request, context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and value:
+            return value
+    rid = getattr(request, "request_id", "")
+    return rid if isinstance(rid, str) and rid else uuid.uuid4().hex[:16]
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Error mapping + metrics + request-id logging around every unary and server-stream RPC."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not (handler.unary_unary or handler.unary_stream):
+            return handler
+        _, service, method = details.method.split("/")
+        quiet = service.startswith("grpc.")  # health probes and reflection: count, don't log
+
+        async def finish(context, code: grpc.StatusCode, started: float):
+            HANDLED.labels(service, method, code.name).inc()
+            LATENCY.labels(service, method).observe(time.perf_counter() - started)
+            if not quiet:
+                log.info("rpc", extra={"rpc": details.method, "code": code.name,
+                                       "ms": round(1000 * (time.perf_counter() - started), 1)})
+
+        async def on_error(e: BaseException, context) -> grpc.StatusCode:
+            if isinstance(e, TunewireError):
+                code, msg, trailers = status_of(e)
+                await context.abort(code, msg, trailing_metadata=trailers)
+            if isinstance(e, asyncio.CancelledError):
+                return grpc.StatusCode.CANCELLED
+            log.exception("unhandled error in %s", details.method)
+            code, msg, trailers = status_of(TunewireError("INTERNAL", f"internal error: {type(e).__name__}"))
+            await context.abort(code, msg, trailing_metadata=trailers)
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary(request, context):
+                started = time.perf_counter()
+                request_id_var.set(_request_id(request, context))
+                code = grpc.StatusCode.OK
+                try:
+                    return await inner(request, context)
+                except grpc.aio.AbortError:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                except BaseException as e:  # noqa: BLE001 - mapped, never leaked
+                    code = grpc.StatusCode[e.code] if isinstance(e, TunewireError) else grpc.StatusCode.INTERNAL
+                    code = await on_error(e, context) or code
+                    raise
+                finally:
+                    await finish(context, code, started)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+        inner_stream = handler.unary_stream
+
+        async def stream(request, context):
+            started = time.perf_counter()
+            request_id_var.set(_request_id(request, context))
+            code = grpc.StatusCode.OK
+            try:
+                async for item in inner_stream(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except BaseException as e:  # noqa: BLE001
+                code = grpc.StatusCode[e.code] if isinstance(e, TunewireError) else grpc.StatusCode.INTERNAL
+                code = await on_error(e, context) or code
+                raise
+            finally:
+                await finish(context, code, started)
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+async def run_server(*, name: str, host: str, port: int, metrics_port: int,
+                     add_servicers: Callable[[grpc.aio.Server, int], Iterable[str]],
+                     startup: Callable[[], Awaitable[None]] | None = None,
+                     drain: Callable[[], Awaitable[None]] | None = None,
+                     shutdown: Callable[[], Awaitable[None]] | None = None,
+                     drain_seconds: float = 5.0, stop_grace_seconds: float = 30.0,
+                     max_message_bytes: int = 64 << 20) -> None:
+    """Serves until SIGTERM/SIGINT, then drains: health NOT_SERVING for `drain_seconds` (load
+    balancers notice while requests are still answered), then stop with `stop_grace_seconds`
+    for in-flight RPCs, then `shutdown`."""
+    server = grpc.aio.server(interceptors=[ServerInterceptor()], options=[
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes)])
+    bound = server.add_insecure_port(f"{host}:{port}")
+    services = list(add_servicers(server, bound))  # they may need the bound port (port 0)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for svc in ["", *services]:  # NOT_SERVING until startup() finishes
+        await health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
+    if metrics_port:
+        start_http_server(metrics_port, addr=host)
+    await server.start()
+    log.info("listening", extra={"service": name, "port": bound, "metrics_port": metrics_port})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def start_then_serve():
+        if startup:
+            await startup()
+        for svc in ["", *services]:
+            await health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"service": name})
+
+    starter = asyncio.create_task(start_then_serve())
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({starter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if starter in done and starter.exception():
+        log.error("start-up failed: %s", starter.exception())
+        stop.set()
+    await stop.wait()
+    starter.cancel()
+    log.info("draining", extra={"service": name, "drain_seconds": drain_seconds})
+    await health.enter_graceful_shutdown()
+    if drain:
+        await drain()
+    await asyncio.sleep(drain_seconds)
+    await server.stop(stop_grace_seconds)
+    if shutdown:
+        await shutdown()
+    log.info("stopped", extra={"service": name})
