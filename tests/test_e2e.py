@@ -1,0 +1,367 @@
+"""End to end on real parts: both services as subprocesses on 127.0.0.1, a real vLLM engine,
+real training workers, real SQLite — checked against HF transformers + peft.
+
+One serving process (one vLLM engine) and one trainer serve the whole module; the drain test
+runs last because it stops them.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import jsonschema
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from harness import health_status, start_service
+from tunewire import adapters
+from tunewire.grpc_util import error_info
+from tunewire.serving.v1 import serving_pb2 as spb
+from tunewire.serving.v1 import serving_pb2_grpc
+from tunewire.trainer.v1 import trainer_pb2 as tpb
+from tunewire.trainer.v1 import trainer_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 8},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 99}}}
+PROMPTS = ["alice is 21 years old and lives in paris.\nJSON: ", "bob is",
+           'Extract the person as JSON: carol is 30 years old', "user: where does dave live?"]
+NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
+CITIES = ["paris", "oslo", "lima", "rome", "kyiv", "cairo", "tokyo", "quito"]
+
+
+class Stack:
+    def __init__(self, tmp: Path, model: Path):
+        self.tmp, self.model, self.store = tmp, model, tmp / "adapters"
+        self.serving = start_service("serving", tmp, "--model", str(model), "--adapter-store",
+                                     str(self.store), "--max-model-len", "256", "--enforce-eager",
+                                     "--drain-seconds", "3")
+        self.trainer = start_service("trainer", tmp, "--data-dir", str(tmp / "trainer"),
+                                     "--adapter-store", str(self.store), "--serving-address",
+                                     self.serving.address, "--drain-seconds", "3")
+        self.trainer.wait_serving(60)
+        self.serving.wait_serving(300)
+        self.jobs = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(self.trainer.address))
+        self.gen = serving_pb2_grpc.ServingServiceStub(grpc.insecure_channel(self.serving.address))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model_dir):
+    s = Stack(tmp_path_factory.mktemp("e2e"), Path(tiny_model_dir))
+    yield s
+    s.serving.stop()
+    s.trainer.stop()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with open(path, "w") as f:
+        for i in range(48):
+            n, c, age = NAMES[i % 8], CITIES[(i * 3) % 8], 20 + i % 40
+            f.write(json.dumps({"prompt": f"{n} is {age} years old and lives in {c}.\nJSON: ",
+                                "completion": json.dumps({"name": n, "age": age})}) + "\n")
+    return path
+
+
+def job_spec(model, data, name, *, max_steps=30, **lora) -> tpb.TrainingJob:
+    return tpb.TrainingJob(
+        base_model=str(model), adapter_name=name, training_data=tpb.DatasetRef(path=str(data)),
+        lora=tpb.LoraMethod(r=lora.get("r", 8), lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                            lora_dropout=0.05),
+        hyperparameters=tpb.Hyperparameters(learning_rate=1e-2, max_steps=max_steps, batch_size=4,
+                                            max_seq_length=64, seed=1))
+
+
+def watch_all(stub, job_id, after_seq=0, timeout=600) -> list[tpb.WatchTrainingJobResponse]:
+    return list(stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=job_id, after_seq=after_seq),
+                                      timeout=timeout))
+
+
+def states(entries) -> list[str]:
+    return [tpb.TrainingJob.State.Name(e.state_change.state)[6:] for e in entries
+            if e.WhichOneof("payload") == "state_change"]
+
+
+@pytest.fixture(scope="module")
+def trained(stack, dataset):
+    job = stack.jobs.CreateTrainingJob(tpb.CreateTrainingJobRequest(
+        training_job=job_spec(stack.model, dataset, "json-extract"), request_id="e2e-1")).training_job
+    entries = watch_all(stack.jobs, job.id)
+    final = stack.jobs.GetTrainingJob(tpb.GetTrainingJobRequest(name=job.name)).training_job
+    return job, entries, final
+
+
+def generate(stub, prompt, adapter="", schema=None, max_tokens=16, **kw):
+    fmt = (spb.ResponseFormat(json_schema=spb.JsonSchemaFormat(schema=json.dumps(schema)))
+           if schema is not None else spb.ResponseFormat(text=spb.TextFormat()))
+    return stub.Generate(spb.GenerateRequest(adapter=adapter, prompt=prompt, response_format=fmt,
+                                             sampling=spb.SamplingParams(max_tokens=max_tokens), **kw),
+                         timeout=120)
+
+
+def hf_greedy(model_dir, adapter_dir, prompts, max_new_tokens=16) -> list[str]:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    outs = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        outs.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    return outs
+
+
+def expect_error(fn, code, reason=None):
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    assert e.value.code() == code, e.value.details()
+    got_reason, fields = error_info(e.value)
+    if reason:
+        assert got_reason == reason, (got_reason, e.value.details())
+    return got_reason, fields
+
+
+# --------------------------------------------------------------------------------------------
+def test_health_and_reflection(stack):
+    assert health_status(stack.serving.address) == health_pb2.HealthCheckResponse.SERVING
+    assert health_status(stack.trainer.address, "tunewire.trainer.v1.TrainerService") == 1
+    with grpc.insecure_channel(stack.serving.address) as ch:
+        resp = next(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"tunewire.serving.v1.ServingService", "grpc.health.v1.Health"} <= names
+
+
+def test_invalid_job_spec_is_invalid_argument_with_field(stack, dataset):
+    bad = job_spec(stack.model, dataset, "x")
+    bad.lora.lora_dropout = 1.5
+    _, fields = expect_error(lambda: stack.jobs.CreateTrainingJob(tpb.CreateTrainingJobRequest(training_job=bad)),
+                             grpc.StatusCode.INVALID_ARGUMENT)
+    assert "training_job.lora.lora_dropout" in fields
+    missing = job_spec(stack.model, stack.tmp / "nope.jsonl", "x")
+    _, fields = expect_error(lambda: stack.jobs.CreateTrainingJob(tpb.CreateTrainingJobRequest(training_job=missing)),
+                             grpc.StatusCode.INVALID_ARGUMENT)
+    assert "training_job.training_data.path" in fields
+    expect_error(lambda: stack.jobs.GetTrainingJob(tpb.GetTrainingJobRequest(name="trainingJobs/nope")),
+                 grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND")
+
+
+def test_training_job_runs_publishes_and_hands_off(stack, trained, dataset):
+    job, entries, final = trained
+    assert [e.seq for e in entries] == list(range(1, len(entries) + 1))  # gapless, from 1
+    assert states(entries) == ["QUEUED", "RUNNING", "PUBLISHING", "SUCCEEDED"]
+    metrics = [e.metric for e in entries if e.WhichOneof("payload") == "metric"]
+    assert [m.step for m in metrics] == list(range(1, 31))
+    assert all(m.loss > 0 and m.learning_rate > 0 and m.grad_norm > 0 and m.tokens_per_second > 0
+               for m in metrics)
+    assert final.state == tpb.TrainingJob.STATE_SUCCEEDED
+    assert final.result.serving_loaded, final.result.serving_message
+    assert Path(final.result.uri, "manifest.json").is_file()
+    # same numbers as peft's print_trainable_parameters for the same config
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(stack.model),
+                                LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    assert (final.trainable_params, final.total_params) == peft_model.get_nb_trainable_parameters()
+    # idempotent create: same request id → same job
+    again = stack.jobs.CreateTrainingJob(tpb.CreateTrainingJobRequest(
+        training_job=job_spec(stack.model, dataset, "json-extract"), request_id="e2e-1")).training_job
+    assert again.id == job.id
+    listed = stack.jobs.ListTrainingJobs(tpb.ListTrainingJobsRequest(state=tpb.TrainingJob.STATE_SUCCEEDED))
+    assert job.id in [j.id for j in listed.training_jobs]
+    adapters_listed = stack.gen.ListAdapters(spb.ListAdaptersRequest()).adapters
+    assert [(a.name, a.version) for a in adapters_listed if a.name == "json-extract"] == [
+        ("json-extract", final.result.version)]
+
+
+def test_watch_replays_from_after_seq(stack, trained):
+    job, entries, _ = trained
+    k = len(entries) // 2
+    replay = watch_all(stack.jobs, job.id, after_seq=k)
+    assert [e.SerializeToString() for e in replay] == [e.SerializeToString() for e in entries[k:]]
+
+
+def test_adapter_greedy_output_equals_hf_peft(stack, trained):
+    _, _, final = trained
+    got = [generate(stack.gen, p, adapter="json-extract").text for p in PROMPTS]
+    want = hf_greedy(stack.model, final.result.uri, PROMPTS)
+    assert got == want
+    base = [generate(stack.gen, p).text for p in PROMPTS]
+    assert base != got  # the adapter changed something, so the comparison means something
+
+
+def test_json_schema_output_parses_and_validates(stack, trained):
+    for p in PROMPTS[:2]:
+        r = generate(stack.gen, p, adapter="json-extract", schema=SCHEMA, max_tokens=60)
+        jsonschema.validate(json.loads(r.text), SCHEMA)
+        assert r.structured_output_valid and r.finish_reason == spb.FINISH_REASON_STOP
+        assert (r.adapter, r.adapter_version) == ("json-extract", "v1")
+        assert r.timings.total_ms >= r.timings.ttft_ms > 0
+    r = stack.gen.Generate(spb.GenerateRequest(
+        prompt=PROMPTS[0], response_format=spb.ResponseFormat(json_object=spb.JsonObjectFormat()),
+        sampling=spb.SamplingParams(max_tokens=60)))
+    if r.finish_reason == spb.FINISH_REASON_STOP:
+        assert isinstance(json.loads(r.text), dict) and r.structured_output_valid
+    else:  # a random model may ramble to max_tokens: then the server must say so
+        assert not r.structured_output_valid and "max_tokens" in r.structured_output_error
+
+
+def test_stream_generate_deltas_add_up(stack, trained):
+    req = dict(adapter="json-extract", prompt=PROMPTS[0], sampling=spb.SamplingParams(max_tokens=16))
+    chunks = list(stack.gen.StreamGenerate(spb.StreamGenerateRequest(**req)))
+    whole = stack.gen.Generate(spb.GenerateRequest(**req))
+    assert len(chunks) > 1
+    assert "".join(c.text for c in chunks) == whole.text
+    assert chunks[-1].finish_reason == whole.finish_reason != spb.FINISH_REASON_UNSPECIFIED
+    assert chunks[-1].completion_tokens == whole.completion_tokens > 0
+    assert chunks[-1].prompt_tokens == whole.prompt_tokens > 0
+    assert all(c.finish_reason == spb.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
+
+
+def _random_adapter(model_dir, out: Path, r: int, targets: list[str], seed: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
+    model.save_pretrained(out)
+    return out
+
+
+def test_mixed_batch_each_row_gets_its_own_adapter(stack):
+    loaded = {}
+    for name, r, targets, seed in [("mix-a", 8, ["q_proj", "v_proj"], 1),
+                                   ("mix-b", 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                  "up_proj", "down_proj"], 2)]:
+        src = _random_adapter(stack.model, stack.tmp / f"src-{name}", r, targets, seed)
+        dest, m = adapters.publish(src, stack.store, name, base_model_dir=stack.model)
+        stack.gen.LoadAdapter(spb.LoadAdapterRequest(name=name, uri=str(dest), manifest_sha256=m.sha256))
+        loaded[name] = dest
+    prompts = PROMPTS[:3]
+    want = {a: hf_greedy(stack.model, loaded.get(a), prompts) for a in ("", "mix-a", "mix-b")}
+    assert want[""] != want["mix-a"] and want[""] != want["mix-b"] and want["mix-a"] != want["mix-b"]
+    jobs = [(a, p) for _ in range(2) for p in prompts for a in ("", "mix-a", "mix-b")]
+    barrier = threading.Barrier(len(jobs))
+
+    def one(job):
+        barrier.wait()  # release together so the engine batches base and adapter rows
+        return generate(stack.gen, job[1], adapter=job[0]).text
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(one, jobs))
+    for (a, p), text in zip(jobs, got):
+        assert text == want[a][prompts.index(p)], (a, p)
+
+
+def test_bad_requests_get_clear_statuses(stack, tiny_model_dir):
+    expect_error(lambda: generate(stack.gen, "hi", adapter="no-such-adapter"),
+                 grpc.StatusCode.NOT_FOUND, "ADAPTER_NOT_FOUND")
+    expect_error(lambda: stack.gen.Generate(spb.GenerateRequest(prompt="hi", response_format=spb.ResponseFormat(
+        json_schema=spb.JsonSchemaFormat(schema='{"type": "banana"}')))),
+        grpc.StatusCode.INVALID_ARGUMENT, "JSON_SCHEMA_INVALID")
+    expect_error(lambda: stack.gen.Generate(spb.GenerateRequest(prompt="hi", response_format=spb.ResponseFormat(
+        json_schema=spb.JsonSchemaFormat(schema='{"type": ')))),
+        grpc.StatusCode.INVALID_ARGUMENT, "JSON_SCHEMA_INVALID")
+    expect_error(lambda: stack.gen.Generate(spb.GenerateRequest()), grpc.StatusCode.INVALID_ARGUMENT)
+    expect_error(lambda: stack.gen.LoadAdapter(spb.LoadAdapterRequest(name="evil", uri="/etc")),
+                 grpc.StatusCode.INVALID_ARGUMENT, "ADAPTER_URI_OUTSIDE_STORE")
+    big = _random_adapter(stack.model, stack.tmp / "src-big", 32, ["q_proj"], 3)
+    dest, _ = adapters.publish(big, stack.store, "too-big", base_model_dir=stack.model)
+    expect_error(lambda: stack.gen.LoadAdapter(spb.LoadAdapterRequest(name="too-big", uri=str(dest))),
+                 grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_RANK_TOO_LARGE")
+    expect_error(lambda: stack.gen.UnloadAdapter(spb.UnloadAdapterRequest(name="never-loaded")),
+                 grpc.StatusCode.NOT_FOUND, "ADAPTER_NOT_FOUND")
+    # the engine is still alive and serving after all of that
+    assert generate(stack.gen, "hi", max_tokens=4).completion_tokens > 0
+
+
+def test_cancel_running_job_stops_the_worker(stack, dataset):
+    job = stack.jobs.CreateTrainingJob(tpb.CreateTrainingJobRequest(
+        training_job=job_spec(stack.model, dataset, "long-run", max_steps=100000))).training_job
+    pid = None
+    stream = stack.jobs.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=job.id), timeout=300)
+    for e in stream:
+        if e.WhichOneof("payload") == "event" and e.event.type == tpb.JobEvent.TYPE_WORKER_STARTED:
+            pid = int(e.event.data["pid"])
+        if e.WhichOneof("payload") == "metric":
+            break
+    stream.cancel()
+    assert pid and psutil.pid_exists(pid)
+    resp = stack.jobs.CancelTrainingJob(tpb.CancelTrainingJobRequest(name=job.name)).training_job
+    assert resp.state in (tpb.TrainingJob.STATE_CANCELLING, tpb.TrainingJob.STATE_CANCELLED)
+    rest = watch_all(stack.jobs, job.id, timeout=120)
+    assert states(rest)[-1] == "CANCELLED"
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    expect_error(lambda: stack.jobs.CancelTrainingJob(tpb.CancelTrainingJobRequest(name=job.name)),
+                 grpc.StatusCode.FAILED_PRECONDITION, "JOB_ALREADY_TERMINAL")
+
+
+def test_failed_handoff_fails_the_job_and_keeps_the_adapter(stack, dataset, tmp_path):
+    from tunewire.tiny_model import build_tiny_llama
+
+    other = build_tiny_llama(tmp_path / "other-base", hidden_size=32)  # serving runs a different base
+    job = stack.jobs.CreateTrainingJob(tpb.CreateTrainingJobRequest(
+        training_job=job_spec(other, dataset, "wrong-base", max_steps=3))).training_job
+    watch_all(stack.jobs, job.id)
+    final = stack.jobs.GetTrainingJob(tpb.GetTrainingJobRequest(name=job.name)).training_job
+    assert final.state == tpb.TrainingJob.STATE_FAILED
+    assert final.error.reason == "HANDOFF_FAILED" and "BASE_MODEL_MISMATCH" in final.error.message
+    assert final.error.retryable and not final.result.serving_loaded
+    assert Path(final.result.uri, "adapter_model.safetensors").is_file()
+
+
+def _metrics(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
+def test_metrics_endpoints_expose_named_metrics(stack, trained):
+    t = _metrics(stack.trainer.metrics_port)
+    for name in ("tunewire_trainer_jobs{", "tunewire_trainer_steps_total", "tunewire_trainer_loss",
+                 "tunewire_trainer_tokens_per_second", 'grpc_server_handled_total{grpc_code="OK",'
+                 'grpc_method="CreateTrainingJob"', "grpc_server_handling_seconds_bucket"):
+        assert name in t, name
+    s = _metrics(stack.serving.metrics_port)
+    for name in ('tunewire_serving_requests_total{adapter="json-extract",outcome="ok"}',
+                 'tunewire_serving_requests_total{adapter="base",outcome="ok"}',
+                 "tunewire_serving_ttft_seconds_bucket", "tunewire_serving_e2e_latency_seconds_bucket",
+                 "tunewire_serving_tokens_total", "tunewire_serving_adapters_loaded",
+                 'grpc_method="Generate"', "vllm:"):
+        assert name in s, name
+
+
+def test_sigterm_drains_with_health_not_serving(stack):
+    for svc in (stack.serving, stack.trainer):
+        svc.proc.send_signal(15)
+        seen = None
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                seen = health_status(svc.address)
+            except grpc.RpcError:
+                break
+            if seen == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            time.sleep(0.1)
+        assert seen == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert svc.proc.wait(120) == 0
