@@ -60,7 +60,7 @@ class JobService:
                  report_address: str, handoff: Handoff | None, max_concurrent: int = 1,
                  cancel_grace_seconds: float = 10.0):
         self.store, self.launcher, self.handoff = store, launcher, handoff
-        self.data_dir, self.adapter_store = Path(data_dir), Path(adapter_store)
+        self.data_dir, self.adapter_store = Path(data_dir).resolve(), Path(adapter_store).resolve()
         self.report_address = report_address
         self.max_concurrent = max_concurrent
         self.cancel_grace_seconds = cancel_grace_seconds

@@ -123,7 +123,7 @@ def watch(stub, job_id: str, after_seq: int = 0, console=None) -> int:
 
     from tunewire.trainer.v1 import trainer_pb2 as pb
 
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, log_path=False)
     final = pb.TrainingJob.STATE_UNSPECIFIED
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),

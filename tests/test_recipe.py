@@ -1,0 +1,200 @@
+"""The LoRA recipe and its data pipeline on the tiny random Llama (no downloads, a few seconds)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from trainer_service import data
+from trainer_service.recipe_lora import Cancelled, run
+from trainer_service.spec import Hyperparameters, JobSpec, LoraSpec
+from tunewire.errors import JobFailure
+
+PEOPLE = [("alice", 20, "paris"), ("bob", 21, "oslo"), ("carol", 22, "lima"), ("dave", 23, "rome")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def person_rows():
+    return [{"prompt": f"Extract the person as JSON: {n} is {a} years old and lives in {c}.\n",
+             "completion": json.dumps({"name": n, "age": a, "city": c})} for n, a, c in PEOPLE]
+
+
+class ListReporter:
+    def __init__(self):
+        self.started_args, self.events, self.metrics = None, [], []
+
+    def started(self, trainable_params, total_params, total_steps):
+        self.started_args = (trainable_params, total_params, total_steps)
+
+    def event(self, kind, message, data):
+        assert all(isinstance(v, str) for v in data.values())
+        self.events.append(kind)
+
+    def metric(self, **point):
+        self.metrics.append(point)
+
+
+def spec_for(model_dir, data_path, **hp) -> JobSpec:
+    hp = {"learning_rate": 1e-2, "batch_size": 4, "max_steps": 25, "warmup_steps": 2, **hp}
+    return JobSpec(base_model=str(model_dir), training_data=data_path, adapter_name="demo",
+                   lora=LoraSpec(r=8, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
+                   hyperparameters=Hyperparameters(**hp))
+
+
+# -- labels -----------------------------------------------------------------------------------
+def test_prompt_completion_labels_mask_exactly_the_prompt(tokenizer):
+    ex = person_rows()[0]
+    row = data.tokenize_example(ex, tokenizer, max_seq_length=512)
+    prompt_ids = tokenizer(ex["prompt"]).input_ids  # what vLLM feeds for the same prompt text
+    completion_ids = tokenizer(ex["completion"], add_special_tokens=False).input_ids
+    n = len(prompt_ids)
+    assert row["input_ids"] == prompt_ids + completion_ids + [tokenizer.eos_token_id]
+    assert row["labels"][:n] == [data.IGNORE] * n
+    assert row["labels"][n:] == row["input_ids"][n:]           # completion and EOS all labelled
+    assert row["labels"][-1] == tokenizer.eos_token_id
+
+
+def test_chat_labels_only_the_last_assistant_turn(tokenizer):
+    msgs = [{"role": "user", "content": "alice is 20"}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "as JSON"}, {"role": "assistant", "content": '{"age": 20}'}]
+    row = data.tokenize_example({"messages": msgs}, tokenizer, max_seq_length=512)
+    prefix = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    n = len(tokenizer(prefix, add_special_tokens=False).input_ids)
+    answer = tokenizer('{"age": 20}', add_special_tokens=False).input_ids
+    assert row["labels"] == [data.IGNORE] * n + answer + [tokenizer.eos_token_id]  # <|im_end|>
+    assert row["input_ids"][n:] == answer + [tokenizer.eos_token_id]
+    assert tokenizer.decode(row["input_ids"][:n]).endswith("<|im_start|>assistant\n")
+
+
+def test_truncation_keeps_the_start_and_drops_examples_without_labels(tokenizer):
+    ex = person_rows()[0]
+    n_prompt = len(tokenizer(ex["prompt"]).input_ids)
+    row = data.tokenize_example(ex, tokenizer, max_seq_length=n_prompt + 2)
+    assert len(row["input_ids"]) == n_prompt + 2 and row["labels"][-1] != data.IGNORE
+    rows, stats = data.tokenize_dataset([ex, {"prompt": "x " * 50, "completion": "y"}], tokenizer,
+                                        max_seq_length=n_prompt + 2)
+    assert (stats.examples, stats.truncated, stats.dropped) == (1, 1, 1)
+    with pytest.raises(JobFailure) as e:
+        data.tokenize_dataset([ex], tokenizer, max_seq_length=8)
+    assert e.value.reason == "DATASET_EMPTY"
+
+
+def test_collate_pads_dynamically():
+    batch = data.collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                          {"input_ids": [8], "labels": [8]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+# -- bad data ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad, needle", [
+    ('{"prompt": "a", "completion": ', "not valid JSON"),
+    ({"prompt": "a"}, "field completion"),
+    ({"messages": [{"role": "user", "content": "a"}]}, "field messages[0].role"),
+    ({"prompt": "a", "completion": 3}, "field completion"),
+])
+def test_bad_rows_name_their_line_and_field(tmp_path, bad, needle):
+    path = write_jsonl(tmp_path / "d.jsonl", [person_rows()[0], "", bad, person_rows()[1]])
+    with pytest.raises(JobFailure) as e:
+        data.load_examples(path)
+    assert e.value.reason == "DATASET_INVALID" and e.value.user_error
+    assert "line 3:" in e.value.message and needle in e.value.message
+
+
+def test_load_examples_reads_both_shapes_and_rejects_empty(tmp_path):
+    msgs = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    rows = data.load_examples(write_jsonl(tmp_path / "d.jsonl", [person_rows()[0], msgs]))
+    assert rows == [person_rows()[0], msgs]
+    with pytest.raises(JobFailure) as e:
+        data.load_examples(write_jsonl(tmp_path / "e.jsonl", [""]))
+    assert e.value.reason == "DATASET_EMPTY" and e.value.user_error
+
+
+# -- the recipe -------------------------------------------------------------------------------
+def test_short_run_learns_and_saves_a_loadable_adapter(tiny_model_dir, tokenizer, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path = write_jsonl(tmp_path / "d.jsonl", person_rows() * 4)
+    rep = ListReporter()
+    result = run(spec_for(tiny_model_dir, path), tmp_path / "out", rep, should_stop=lambda: False)
+
+    trainable, total, total_steps = rep.started_args
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert 0 < trainable < total and total_steps == 25
+    assert rep.events == ["DATASET_LOADED", "MODEL_LOADED", "ADAPTER_SAVED"]
+    assert [m["step"] for m in rep.metrics] == list(range(1, 26))
+    for m in rep.metrics:
+        assert all(math.isfinite(m[k]) for k in ("loss", "learning_rate", "grad_norm"))
+        assert m["tokens_per_second"] > 0 and m["total_steps"] == 25
+    assert rep.metrics[0]["learning_rate"] == pytest.approx(5e-3)   # warm-up 1/2
+    assert rep.metrics[-1]["learning_rate"] == pytest.approx(1e-2 / 23)
+    first, last = rep.metrics[0]["loss"], rep.metrics[-1]["loss"]
+    assert last < 0.5 * first, (first, last)
+    assert result["steps"] == 25 and result["train_tokens"] == rep.metrics[-1]["tokens_seen"]
+
+    adapter = tmp_path / "out" / "adapter"
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json",
+                                                         "adapter_model.safetensors"]
+    prompt = tokenizer(person_rows()[0]["prompt"], return_tensors="pt")
+    greedy = dict(max_new_tokens=12, do_sample=False)
+    base_out = base.generate(**prompt, **greedy)[0].tolist()
+    tuned = PeftModel.from_pretrained(base, adapter)
+    assert tuned.get_nb_trainable_parameters()[1] == total
+    tuned_out = tuned.generate(**prompt, **greedy)[0].tolist()
+    assert tuned_out != base_out
+
+
+def test_trainable_count_matches_peft(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = write_jsonl(tmp_path / "d.jsonl", person_rows())
+    rep = ListReporter()
+    run(spec_for(tiny_model_dir, path, max_steps=1), tmp_path / "out", rep, lambda: False)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM",
+                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    assert rep.started_args[:2] == model.get_nb_trainable_parameters()
+
+
+def test_should_stop_cancels_without_saving(tiny_model_dir, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", person_rows() * 4)
+    rep = ListReporter()
+    with pytest.raises(Cancelled):
+        run(spec_for(tiny_model_dir, path), tmp_path / "out", rep,
+            should_stop=lambda: len(rep.metrics) >= 3)
+    assert [m["step"] for m in rep.metrics] == [1, 2, 3]
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_unknown_target_module_fails_the_job(tiny_model_dir, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", person_rows())
+    spec = JobSpec(base_model=str(tiny_model_dir), training_data=path, adapter_name="demo",
+                   lora=LoraSpec(target_modules=("no_such_proj",)))
+    with pytest.raises(JobFailure) as e:
+        run(spec, tmp_path / "out", ListReporter(), lambda: False)
+    assert e.value.reason == "TARGET_MODULES_INVALID" and e.value.user_error
+
+
+def test_missing_base_model_is_a_user_error(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", person_rows())
+    spec = JobSpec(base_model=str(tmp_path / "nope"), training_data=path, adapter_name="demo")
+    with pytest.raises(JobFailure) as e:
+        run(spec, tmp_path / "out", ListReporter(), lambda: False)
+    assert e.value.reason == "BASE_MODEL_INVALID" and e.value.user_error

@@ -1,0 +1,226 @@
+"""LoRA fine-tuning recipe: one job, read top to bottom — setup, train, save, clean up.
+
+`run(spec, out_dir, reporter, should_stop)` trains a peft LoRA adapter on top of a Hugging Face
+causal LM with a plain PyTorch loop (AdamW, linear warm-up then linear decay to 0, gradient
+clipping, completion-only loss) and writes the adapter to `out_dir/adapter` as the standard peft
+files (adapter_model.safetensors + adapter_config.json) that peft and vLLM load. The base model is
+not saved. The worker process calls it and forwards what the `Reporter` gets to the trainer;
+nothing here knows about gRPC, so it also runs on its own:
+
+    from trainer_service.recipe_lora import run
+    run(JobSpec(base_model="/models/tiny", training_data="train.jsonl", adapter_name="demo"),
+        Path("/tmp/out"), reporter, should_stop=lambda: False)
+
+Threads: `TUNEWIRE_TRAIN_THREADS` (default: all cores) sets torch's intra-op threads.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from trainer_service import data
+from trainer_service.spec import JobSpec
+from tunewire.errors import JobFailure
+
+
+class Reporter(Protocol):
+    def started(self, trainable_params: int, total_params: int, total_steps: int) -> None: ...
+    def event(self, kind: str, message: str, data: dict[str, str]) -> None: ...
+    def metric(self, *, step: int, epoch: float, loss: float, learning_rate: float,
+               grad_norm: float, tokens_per_second: float, tokens_seen: int,
+               total_steps: int) -> None: ...
+
+
+class Cancelled(Exception):
+    """should_stop() turned true; nothing was saved."""
+
+
+def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
+        should_stop: Callable[[], bool]) -> dict[str, float]:
+    """Trains and saves the adapter to out_dir/"adapter"; returns the final metrics.
+
+    Raises Cancelled when should_stop() is true (checked before every step and before saving),
+    JobFailure for bad input (user_error) or training that cannot go on.
+    """
+    hp = spec.hyperparameters
+
+    # ---- setup ---------------------------------------------------------------------------
+    from transformers import set_seed
+
+    set_seed(hp.seed)  # python, numpy and torch: LoRA init, dropout and shuffling repeat
+    torch.set_num_threads(int(os.environ.get("TUNEWIRE_TRAIN_THREADS", os.cpu_count() or 1)))
+
+    tokenizer = _load_tokenizer(spec.base_model)
+    # Data before the model: a bad file fails in seconds instead of after loading the weights.
+    examples = data.load_examples(spec.training_data)
+    eos_ids = _stop_ids(spec.base_model, tokenizer)
+    rows, stats = data.tokenize_dataset(examples, tokenizer, hp.max_seq_length, eos_ids=eos_ids)
+    reporter.event("DATASET_LOADED", f"{stats.examples} examples, {stats.tokens} tokens "
+                   f"({stats.truncated} truncated, {stats.dropped} dropped: nothing left to learn)",
+                   {"examples": str(stats.examples), "tokens": str(stats.tokens),
+                    "label_tokens": str(stats.label_tokens), "truncated": str(stats.truncated),
+                    "dropped": str(stats.dropped), "max_seq_length": str(hp.max_seq_length)})
+
+    model = _load_model(spec.base_model)
+    reporter.event("MODEL_LOADED", f"loaded {spec.base_model}",
+                   {"base_model": spec.base_model,
+                    "parameters": str(sum(p.numel() for p in model.parameters()))})
+    model = _add_lora(model, spec)
+    trainable, total = model.get_nb_trainable_parameters()  # what print_trainable_parameters shows
+
+    steps_per_epoch = math.ceil(len(rows) / hp.batch_size)
+    total_steps = hp.max_steps if hp.max_steps > 0 else steps_per_epoch * hp.num_epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    # Padding never reaches the loss or attention, so any id works when the tokenizer has none.
+    pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    reporter.started(trainable, total, total_steps)
+
+    # ---- train ---------------------------------------------------------------------------
+    model.train()  # LoRA dropout on
+    shuffle = torch.Generator().manual_seed(hp.seed)
+    losses: list[float] = []
+    tokens_seen = 0
+    t_start = time.perf_counter()
+    step = 0
+    while step < total_steps:  # epochs; with max_steps the data repeats as often as needed
+        order = torch.randperm(len(rows), generator=shuffle).tolist()
+        for first in range(0, len(order), hp.batch_size):
+            if step >= total_steps:
+                break
+            if should_stop():
+                raise Cancelled(f"stopped before step {step + 1} of {total_steps}")
+            step += 1
+            t0 = time.perf_counter()
+            batch = data.collate([rows[i] for i in order[first:first + hp.batch_size]], pad_id)
+            lr = _learning_rate(step, total_steps, hp.learning_rate, hp.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            loss = _completion_loss(model, batch)
+            if not torch.isfinite(loss):
+                raise JobFailure("TRAINING_DIVERGED", f"loss is {loss.item()} at step {step}; "
+                                 f"try a lower learning_rate", user_error=True)
+            loss.backward()
+            # Infinite max norm computes the norm without clipping (max_grad_norm 0 = no clip).
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm or math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            real_tokens = int(batch["attention_mask"].sum())  # padding is not throughput
+            tokens_seen += real_tokens
+            losses.append(loss.item())
+            reporter.metric(step=step, epoch=step / steps_per_epoch, loss=losses[-1],
+                            learning_rate=lr, grad_norm=float(grad_norm),
+                            tokens_per_second=real_tokens / max(time.perf_counter() - t0, 1e-9),
+                            tokens_seen=tokens_seen, total_steps=total_steps)
+    train_seconds = time.perf_counter() - t_start
+
+    # ---- save ----------------------------------------------------------------------------
+    if should_stop():
+        raise Cancelled("stopped after training, before saving")
+    adapter_dir = Path(out_dir) / "adapter"
+    model.save_pretrained(adapter_dir)
+    # peft also writes a model card; the adapter store holds only weights and config.
+    (adapter_dir / "README.md").unlink(missing_ok=True)
+    reporter.event("ADAPTER_SAVED", f"adapter saved to {adapter_dir}",
+                   {"path": str(adapter_dir), "trainable_params": str(trainable)})
+
+    # ---- cleanup -------------------------------------------------------------------------
+    # The worker may report for a while after this; give the memory back now.
+    del model, optimizer, params
+    gc.collect()
+    tail = losses[-min(10, len(losses)):]
+    return {"train_loss": sum(losses) / len(losses), "final_loss": sum(tail) / len(tail),
+            "steps": float(step), "train_tokens": float(tokens_seen),
+            "train_seconds": train_seconds, "examples": float(stats.examples),
+            "truncated_examples": float(stats.truncated), "dropped_examples": float(stats.dropped)}
+
+
+def _load_tokenizer(base_model: str):
+    from transformers import AutoTokenizer
+
+    if not (Path(base_model) / "config.json").is_file():
+        raise JobFailure("BASE_MODEL_INVALID", f"no model directory (config.json) at {base_model}",
+                         user_error=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_model)
+    except Exception as e:  # noqa: BLE001 - any loader error means the directory is unusable
+        raise JobFailure("BASE_MODEL_INVALID", f"cannot load the tokenizer from {base_model}: "
+                         f"{type(e).__name__}: {e}", user_error=True) from None
+    if tokenizer.eos_token_id is None:
+        raise JobFailure("BASE_MODEL_INVALID", f"the tokenizer of {base_model} has no EOS token, "
+                         f"so the model could not learn to stop", user_error=True)
+    return tokenizer
+
+
+def _stop_ids(base_model: str, tokenizer) -> set[int]:
+    """Tokens that end a generation on the server: the tokenizer's EOS and generation_config's."""
+    from transformers import GenerationConfig
+
+    ids = {tokenizer.eos_token_id}
+    try:
+        eos = GenerationConfig.from_pretrained(base_model).eos_token_id
+    except (OSError, ValueError):  # no generation_config.json: the tokenizer's EOS is all
+        return ids
+    return ids | ({eos} if isinstance(eos, int) else set(eos or ()))
+
+
+def _load_model(base_model: str):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        # fp32: LoRA on CPU; half precision brings no speed there and costs accuracy.
+        return AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - any loader error means the directory is unusable
+        raise JobFailure("BASE_MODEL_INVALID", f"cannot load a causal LM from {base_model}: "
+                         f"{type(e).__name__}: {e}", user_error=True) from None
+
+
+def _add_lora(model, spec: JobSpec):
+    from peft import LoraConfig, get_peft_model
+
+    lora = spec.lora
+    alpha = lora.alpha
+    config = LoraConfig(
+        r=lora.r,
+        # Whole alphas stay ints in adapter_config.json, the type servers expect.
+        lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+        target_modules=list(lora.target_modules) or None,  # None: peft's default for the model
+        lora_dropout=lora.lora_dropout, bias=lora.bias, use_rslora=lora.use_rslora,
+        task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # peft: module names not in the model, or no default for it
+        targets = list(lora.target_modules) or "peft's default"
+        raise JobFailure("TARGET_MODULES_INVALID", f"cannot apply LoRA to target_modules="
+                         f"{targets}: {e}", user_error=True) from None
+
+
+def _learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int) -> float:
+    """Rate for 1-based `step`: linear up to `peak` over warm-up, then linearly down toward 0.
+
+    Neither end wastes a step at rate 0: step 1 of a warm-up already moves, and the last step
+    runs at peak / (steps after warm-up).
+    """
+    if step <= warmup_steps:
+        return peak * step / warmup_steps
+    return peak * (total_steps - step + 1) / max(total_steps - warmup_steps, 1)
+
+
+def _completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (completion) tokens of the batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits
+    # Token t predicts token t + 1; labels of prompt and padding are IGNORE and carry no loss.
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                           ignore_index=data.IGNORE)
