@@ -45,6 +45,9 @@ class Stack:
         self.tmp, self.model, self.store = tmp, model, tmp / "adapters"
         self.serving = start_service("serving", tmp, "--model", str(model), "--adapter-store",
                                      str(self.store), "--max-model-len", "256", "--enforce-eager",
+                                     # 2 slots: the CPU mixed-batch bug shows only when the last
+                                     # LoRA slot holds a real adapter
+                                     "--max-loras", "2",
                                      "--drain-seconds", "3")
         self.trainer = start_service("trainer", tmp, "--data-dir", str(tmp / "trainer"),
                                      "--adapter-store", str(self.store), "--serving-address",

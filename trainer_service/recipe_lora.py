@@ -65,7 +65,8 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     eos_ids = _stop_ids(spec.base_model, tokenizer)
     rows, stats = data.tokenize_dataset(examples, tokenizer, hp.max_seq_length, eos_ids=eos_ids)
     reporter.event("DATASET_LOADED", f"{stats.examples} examples, {stats.tokens} tokens "
-                   f"({stats.truncated} truncated, {stats.dropped} dropped: nothing left to learn)",
+                   f"({stats.truncated} truncated to max_seq_length, {stats.dropped} dropped with no "
+                   "completion tokens left)",
                    {"examples": str(stats.examples), "tokens": str(stats.tokens),
                     "label_tokens": str(stats.label_tokens), "truncated": str(stats.truncated),
                     "dropped": str(stats.dropped), "max_seq_length": str(hp.max_seq_length)})

@@ -2,7 +2,8 @@
 
 Tests and benchmarks use it instead of downloading anything: it loads in HF transformers, peft and
 vLLM like a real checkpoint. `initializer_range=0.2` keeps greedy choices well separated, so greedy
-outputs agree across HF and vLLM.
+outputs agree across HF and vLLM. hidden 128 / 4 heads = head_dim 32, the smallest head size
+vLLM's CPU attention supports.
 
     python -m tunewire.tiny_model /tmp/tiny   # writes config, safetensors, tokenizer
 """
@@ -32,7 +33,7 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tiny_llama(out_dir: str | Path, *, hidden_size: int = 64, num_layers: int = 2,
+def build_tiny_llama(out_dir: str | Path, *, hidden_size: int = 128, num_layers: int = 2,
                      vocab_size: int = 512, seed: int = 0) -> Path:
     """Write a random LlamaForCausalLM and its tokenizer to `out_dir`; returns the path."""
     import torch

@@ -1,0 +1,265 @@
+"""A small asyncio wrapper around vLLM's AsyncLLM: the only module that imports vllm.
+
+What: `VllmEngine` starts one AsyncLLM with LoRA enabled, keeps the set of adapters registered
+through `add_lora`, and streams generations as `Delta`s (text since the previous piece, token
+counts, finish reason, time queued). Plain-Python types in and out (`EngineConfig`, `GenParams`,
+`Delta`, `EngineError`), so the gRPC layer never touches vLLM.
+
+How it runs: `await engine.start()` builds the AsyncLLM in the running event loop (its output
+handler is bound to that loop: call every coroutine from the same loop). vLLM starts its engine
+core in a separate process; on CPU the LoRA fix in `serving_service/cpu_lora.py` reaches it as a
+vLLM general plugin. vllm is imported lazily (start/generate), so importing this module is cheap.
+
+Guards:
+  * generate() only accepts adapters registered with add_lora: a request naming a path vLLM cannot
+    load kills the whole engine (EngineDeadError), whereas add_lora with a bad path only raises.
+  * stopping iteration early (client cancel) aborts the engine request.
+  * JSON whitespace is disabled engine-wide (the per-request flag is ignored by vLLM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+STRUCTURED_BACKENDS = ("guidance", "xgrammar", "outlines", "lm-format-enforcer", "auto")
+
+
+class EngineError(Exception):
+    """The engine could not do what was asked (bad adapter, engine dead, internal error)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str                       # HF model dir (config, weights, tokenizer)
+    max_model_len: int = 2048        # prompt + completion tokens per sequence
+    max_loras: int = 4               # distinct adapters in one batch
+    max_lora_rank: int = 16          # largest adapter rank accepted; one of LORA_RANKS
+    max_cpu_loras: int = 8           # adapters cached in memory (LRU); >= max_loras
+    max_num_seqs: int = 32           # sequences in one batch
+    kv_cache_gib: int = 1            # sets VLLM_CPU_KVCACHE_SPACE if unset (CPU backend needs it)
+    enforce_eager: bool = False      # skip graph capture/compilation: faster start
+    dtype: str = "float32"           # model weights/activations dtype
+    structured_backend: str = "guidance"  # JSON-schema constrained decoding backend
+    seed: int = 0                    # engine-wide sampling seed
+
+    def __post_init__(self):
+        checks = [
+            (bool(self.model), "model must be set"),
+            (self.max_model_len >= 16, "max_model_len must be >= 16"),
+            (self.max_loras >= 1, "max_loras must be >= 1"),
+            (self.max_lora_rank in LORA_RANKS, f"max_lora_rank must be one of {LORA_RANKS}"),
+            (self.max_cpu_loras >= self.max_loras, "max_cpu_loras must be >= max_loras"),
+            (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
+            (self.kv_cache_gib >= 1, "kv_cache_gib must be >= 1"),
+            (self.dtype in DTYPES, f"dtype must be one of {DTYPES}"),
+            (self.structured_backend in STRUCTURED_BACKENDS,
+             f"structured_backend must be one of {STRUCTURED_BACKENDS}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"EngineConfig: {msg}")
+
+
+@dataclass
+class GenParams:
+    max_tokens: int
+    temperature: float = 0.0         # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                   # 0 = off
+    seed: int | None = None          # per-request sampling seed
+    stop: tuple[str, ...] = ()       # stop strings (not included in the output)
+    json_schema: dict | None = None  # constrain the output to this JSON schema
+    json_object: bool = False        # constrain the output to any JSON object
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if self.json_schema is not None and self.json_object:
+            raise ValueError("json_schema and json_object are exclusive")
+
+
+@dataclass
+class Delta:
+    """One streamed piece of a generation."""
+    text: str                        # new text since the previous Delta
+    prompt_tokens: int
+    completion_tokens: int           # cumulative
+    finish_reason: str | None        # None until the last Delta; then "stop" | "length" | "abort"
+    queue_ms: float | None = None    # time queued in the engine (last Delta only, if known)
+    token_ids: tuple[int, ...] = ()  # the new completion token ids behind `text`
+
+
+class VllmEngine:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self._engine: Any = None               # vllm AsyncLLM once started
+        self._loras: dict[int, tuple[str, str]] = {}   # lora_id -> (name, path), registered
+
+    async def start(self) -> None:
+        """Build the AsyncLLM (LoRA on, log_stats on so the `vllm:*` Prometheus metrics register
+        in prometheus_client's default REGISTRY). The loop keeps running while the engine core
+        starts (~25-90 s on CPU). vLLM spawns processes: a script calling this needs a __main__ guard."""
+        if self._engine is not None:
+            return
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gib))
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        c = self.cfg
+        args = AsyncEngineArgs(
+            model=c.model, dtype=c.dtype, max_model_len=c.max_model_len, seed=c.seed,
+            max_num_seqs=c.max_num_seqs, enforce_eager=c.enforce_eager,
+            enable_lora=True, max_loras=c.max_loras, max_lora_rank=c.max_lora_rank,
+            max_cpu_loras=c.max_cpu_loras, disable_log_stats=False,
+            structured_outputs_config={"backend": c.structured_backend,
+                                       "disable_any_whitespace": True},
+        )
+        t0 = time.monotonic()
+        try:
+            # In a thread: the engine core takes 25-90 s to start on CPU, and the gRPC server on
+            # this loop must keep answering health checks (NOT_SERVING) meanwhile. AsyncLLM
+            # starts its output handler lazily on the first request, in this loop.
+            self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        except Exception as e:
+            raise EngineError(f"vLLM engine failed to start: {e}") from e
+        log.info("vLLM engine started in %.1f s (model=%s)", time.monotonic() - t0, c.model)
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None and not self._engine.errored
+
+    @property
+    def loras(self) -> dict[int, tuple[str, str]]:
+        """Registered adapters: lora_id -> (name, path)."""
+        return dict(self._loras)
+
+    def tokenizer(self):
+        """The HF tokenizer the engine uses (for chat templates)."""
+        return self._require().get_tokenizer()
+
+    def render_chat(self, messages: list[dict]) -> str:
+        return self.tokenizer().apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False)
+
+    async def add_lora(self, name: str, lora_id: int, path: str) -> None:
+        """Load an adapter into the engine and register it; raises EngineError on failure."""
+        from vllm.lora.request import LoRARequest
+
+        engine = self._require()
+        if lora_id < 1:
+            raise EngineError(f"lora_id must be >= 1, got {lora_id}")
+        if lora_id in self._loras:
+            if self._loras[lora_id] == (name, path):
+                return
+            raise EngineError(f"lora_id {lora_id} is already registered as {self._loras[lora_id]}")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise EngineError(f"no adapter_config.json in {path!r}")
+        try:
+            await engine.add_lora(LoRARequest(name, lora_id, path))
+        except Exception as e:
+            raise EngineError(f"could not load adapter {name!r} from {path!r}: {e}") from e
+        self._loras[lora_id] = (name, path)
+
+    async def remove_lora(self, lora_id: int) -> None:
+        engine = self._require()
+        if self._loras.pop(lora_id, None) is None:
+            raise EngineError(f"lora_id {lora_id} is not registered")
+        try:
+            await engine.remove_lora(lora_id)
+        except Exception as e:
+            raise EngineError(f"could not remove adapter {lora_id}: {e}") from e
+
+    async def generate(self, request_id: str, prompt: str, params: GenParams,
+                       lora: tuple[str, int, str] | None) -> AsyncIterator[Delta]:
+        """Stream the completion of `prompt` as Deltas. `lora` = (name, id, path) must have been
+        registered with add_lora, else EngineError before anything reaches the engine. Raises
+        ValueError for invalid requests (e.g. prompt too long), EngineError for engine failures."""
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+        engine = self._require()
+        lora_request = None
+        if lora is not None:
+            name, lora_id, path = lora
+            if self._loras.get(lora_id) != (name, path):
+                raise EngineError(f"adapter {lora!r} is not registered (add_lora first)")
+            if not Path(path).is_dir():  # evicted adapters are reloaded from disk: it must exist
+                raise EngineError(f"adapter directory {path!r} is gone")
+            lora_request = LoRARequest(name, lora_id, path)
+        structured = None
+        if params.json_schema is not None:
+            structured = StructuredOutputsParams(json=params.json_schema)
+        elif params.json_object:
+            structured = StructuredOutputsParams(json_object=True)
+        sampling = SamplingParams(
+            max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+            top_k=params.top_k, seed=params.seed, stop=list(params.stop) or None,
+            structured_outputs=structured, output_kind=RequestOutputKind.DELTA)
+
+        stream = engine.generate(prompt, sampling, request_id=request_id,
+                                 lora_request=lora_request)
+        finished, completion_tokens = False, 0
+        try:
+            async for out in stream:
+                piece = out.outputs[0]
+                completion_tokens += len(piece.token_ids)
+                finish = piece.finish_reason if out.finished else None
+                if finish == "error":
+                    raise EngineError(f"request {request_id} failed inside the engine")
+                if finish == "repetition":
+                    finish = "stop"
+                finished = out.finished
+                yield Delta(text=piece.text, prompt_tokens=len(out.prompt_token_ids or ()),
+                            completion_tokens=completion_tokens, finish_reason=finish,
+                            queue_ms=_queue_ms(out) if out.finished else None,
+                            token_ids=tuple(piece.token_ids))
+        except (ValueError, EngineError):
+            raise
+        except Exception as e:  # EngineDeadError, ... (CancelledError is not an Exception)
+            raise EngineError(f"generation {request_id} failed: {e}") from e
+        finally:
+            if not finished:  # consumer stopped early (cancel) or error: free the engine slot
+                with contextlib.suppress(Exception):
+                    await engine.abort(request_id)
+                await stream.aclose()
+
+    async def abort(self, request_id: str) -> None:
+        if self._engine is not None:
+            await self._engine.abort(request_id)
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            engine.shutdown()
+
+    def _require(self):
+        if self._engine is None:
+            raise EngineError("engine not started")
+        return self._engine
+
+
+def _queue_ms(out) -> float | None:
+    """Engine-core time from queued to first scheduled (RequestOutput.metrics, log_stats on)."""
+    m = getattr(out, "metrics", None)
+    queued, scheduled = getattr(m, "queued_ts", 0.0), getattr(m, "scheduled_ts", 0.0)
+    if not queued or not scheduled:
+        return None
+    return max(0.0, (scheduled - queued) * 1000.0)
