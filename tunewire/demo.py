@@ -82,7 +82,7 @@ def _evaluate(stub, rows: list[dict], schema: dict, adapter: str, constrained: b
 
 
 def run_demo(args) -> int:
-    console = Console(log_path=False)
+    console = Console(log_path=False, width=None if sys.stdout.isatty() else 120)
     t0 = time.monotonic()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunewire-demo-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
