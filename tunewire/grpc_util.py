@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -93,41 +94,39 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         _, service, method = details.method.split("/")
         quiet = service.startswith("grpc.")  # health probes and reflection: count, don't log
 
-        async def finish(context, code: grpc.StatusCode, started: float):
-            HANDLED.labels(service, method, code.name).inc()
-            LATENCY.labels(service, method).observe(time.perf_counter() - started)
-            if not quiet:
-                log.info("rpc", extra={"rpc": details.method, "code": code.name,
-                                       "ms": round(1000 * (time.perf_counter() - started), 1)})
-
-        async def on_error(e: BaseException, context) -> grpc.StatusCode:
-            if isinstance(e, TunewireError):
+        @contextlib.asynccontextmanager
+        async def guard(request, context):
+            started = time.perf_counter()
+            request_id_var.set(_request_id(request, context))
+            code = grpc.StatusCode.OK
+            try:
+                yield
+            except grpc.aio.AbortError:  # the servicer aborted by itself
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:  # the client went away
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as e:  # noqa: BLE001 - mapped, never leaked as a traceback
+                if not isinstance(e, TunewireError):
+                    log.exception("unhandled error in %s", details.method)
+                    e = TunewireError("INTERNAL", f"internal error: {type(e).__name__}")
                 code, msg, trailers = status_of(e)
                 await context.abort(code, msg, trailing_metadata=trailers)
-            if isinstance(e, asyncio.CancelledError):
-                return grpc.StatusCode.CANCELLED
-            log.exception("unhandled error in %s", details.method)
-            code, msg, trailers = status_of(TunewireError("INTERNAL", f"internal error: {type(e).__name__}"))
-            await context.abort(code, msg, trailing_metadata=trailers)
+            finally:
+                elapsed = time.perf_counter() - started
+                HANDLED.labels(service, method, code.name).inc()
+                LATENCY.labels(service, method).observe(elapsed)
+                if not quiet:
+                    log.info("rpc", extra={"rpc": details.method, "code": code.name,
+                                           "ms": round(1000 * elapsed, 1)})
 
         if handler.unary_unary:
             inner = handler.unary_unary
 
             async def unary(request, context):
-                started = time.perf_counter()
-                request_id_var.set(_request_id(request, context))
-                code = grpc.StatusCode.OK
-                try:
+                async with guard(request, context):
                     return await inner(request, context)
-                except grpc.aio.AbortError:
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
-                except BaseException as e:  # noqa: BLE001 - mapped, never leaked
-                    code = grpc.StatusCode[e.code] if isinstance(e, TunewireError) else grpc.StatusCode.INTERNAL
-                    code = await on_error(e, context) or code
-                    raise
-                finally:
-                    await finish(context, code, started)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=handler.request_deserializer,
@@ -136,21 +135,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         inner_stream = handler.unary_stream
 
         async def stream(request, context):
-            started = time.perf_counter()
-            request_id_var.set(_request_id(request, context))
-            code = grpc.StatusCode.OK
-            try:
+            async with guard(request, context):
                 async for item in inner_stream(request, context):
                     yield item
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except BaseException as e:  # noqa: BLE001
-                code = grpc.StatusCode[e.code] if isinstance(e, TunewireError) else grpc.StatusCode.INTERNAL
-                code = await on_error(e, context) or code
-                raise
-            finally:
-                await finish(context, code, started)
 
         return grpc.unary_stream_rpc_method_handler(
             stream, request_deserializer=handler.request_deserializer,
