@@ -70,12 +70,16 @@ def test_prompt_format():
             assert row["completion"].startswith("{")
 
 
-def test_prompt_and_completion_tokenize_the_same_joined_or_apart():
-    from tunewire.models import MARKER, MODEL_NAME, default_cache_dir
+@pytest.mark.slow
+def test_base_model_converts_and_prompts_tokenize_the_same_joined_or_apart():
+    # Converts SmolLM2 from the PyPI GGUF on first use (~35 s), as the demo does; cached after.
+    from tunewire.models import MARKER, ensure_default_base_model
 
-    folder = default_cache_dir() / "models" / MODEL_NAME
-    if not (folder / MARKER).is_file():
-        pytest.skip("base model not converted (python -m tunewire.models)")
+    folder = ensure_default_base_model()
+    assert (folder / MARKER).is_file() and (folder / "model.safetensors").is_file()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == 2
     # The raw `tokenizers` file, as transformers uses it (this tokenizer adds no special tokens),
     # without the seconds importing transformers takes.
     from tokenizers import Tokenizer
