@@ -92,7 +92,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not (handler.unary_unary or handler.unary_stream):
             return handler
         _, service, method = details.method.split("/")
-        quiet = service.startswith("grpc.")  # health probes and reflection: count, don't log
+        # health probes, reflection and per-step worker reports: count them, but do not log each
+        quiet = service.startswith("grpc.") or service.endswith(".TrainerWorkerService")
 
         @contextlib.asynccontextmanager
         async def guard(request, context):
