@@ -340,6 +340,34 @@ def test_failed_handoff_fails_the_job_and_keeps_the_adapter(stack, dataset, tmp_
     assert Path(final.result.uri, "adapter_model.safetensors").is_file()
 
 
+def test_cli_drives_both_services(stack, trained, tmp_path):
+    import subprocess
+    import sys
+
+    job, _, final = trained
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "tunewire.cli", "--trainer", stack.trainer.address,
+                               "--serving", stack.serving.address, *args],
+                              capture_output=True, text=True, timeout=120)
+
+    listed = cli("jobs", "list", "--state", "succeeded")
+    assert listed.returncode == 0 and job.id in listed.stdout
+    watched = cli("jobs", "watch", job.id)  # replays the finished job's stream with the bar
+    assert watched.returncode == 0 and "state succeeded" in watched.stderr
+    assert "adapter_published" in watched.stderr
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(SCHEMA))
+    out = cli("generate", "--adapter", "json-extract", "--json-schema", str(schema_file),
+              "--max-tokens", "60", "--prompt", PROMPTS[0])
+    assert out.returncode == 0, out.stderr
+    jsonschema.validate(json.loads(json.loads(out.stdout)["text"]), SCHEMA)
+    adapters_out = cli("adapters", "list")
+    assert f"json-extract@{final.result.version}" in adapters_out.stdout
+    missing = cli("generate", "--adapter", "nope", "--prompt", "x")
+    assert missing.returncode == 1 and "NOT_FOUND ADAPTER_NOT_FOUND" in missing.stderr
+
+
 def _metrics(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
