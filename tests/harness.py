@@ -12,7 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tunewire.grpc_util import error_info
+from tunewire.trainer.v1 import trainer_pb2 as tpb
 
 
 def free_port() -> int:
@@ -70,3 +74,25 @@ def start_service(kind: str, log_dir: Path, *flags: str, env: dict | None = None
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})})
     return Service(proc, f"127.0.0.1:{port}", metrics_port, log_path)
+
+
+def watch_all(stub, job_id, after_seq=0, timeout=600) -> list:
+    """The whole WatchTrainingJob stream of a job, until it ends at a terminal state."""
+    return list(stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=job_id, after_seq=after_seq),
+                                      timeout=timeout))
+
+
+def states(entries) -> list[str]:
+    return [tpb.TrainingJob.State.Name(e.state_change.state)[6:] for e in entries
+            if e.WhichOneof("payload") == "state_change"]
+
+
+def expect_error(fn, code, reason=None):
+    """Calls fn, expects a gRPC error with `code` (and ErrorInfo `reason`); returns (reason, fields)."""
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    assert e.value.code() == code, e.value.details()
+    got_reason, fields = error_info(e.value)
+    if reason:
+        assert got_reason == reason, (got_reason, e.value.details())
+    return got_reason, fields

@@ -21,9 +21,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from harness import health_status, start_service
+from harness import expect_error, health_status, start_service, states, watch_all
 from tunewire import adapters
-from tunewire.grpc_util import error_info
 from tunewire.serving.v1 import serving_pb2 as spb
 from tunewire.serving.v1 import serving_pb2_grpc
 from tunewire.trainer.v1 import trainer_pb2 as tpb
@@ -86,16 +85,6 @@ def job_spec(model, data, name, *, max_steps=30, **lora) -> tpb.TrainingJob:
                                             max_seq_length=64, seed=1))
 
 
-def watch_all(stub, job_id, after_seq=0, timeout=600) -> list[tpb.WatchTrainingJobResponse]:
-    return list(stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=job_id, after_seq=after_seq),
-                                      timeout=timeout))
-
-
-def states(entries) -> list[str]:
-    return [tpb.TrainingJob.State.Name(e.state_change.state)[6:] for e in entries
-            if e.WhichOneof("payload") == "state_change"]
-
-
 @pytest.fixture(scope="module")
 def trained(stack, dataset):
     job = stack.jobs.CreateTrainingJob(tpb.CreateTrainingJobRequest(
@@ -136,16 +125,6 @@ def _text(s: str) -> str:
     # vLLM's incremental detokenizer holds back a trailing incomplete UTF-8 sequence (HF decodes
     # it as U+FFFD); the tokens are the same, so compare the text without that tail.
     return s.rstrip("\ufffd")
-
-
-def expect_error(fn, code, reason=None):
-    with pytest.raises(grpc.RpcError) as e:
-        fn()
-    assert e.value.code() == code, e.value.details()
-    got_reason, fields = error_info(e.value)
-    if reason:
-        assert got_reason == reason, (got_reason, e.value.details())
-    return got_reason, fields
 
 
 # --------------------------------------------------------------------------------------------

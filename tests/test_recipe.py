@@ -35,14 +35,18 @@ def person_rows():
 
 class ListReporter:
     def __init__(self):
-        self.started_args, self.events, self.metrics = None, [], []
+        self.started_args, self.events, self.metrics, self.evaluations = None, [], [], []
 
     def started(self, trainable_params, total_params, total_steps):
         self.started_args = (trainable_params, total_params, total_steps)
 
-    def event(self, kind, message, data):
+    def event(self, kind, message, data, metrics=None):
         assert all(isinstance(v, str) for v in data.values())
+        assert all(isinstance(v, float) for v in (metrics or {}).values())
         self.events.append(kind)
+
+    def evaluation(self, *, step, metrics):
+        self.evaluations.append((step, metrics))
 
     def metric(self, **point):
         self.metrics.append(point)

@@ -18,6 +18,7 @@ class TrainerConfig:
     adapter_store: str = "var/adapters"  # published adapters: <name>/<version>/ (shared with serving)
     serving_address: str = ""          # host:port of serving for the handoff; "" = publish only
     max_concurrent_jobs: int = 1       # workers running at once (1 suits a CPU machine)
+    max_queued_jobs: int = 100         # queued jobs beyond this are refused (RESOURCE_EXHAUSTED)
     worker_threads: int = 0            # torch threads per worker; 0 = all cores
     cancel_grace_seconds: float = 10.0  # SIGTERM → SIGKILL delay for a worker being stopped
     drain_seconds: float = 2.0         # NOT_SERVING period on SIGTERM before the server stops
@@ -27,8 +28,8 @@ class TrainerConfig:
     def __post_init__(self):
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
             raise ValueError("port and metrics_port must be in [0, 65535]")
-        if self.max_concurrent_jobs < 1:
-            raise ValueError("max_concurrent_jobs must be >= 1")
+        if self.max_concurrent_jobs < 1 or self.max_queued_jobs < 1:
+            raise ValueError("max_concurrent_jobs and max_queued_jobs must be >= 1")
         if self.worker_threads < 0:
             raise ValueError("worker_threads must be >= 0")
         if self.cancel_grace_seconds < 0 or self.drain_seconds < 0 or self.handoff_timeout_seconds <= 0:

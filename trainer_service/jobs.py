@@ -15,9 +15,11 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -27,16 +29,26 @@ from trainer_service.launcher import Launcher, WorkerHandle
 from trainer_service.spec import JobSpec
 from trainer_service.store import STATES, TERMINAL, Entry, Job, JobStore
 from tunewire import adapters
-from tunewire.errors import FailedPrecondition, InvalidArgument, Unauthenticated
+from tunewire.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unauthenticated
 
 log = logging.getLogger("tunewire.trainer.jobs")
 
 JOBS = Gauge("tunewire_trainer_jobs", "Training jobs by state.", ["state"])
 CREATED = Counter("tunewire_trainer_jobs_created_total", "Training jobs created.")
+CHECKPOINTS = Counter("tunewire_trainer_checkpoints_total", "Checkpoints saved by workers.")
 STEPS = Counter("tunewire_trainer_steps_total", "Optimizer steps reported by workers.")
 LOSS = Gauge("tunewire_trainer_loss", "Training loss at the last step of a running job.", ["job"])
 TOKENS_PER_S = Gauge("tunewire_trainer_tokens_per_second",
                      "Real (non-pad) tokens per second at the last step of a running job.", ["job"])
+
+
+@dataclass
+class CheckpointInfo:
+    step: int
+    metrics: dict[str, float]
+    uri: str
+    best: bool
+    time: float
 
 
 class HandoffError(Exception):
@@ -58,11 +70,12 @@ def _hash(token: str) -> str:
 class JobService:
     def __init__(self, store: JobStore, launcher: Launcher, *, data_dir: Path, adapter_store: Path,
                  report_address: str, handoff: Handoff | None, max_concurrent: int = 1,
-                 cancel_grace_seconds: float = 10.0):
+                 max_queued: int = 100, cancel_grace_seconds: float = 10.0):
         self.store, self.launcher, self.handoff = store, launcher, handoff
         self.data_dir, self.adapter_store = Path(data_dir).resolve(), Path(adapter_store).resolve()
         self.report_address = report_address
-        self.max_concurrent = max_concurrent
+        self.max_concurrent, self.max_queued = max_concurrent, max_queued
+        self._cancel_publish: set[str] = set()   # jobs cancelled while publishing
         self.cancel_grace_seconds = cancel_grace_seconds
         self._workers: dict[str, WorkerHandle] = {}
         self._tokens: dict[str, str] = {}          # job id -> token of the running worker
@@ -103,7 +116,13 @@ class JobService:
     # -- client API ------------------------------------------------------------------------
     async def create(self, spec: JobSpec, request_id: str | None) -> Job:
         spec.check_paths()
-        job, created = self.store.create(spec.to_json(), "", request_id)
+        if request_id is None or not self.store.find_request(request_id):
+            queued = len(self.store.queued())
+            if queued >= self.max_queued:
+                raise ResourceExhausted("QUEUE_FULL", f"{queued} jobs are queued (max_queued_jobs "
+                                        f"{self.max_queued}); retry after some finish",
+                                        metadata={"queued": str(queued), "retry_after_seconds": "60"})
+        job, created = self.store.create(spec.to_json(), "", request_id, spec.priority)
         if created:
             CREATED.inc()
             self._set_state(job.id, "QUEUED")
@@ -120,7 +139,7 @@ class JobService:
 
     def _with_queue_position(self, jobs: list[Job]) -> list[Job]:
         if any(j.state == "QUEUED" for j in jobs):
-            order = {j.id: i + 1 for i, j in enumerate(self.store.in_states("QUEUED"))}
+            order = {j.id: i + 1 for i, j in enumerate(self.store.queued())}
             for j in jobs:
                 j.progress = {**j.progress, "queue_position": order.get(j.id, 0)}
         return jobs
@@ -129,9 +148,11 @@ class JobService:
         job = self.store.get(job_id)
         if job.terminal:
             raise FailedPrecondition("JOB_ALREADY_TERMINAL", f"job {job_id} is already {job.state}")
-        if job.state == "PUBLISHING":
-            raise FailedPrecondition("JOB_PUBLISHING", f"job {job_id} finished training and is publishing")
-        if job.state == "QUEUED" and job_id not in self._workers:
+        if job.state == "PUBLISHING":  # the publisher finishes the cancel at its next step
+            self._cancel_publish.add(job_id)
+            self._event(job_id, "CANCEL_REQUESTED", "stopping the publication")
+            self._set_state(job_id, "CANCELLING")
+        elif job.state == "QUEUED" and job_id not in self._workers:
             self._set_state(job_id, "CANCELLED", end_time=time.time())
         elif job.state != "CANCELLING":
             self._event(job_id, "CANCEL_REQUESTED", "stopping the worker")
@@ -186,15 +207,39 @@ class JobService:
         LOSS.labels(job_id).set(point["loss"])
         TOKENS_PER_S.labels(job_id).set(point["tokens_per_second"])
 
-    def report_event(self, job_id: str, kind: str, message: str, data: dict) -> None:
-        self._event(job_id, kind, message, data)
+    def report_event(self, job_id: str, kind: str, message: str, data: dict,
+                     metrics: dict | None = None) -> None:
+        self._event(job_id, kind, message, data, metrics)
+        if kind == "CHECKPOINT_SAVED":
+            CHECKPOINTS.inc()
+
+    def checkpoints(self, job_id: str, *, page_size: int, page_token: str) -> tuple[list[CheckpointInfo], str]:
+        """The job's checkpoints, from its CHECKPOINT_SAVED events; the lowest eval_loss is best."""
+        self.store.get(job_id)
+        found = [CheckpointInfo(step=int(e.payload["metrics"].get("step", 0)), metrics=e.payload["metrics"],
+                                uri=e.payload["data"].get("path", ""), best=False, time=e.time)
+                 for e in self._all_history(job_id)
+                 if e.kind == "event" and e.payload["type"] == "CHECKPOINT_SAVED"]
+        if found:
+            best = min(found, key=lambda c: (c.metrics.get("eval_loss", math.inf), c.step))
+            best.best = True
+        start = int(page_token) if page_token.isdigit() else 0
+        nxt = str(start + page_size) if start + page_size < len(found) else ""
+        return found[start:start + page_size], nxt
+
+    def _all_history(self, job_id: str) -> list[Entry]:
+        out, seq = [], 0
+        while batch := self.store.history(job_id, seq):
+            out += batch
+            seq = batch[-1].seq
+        return out
 
     def report_failed(self, job_id: str, error: dict) -> None:
         if self.store.get(job_id).state in ("RUNNING", "CANCELLING"):
             self._set_state(job_id, "FAILED", error=error, end_time=time.time())
 
     def report_finished(self, job_id: str, adapter_dir: str, metrics: dict[str, float]) -> None:
-        if self.store.get(job_id).state != "RUNNING":
+        if self.store.get(job_id).state != "RUNNING":  # e.g. CANCELLING: the cancel wins
             return
         job_dir = (self.data_dir / "jobs" / job_id).resolve()
         path = Path(adapter_dir).resolve()
@@ -211,7 +256,7 @@ class JobService:
         while True:
             await self._kick.wait()
             self._kick.clear()
-            for job in self.store.in_states("QUEUED"):
+            for job in self.store.queued():
                 if len(self._workers) >= self.max_concurrent or self._draining:
                     break
                 await self._launch(job)
@@ -241,7 +286,7 @@ class JobService:
             if state == "RUNNING":
                 self._event(job_id, "REQUEUED", "the trainer is shutting down; the job will start over")
             self._set_state(job_id, "QUEUED" if state == "RUNNING" else "CANCELLED")
-        elif state == "CANCELLING":
+        elif state == "CANCELLING" and job_id not in self._cancel_publish:  # else the publisher ends it
             self._set_state(job_id, "CANCELLED", end_time=time.time())
         elif state == "RUNNING":  # exited without a final report
             self._set_state(job_id, "FAILED", end_time=time.time(), error=_error(
@@ -265,6 +310,10 @@ class JobService:
                   "serving_loaded": False, "serving_message": "no serving endpoint configured"}
         self._event(job_id, "ADAPTER_PUBLISHED", f"published {spec.adapter_name}@{manifest.version}",
                     {"uri": str(dest), "version": manifest.version, "manifest_sha256": manifest.sha256})
+        if job_id in self._cancel_publish:  # cancelled while publishing: no handoff
+            self._cancel_publish.discard(job_id)
+            self._set_state(job_id, "CANCELLED", result=result, end_time=time.time())
+            return
         if self.handoff is not None:
             try:
                 msg = await self.handoff.load_adapter(name=spec.adapter_name, version=manifest.version,
@@ -278,7 +327,10 @@ class JobService:
                 return
             result.update(serving_loaded=True, serving_message=msg)
             self._event(job_id, "SERVING_LOADED", msg)
-        self._set_state(job_id, "SUCCEEDED", result=result, end_time=time.time())
+        cancelled = job_id in self._cancel_publish
+        self._cancel_publish.discard(job_id)
+        self._set_state(job_id, "CANCELLED" if cancelled else "SUCCEEDED", result=result,
+                        end_time=time.time())
 
     def _append(self, job_id: str, kind: str, payload: dict, **fields) -> Entry:
         entry = self.store.append(job_id, kind, payload, **fields)
@@ -304,8 +356,12 @@ class JobService:
         for st in STATES:
             JOBS.labels(st).set(counts.get(st, 0))
 
-    def _event(self, job_id: str, kind: str, message: str, data: dict | None = None) -> None:
-        self._append(job_id, "event", {"type": kind, "message": message, "data": data or {}})
+    def _event(self, job_id: str, kind: str, message: str, data: dict | None = None,
+               metrics: dict | None = None) -> None:
+        payload = {"type": kind, "message": message, "data": data or {}}
+        if metrics:
+            payload["metrics"] = metrics
+        self._append(job_id, "event", payload)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,17 +28,19 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from trainer_service import data
+from trainer_service import data, evaluation
 from trainer_service.spec import JobSpec
 from tunewire.errors import JobFailure
 
 
 class Reporter(Protocol):
     def started(self, trainable_params: int, total_params: int, total_steps: int) -> None: ...
-    def event(self, kind: str, message: str, data: dict[str, str]) -> None: ...
+    def event(self, kind: str, message: str, data: dict[str, str],
+              metrics: dict[str, float] | None = None) -> None: ...
     def metric(self, *, step: int, epoch: float, loss: float, learning_rate: float,
                grad_norm: float, tokens_per_second: float, tokens_seen: int,
                total_steps: int) -> None: ...
+    def evaluation(self, *, step: int, metrics: dict[str, float]) -> None: ...
 
 
 class Cancelled(Exception):
@@ -64,12 +67,19 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     examples = data.load_examples(spec.training_data)
     eos_ids = _stop_ids(spec.base_model, tokenizer)
     rows, stats = data.tokenize_dataset(examples, tokenizer, hp.max_seq_length, eos_ids=eos_ids)
-    reporter.event("DATASET_LOADED", f"{stats.examples} examples, {stats.tokens} tokens "
+    if spec.validation_data:
+        val_rows, _ = data.tokenize_dataset(data.load_examples(spec.validation_data), tokenizer,
+                                            hp.max_seq_length, eos_ids=eos_ids)
+    else:
+        rows, val_rows = evaluation.split_validation(rows, spec.eval, hp.seed)
+    reporter.event("DATASET_LOADED", f"{len(rows)} training and {len(val_rows)} validation examples, "
+                   f"{stats.tokens} tokens "
                    f"({stats.truncated} truncated to max_seq_length, {stats.dropped} dropped with no "
                    "completion tokens left)",
                    {"examples": str(stats.examples), "tokens": str(stats.tokens),
                     "label_tokens": str(stats.label_tokens), "truncated": str(stats.truncated),
-                    "dropped": str(stats.dropped), "max_seq_length": str(hp.max_seq_length)})
+                    "dropped": str(stats.dropped), "max_seq_length": str(hp.max_seq_length),
+                    "validation_examples": str(len(val_rows))})
 
     model = _load_model(spec.base_model)
     reporter.event("MODEL_LOADED", f"loaded {spec.base_model}",
@@ -84,6 +94,9 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     # Padding never reaches the loss or attention, so any id works when the tokenizer has none.
     pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    every = evaluation.eval_every(spec.eval, total_steps)
+    tracker = evaluation.EvalTracker(spec.eval.early_stopping_patience, spec.eval.early_stopping_min_delta)
+    checkpoints = Path(out_dir) / "checkpoints"
     reporter.started(trainable, total, total_steps)
 
     # ---- train ---------------------------------------------------------------------------
@@ -92,11 +105,11 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     losses: list[float] = []
     tokens_seen = 0
     t_start = time.perf_counter()
-    step = 0
-    while step < total_steps:  # epochs; with max_steps the data repeats as often as needed
+    step, since_eval, stopped_early = 0, [], False
+    while step < total_steps and not stopped_early:  # epochs; with max_steps the data repeats
         order = torch.randperm(len(rows), generator=shuffle).tolist()
         for first in range(0, len(order), hp.batch_size):
-            if step >= total_steps:
+            if step >= total_steps or stopped_early:
                 break
             if should_stop():
                 raise Cancelled(f"stopped before step {step + 1} of {total_steps}")
@@ -120,19 +133,48 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
             real_tokens = int(batch["attention_mask"].sum())  # padding is not throughput
             tokens_seen += real_tokens
             losses.append(loss.item())
+            since_eval.append(losses[-1])
             reporter.metric(step=step, epoch=step / steps_per_epoch, loss=losses[-1],
                             learning_rate=lr, grad_norm=float(grad_norm),
                             tokens_per_second=real_tokens / max(time.perf_counter() - t0, 1e-9),
                             tokens_seen=tokens_seen, total_steps=total_steps)
+
+            if val_rows and (step % every == 0 or step == total_steps):
+                # Evaluate, checkpoint, and let the tracker pick the best / stop early.
+                train_loss = sum(since_eval) / len(since_eval)
+                since_eval = []
+                eval_loss = evaluation.evaluate(model, val_rows, hp.batch_size, pad_id)
+                decision = tracker.update(step, eval_loss, train_loss)
+                m = {"eval_loss": eval_loss, "train_loss": train_loss, "step": float(step)}
+                reporter.evaluation(step=step, metrics=m)
+                ckpt = _save_adapter(model, checkpoints / f"step-{step:06d}")
+                reporter.event("CHECKPOINT_SAVED", f"checkpoint at step {step} "
+                               f"(eval_loss {eval_loss:.4f})", {"path": str(ckpt)}, m)
+                if decision.overfitting:
+                    reporter.event("OVERFITTING", f"validation loss rose to {eval_loss:.4f} while "
+                                   f"training loss fell to {train_loss:.4f}", {}, m)
+                if decision.stop:
+                    stopped_early = True
+                    reporter.event("EARLY_STOPPED", f"no eval_loss improvement in "
+                                   f"{tracker.stale} evaluations; best was step {tracker.best_step}",
+                                   {}, {"best_step": float(tracker.best_step),
+                                        "best_eval_loss": tracker.best_loss, "step": float(step)})
     train_seconds = time.perf_counter() - t_start
 
     # ---- save ----------------------------------------------------------------------------
     if should_stop():
         raise Cancelled("stopped after training, before saving")
     adapter_dir = Path(out_dir) / "adapter"
-    model.save_pretrained(adapter_dir)
-    # peft also writes a model card; the adapter store holds only weights and config.
-    (adapter_dir / "README.md").unlink(missing_ok=True)
+    result: dict[str, float] = {}
+    if tracker.best_step:
+        # The best checkpoint by eval_loss is the result, not the last weights.
+        shutil.copytree(checkpoints / f"step-{tracker.best_step:06d}", adapter_dir, dirs_exist_ok=True)
+        result = {"best_step": float(tracker.best_step), "best_eval_loss": tracker.best_loss,
+                  "early_stopped": float(stopped_early)}
+        reporter.event("BEST_CHECKPOINT_SELECTED", f"step {tracker.best_step} "
+                       f"(eval_loss {tracker.best_loss:.4f}) of {step}", {"path": str(adapter_dir)}, result)
+    else:
+        _save_adapter(model, adapter_dir)
     reporter.event("ADAPTER_SAVED", f"adapter saved to {adapter_dir}",
                    {"path": str(adapter_dir), "trainable_params": str(trainable)})
 
@@ -141,10 +183,18 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     del model, optimizer, params
     gc.collect()
     tail = losses[-min(10, len(losses)):]
-    return {"train_loss": sum(losses) / len(losses), "final_loss": sum(tail) / len(tail),
+    return {**result, "train_loss": sum(losses) / len(losses), "final_loss": sum(tail) / len(tail),
             "steps": float(step), "train_tokens": float(tokens_seen),
             "train_seconds": train_seconds, "examples": float(stats.examples),
-            "truncated_examples": float(stats.truncated), "dropped_examples": float(stats.dropped)}
+            "truncated_examples": float(stats.truncated), "dropped_examples": float(stats.dropped),
+            "validation_examples": float(len(val_rows))}
+
+
+def _save_adapter(model, path: Path) -> Path:
+    model.save_pretrained(path)
+    # peft also writes a model card; the adapter store holds only weights and config.
+    (path / "README.md").unlink(missing_ok=True)
+    return path
 
 
 def _load_tokenizer(base_model: str):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from trainer_service.jobs import JobService
-from trainer_service.spec import Hyperparameters, JobSpec, LoraSpec
+from trainer_service.spec import EvalSpec, Hyperparameters, JobSpec, LoraSpec
 from trainer_service.store import Entry, Job
 from tunewire.errors import InvalidArgument, invalid
 from tunewire.trainer.v1 import trainer_pb2 as pb
@@ -39,8 +39,16 @@ def spec_from_proto(job: pb.TrainingJob) -> JobSpec:
         max_steps=h.max_steps, batch_size=h.batch_size or d.batch_size,
         max_seq_length=h.max_seq_length or d.max_seq_length, warmup_steps=h.warmup_steps,
         weight_decay=h.weight_decay, max_grad_norm=h.max_grad_norm or d.max_grad_norm, seed=h.seed)
+    e = job.eval
+    ev = EvalSpec(
+        validation_fraction=e.validation_fraction if e.HasField("validation_fraction") else None,
+        eval_every_steps=e.eval_every_steps,
+        early_stopping_patience=(e.early_stopping_patience if e.HasField("early_stopping_patience")
+                                 else EvalSpec().early_stopping_patience),
+        early_stopping_min_delta=e.early_stopping_min_delta)
     return JobSpec(base_model=job.base_model, training_data=job.training_data.path,
-                   adapter_name=job.adapter_name, lora=lora, hyperparameters=hp)
+                   adapter_name=job.adapter_name, lora=lora, hyperparameters=hp,
+                   validation_data=job.validation_data.path, eval=ev, priority=job.priority)
 
 
 def job_to_proto(job: Job) -> pb.TrainingJob:
@@ -59,6 +67,12 @@ def job_to_proto(job: Job) -> pb.TrainingJob:
             learning_rate=h.learning_rate, num_epochs=h.num_epochs, max_steps=h.max_steps,
             batch_size=h.batch_size, max_seq_length=h.max_seq_length, warmup_steps=h.warmup_steps,
             weight_decay=h.weight_decay, max_grad_norm=h.max_grad_norm, seed=h.seed),
+        validation_data=pb.DatasetRef(path=spec.validation_data) if spec.validation_data else None,
+        eval=pb.EvalSettings(validation_fraction=spec.eval.validation_fraction,
+                             eval_every_steps=spec.eval.eval_every_steps,
+                             early_stopping_patience=spec.eval.early_stopping_patience,
+                             early_stopping_min_delta=spec.eval.early_stopping_min_delta),
+        priority=spec.priority,
         adapter_name=spec.adapter_name, state=pb.TrainingJob.State.Value(f"STATE_{job.state}"),
         trainable_params=job.trainable_params, total_params=job.total_params,
         progress=pb.Progress(**{k: v for k, v in job.progress.items()
@@ -83,7 +97,8 @@ def entry_to_proto(e: Entry) -> pb.WatchTrainingJobResponse:
         out.metric.CopyFrom(pb.MetricPoint(**p))
     else:
         out.event.CopyFrom(pb.JobEvent(type=pb.JobEvent.Type.Value(f"TYPE_{p['type']}"),
-                                       message=p["message"], data=p.get("data", {})))
+                                       message=p["message"], data=p.get("data", {}),
+                                       metrics=p.get("metrics", {})))
     return out
 
 
@@ -122,6 +137,15 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         job = await self.jobs.cancel(_job_id(request.name))
         return pb.CancelTrainingJobResponse(training_job=job_to_proto(job))
 
+    async def ListCheckpoints(self, request, context):
+        if not 0 <= request.page_size <= 1000:
+            raise invalid("page_size", "must be in [0, 1000]")
+        checkpoints, nxt = self.jobs.checkpoints(_job_id(request.name), page_size=request.page_size or 100,
+                                                 page_token=request.page_token)
+        return pb.ListCheckpointsResponse(next_page_token=nxt, checkpoints=[
+            pb.Checkpoint(step=c.step, metrics=c.metrics, uri=c.uri, best=c.best, create_time=_ts(c.time))
+            for c in checkpoints])
+
     async def WatchTrainingJob(self, request, context):
         if request.after_seq < 0:
             raise invalid("after_seq", "must be >= 0")
@@ -151,7 +175,7 @@ class WorkerServicer(worker_pb2_grpc.TrainerWorkerServiceServicer):
         elif kind == "event":
             ev = request.event
             self.jobs.report_event(job_id, pb.JobEvent.Type.Name(ev.type).removeprefix("TYPE_"),
-                                   ev.message, dict(ev.data))
+                                   ev.message, dict(ev.data), dict(ev.metrics))
         elif kind == "finished":
             self.jobs.report_finished(job_id, request.finished.adapter_dir, dict(request.finished.metrics))
         elif kind == "failed":

@@ -78,18 +78,47 @@ class Hyperparameters:
 
 
 @dataclass(frozen=True)
+class EvalSpec:
+    validation_fraction: float | None = None  # held-out share; None = 0.1 if >= 20 examples else 0
+    eval_every_steps: int = 0                 # evaluate + checkpoint every N steps; 0 = 10 per run
+    early_stopping_patience: int = 3          # evaluations without improvement before stopping; 0 = off
+    early_stopping_min_delta: float = 0.0     # smallest eval_loss decrease that counts
+
+    def __post_init__(self):
+        p = "training_job.eval."
+        if self.validation_fraction is not None and not 0 <= self.validation_fraction < 1:
+            raise invalid(p + "validation_fraction", "must be in [0, 1)")
+        if self.eval_every_steps < 0:
+            raise invalid(p + "eval_every_steps", "must be >= 0")
+        if self.early_stopping_patience < 0:
+            raise invalid(p + "early_stopping_patience", "must be >= 0")
+        if self.early_stopping_min_delta < 0:
+            raise invalid(p + "early_stopping_min_delta", "must be >= 0")
+
+    def fraction_for(self, n_examples: int) -> float:
+        if self.validation_fraction is not None:
+            return self.validation_fraction
+        return 0.1 if n_examples >= 20 else 0.0
+
+
+@dataclass(frozen=True)
 class JobSpec:
     base_model: str                           # HF model directory (config.json, tokenizer, weights)
     training_data: str                        # JSONL file: prompt/completion or messages per line
     adapter_name: str                         # publish the adapter under this name
     lora: LoraSpec = field(default_factory=LoraSpec)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
+    validation_data: str = ""                 # JSONL of held-out examples; "" = split training_data
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    priority: int = 0                         # higher runs first among queued jobs
 
     def __post_init__(self):
         if not self.base_model:
             raise invalid("training_job.base_model", "is required")
         if not self.training_data:
             raise invalid("training_job.training_data.path", "is required")
+        if not -1000 <= self.priority <= 1000:
+            raise invalid("training_job.priority", "must be in [-1000, 1000]")
         if not ADAPTER_NAME_RE.match(self.adapter_name or ""):
             raise invalid("training_job.adapter_name",
                           "must match [a-z0-9][a-z0-9_-]{0,62}")
@@ -100,6 +129,8 @@ class JobSpec:
             raise invalid("training_job.base_model", f"no model directory at {self.base_model}")
         if not Path(self.training_data).is_file():
             raise invalid("training_job.training_data.path", f"no file at {self.training_data}")
+        if self.validation_data and not Path(self.validation_data).is_file():
+            raise invalid("training_job.validation_data.path", f"no file at {self.validation_data}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -110,4 +141,4 @@ class JobSpec:
         lora = dict(d.pop("lora"))
         lora["target_modules"] = tuple(lora.get("target_modules", ()))
         return cls(lora=LoraSpec(**lora), hyperparameters=Hyperparameters(**d.pop("hyperparameters")),
-                   **d)
+                   eval=EvalSpec(**d.pop("eval", {})), **d)

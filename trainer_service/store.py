@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS jobs (
   create_time REAL NOT NULL,
   start_time REAL,
   end_time REAL,
-  last_seq INTEGER NOT NULL DEFAULT 0
+  last_seq INTEGER NOT NULL DEFAULT 0,
+  priority INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs(create_time DESC, id DESC);
 CREATE TABLE IF NOT EXISTS history (
@@ -66,6 +67,7 @@ class Job:
     start_time: float | None = None
     end_time: float | None = None
     last_seq: int = 0
+    priority: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -91,6 +93,9 @@ class JobStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        cols = {r["name"] for r in self.db.execute("PRAGMA table_info(jobs)")}
+        if "priority" not in cols:  # stores made before priorities existed
+            self.db.execute("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self.db.close()
@@ -101,7 +106,8 @@ class JobStore:
             d[c] = json.loads(d[c]) if d[c] else (None if c != "progress" else {})
         return Job(**d)
 
-    def create(self, spec_json: str, token_hash: str, request_id: str | None) -> tuple[Job, bool]:
+    def create(self, spec_json: str, token_hash: str, request_id: str | None,
+               priority: int = 0) -> tuple[Job, bool]:
         """Inserts a QUEUED job; with a known request_id returns that job instead (created=False)."""
         if request_id:
             r = self.db.execute("SELECT * FROM jobs WHERE request_id=?", (request_id,)).fetchone()
@@ -115,9 +121,13 @@ class JobStore:
         job_id = time.strftime("%Y%m%d") + "-" + uuid.uuid4().hex[:10]
         now = time.time()
         self.db.execute(
-            "INSERT INTO jobs(id, request_id, spec, state, token_hash, create_time) VALUES (?,?,?,?,?,?)",
-            (job_id, request_id or None, spec_json, "QUEUED", token_hash, now))
+            "INSERT INTO jobs(id, request_id, spec, state, token_hash, create_time, priority) "
+            "VALUES (?,?,?,?,?,?,?)", (job_id, request_id or None, spec_json, "QUEUED", token_hash, now, priority))
         return self.get(job_id), True
+
+    def find_request(self, request_id: str) -> str | None:
+        r = self.db.execute("SELECT id FROM jobs WHERE request_id=?", (request_id,)).fetchone()
+        return r["id"] if r else None
 
     def get(self, job_id: str) -> Job:
         r = self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
@@ -172,6 +182,12 @@ class JobStore:
 
     def count_by_state(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+
+    def queued(self) -> list[Job]:
+        """Queued jobs in the order they will run: higher priority first, then oldest first."""
+        rows = self.db.execute("SELECT * FROM jobs WHERE state='QUEUED' "
+                               "ORDER BY priority DESC, create_time, id").fetchall()
+        return [self._row(r) for r in rows]
 
     def in_states(self, *states: str) -> list[Job]:
         marks = ",".join("?" * len(states))

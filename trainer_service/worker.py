@@ -50,9 +50,14 @@ class GrpcReporter:
             trainable_params=trainable_params, total_params=total_params,
             total_steps=total_steps, pid=os.getpid()))
 
-    def event(self, kind: str, message: str, data: dict[str, str]) -> None:
+    def event(self, kind: str, message: str, data: dict[str, str],
+              metrics: dict[str, float] | None = None) -> None:
         self._send(event=trainer_pb2.JobEvent(type=trainer_pb2.JobEvent.Type.Value(f"TYPE_{kind}"),
-                                              message=message, data=data))
+                                              message=message, data=data, metrics=metrics or {}))
+
+    def evaluation(self, *, step: int, metrics: dict[str, float]) -> None:
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step")
+        self.event("EVAL_COMPLETED", f"step {step}: {summary}", {}, {**metrics, "step": float(step)})
 
     def metric(self, **point) -> None:
         self._send(metric=trainer_pb2.MetricPoint(**point))

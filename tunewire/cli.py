@@ -84,8 +84,16 @@ def cmd_jobs(args) -> int:
                              lora_dropout=args.dropout, bias=bias, use_rslora=args.rslora)
         if args.alpha is not None:
             lora.lora_alpha = args.alpha
+        ev = pb.EvalSettings(eval_every_steps=args.eval_every,
+                             early_stopping_min_delta=args.min_delta)
+        if args.validation_fraction is not None:
+            ev.validation_fraction = args.validation_fraction
+        if args.patience is not None:
+            ev.early_stopping_patience = args.patience
         job = pb.TrainingJob(
-            base_model=os.path.abspath(args.base_model), lora=lora,
+            base_model=os.path.abspath(args.base_model), lora=lora, eval=ev, priority=args.priority,
+            validation_data=pb.DatasetRef(path=os.path.abspath(args.validation_data))
+            if args.validation_data else None,
             training_data=pb.DatasetRef(path=os.path.abspath(args.data)), adapter_name=args.adapter_name,
             hyperparameters=pb.Hyperparameters(
                 learning_rate=args.lr, num_epochs=args.epochs, max_steps=args.max_steps,
@@ -109,6 +117,11 @@ def cmd_jobs(args) -> int:
                   f"step {j.progress.step}/{j.progress.total_steps}  loss {j.progress.loss:.4f}")
         if resp.next_page_token:
             print(f"next page: --page-token {resp.next_page_token}")
+    elif args.action == "checkpoints":
+        resp = stub.ListCheckpoints(pb.ListCheckpointsRequest(name=args.id))
+        for c in resp.checkpoints:
+            metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(c.metrics.items()) if k != "step")
+            print(f"step {c.step:>6}  {metrics}  {'BEST ' if c.best else ''}{c.uri}")
     elif args.action == "cancel":
         _print(stub.CancelTrainingJob(pb.CancelTrainingJobRequest(name=args.id)).training_job)
     elif args.action == "watch":
@@ -208,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="TOML file with settings (see configs/)")
     for flag, typ in [("host", str), ("port", int), ("metrics-port", int), ("adapter-store", str),
                       ("data-dir", str), ("serving-address", str), ("model", str),
+                      ("max-concurrent-jobs", int), ("max-queued-jobs", int),
                       ("max-loras", int), ("max-lora-rank", int), ("max-cpu-loras", int),
                       ("max-model-len", int), ("drain-seconds", float), ("log-level", str)]:
         s.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"))
@@ -234,8 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--warmup-steps", type=int, default=0)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--request-id", default="")
+    c.add_argument("--priority", type=int, default=0, help="higher runs first among queued jobs")
+    c.add_argument("--validation-data", default="", help="JSONL of held-out examples")
+    c.add_argument("--validation-fraction", type=float, default=None,
+                   help="share of --data held out when --validation-data is not given")
+    c.add_argument("--eval-every", type=int, default=0, help="evaluate + checkpoint every N steps")
+    c.add_argument("--patience", type=int, default=None, help="early-stopping patience (0 = off)")
+    c.add_argument("--min-delta", type=float, default=0.0)
     c.add_argument("--watch", action="store_true", help="follow the job with a progress bar")
-    for name in ("get", "cancel", "watch"):
+    for name in ("get", "cancel", "watch", "checkpoints"):
         a = js.add_parser(name)
         a.add_argument("id")
         if name == "watch":
