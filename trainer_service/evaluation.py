@@ -12,9 +12,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from trainer_service import data
+from trainer_service import common, data
 from trainer_service.spec import EvalSpec
 
 
@@ -41,12 +40,8 @@ def evaluate(model, rows: list[dict], batch_size: int, pad_id: int) -> float:
     total, count = 0.0, 0
     for first in range(0, len(rows), batch_size):
         batch = data.collate(rows[first:first + batch_size], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits
-        labels = batch["labels"][:, 1:].flatten()
-        total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels,
-                                 ignore_index=data.IGNORE, reduction="sum").item()
-        count += int((labels != data.IGNORE).sum())
+        total += common.completion_loss(model, batch, reduction="sum").item()
+        count += int((batch["labels"][:, 1:] != data.IGNORE).sum())
     if was_training:
         model.train()
     return total / max(count, 1)

@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
-from trainer_service import data, evaluation
+from trainer_service import common, data, evaluation
 from trainer_service.spec import JobSpec
 from tunewire.errors import JobFailure
 
@@ -62,10 +61,10 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     set_seed(hp.seed)  # python, numpy and torch: LoRA init, dropout and shuffling repeat
     torch.set_num_threads(int(os.environ.get("TUNEWIRE_TRAIN_THREADS", os.cpu_count() or 1)))
 
-    tokenizer = _load_tokenizer(spec.base_model)
+    tokenizer = common.load_tokenizer(spec.base_model)
     # Data before the model: a bad file fails in seconds instead of after loading the weights.
     examples = data.load_examples(spec.training_data)
-    eos_ids = _stop_ids(spec.base_model, tokenizer)
+    eos_ids = common.stop_ids(spec.base_model, tokenizer)
     rows, stats = data.tokenize_dataset(examples, tokenizer, hp.max_seq_length, eos_ids=eos_ids)
     if spec.validation_data:
         val_rows, _ = data.tokenize_dataset(data.load_examples(spec.validation_data), tokenizer,
@@ -81,7 +80,7 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
                     "dropped": str(stats.dropped), "max_seq_length": str(hp.max_seq_length),
                     "validation_examples": str(len(val_rows))})
 
-    model = _load_model(spec.base_model)
+    model = common.load_model(spec.base_model)
     reporter.event("MODEL_LOADED", f"loaded {spec.base_model}",
                    {"base_model": spec.base_model,
                     "parameters": str(sum(p.numel() for p in model.parameters()))})
@@ -116,11 +115,11 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
             step += 1
             t0 = time.perf_counter()
             batch = data.collate([rows[i] for i in order[first:first + hp.batch_size]], pad_id)
-            lr = _learning_rate(step, total_steps, hp.learning_rate, hp.warmup_steps)
+            lr = common.learning_rate(step, total_steps, hp.learning_rate, hp.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            loss = _completion_loss(model, batch)
+            loss = common.completion_loss(model, batch)
             if not torch.isfinite(loss):
                 raise JobFailure("TRAINING_DIVERGED", f"loss is {loss.item()} at step {step}; "
                                  f"try a lower learning_rate", user_error=True)
@@ -147,7 +146,7 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
                 decision = tracker.update(step, eval_loss, train_loss)
                 m = {"eval_loss": eval_loss, "train_loss": train_loss, "step": float(step)}
                 reporter.evaluation(step=step, metrics=m)
-                ckpt = _save_adapter(model, checkpoints / f"step-{step:06d}")
+                ckpt = common.save_adapter(model, checkpoints / f"step-{step:06d}")
                 reporter.event("CHECKPOINT_SAVED", f"checkpoint at step {step} "
                                f"(eval_loss {eval_loss:.4f})", {"path": str(ckpt)}, m)
                 if decision.overfitting:
@@ -174,7 +173,7 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
         reporter.event("BEST_CHECKPOINT_SELECTED", f"step {tracker.best_step} "
                        f"(eval_loss {tracker.best_loss:.4f}) of {step}", {"path": str(adapter_dir)}, result)
     else:
-        _save_adapter(model, adapter_dir)
+        common.save_adapter(model, adapter_dir)
     reporter.event("ADAPTER_SAVED", f"adapter saved to {adapter_dir}",
                    {"path": str(adapter_dir), "trainable_params": str(trainable)})
 
@@ -188,53 +187,6 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
             "train_seconds": train_seconds, "examples": float(stats.examples),
             "truncated_examples": float(stats.truncated), "dropped_examples": float(stats.dropped),
             "validation_examples": float(len(val_rows))}
-
-
-def _save_adapter(model, path: Path) -> Path:
-    model.save_pretrained(path)
-    # peft also writes a model card; the adapter store holds only weights and config.
-    (path / "README.md").unlink(missing_ok=True)
-    return path
-
-
-def _load_tokenizer(base_model: str):
-    from transformers import AutoTokenizer
-
-    if not (Path(base_model) / "config.json").is_file():
-        raise JobFailure("BASE_MODEL_INVALID", f"no model directory (config.json) at {base_model}",
-                         user_error=True)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base_model)
-    except Exception as e:  # noqa: BLE001 - any loader error means the directory is unusable
-        raise JobFailure("BASE_MODEL_INVALID", f"cannot load the tokenizer from {base_model}: "
-                         f"{type(e).__name__}: {e}", user_error=True) from None
-    if tokenizer.eos_token_id is None:
-        raise JobFailure("BASE_MODEL_INVALID", f"the tokenizer of {base_model} has no EOS token, "
-                         f"so the model could not learn to stop", user_error=True)
-    return tokenizer
-
-
-def _stop_ids(base_model: str, tokenizer) -> set[int]:
-    """Tokens that end a generation on the server: the tokenizer's EOS and generation_config's."""
-    from transformers import GenerationConfig
-
-    ids = {tokenizer.eos_token_id}
-    try:
-        eos = GenerationConfig.from_pretrained(base_model).eos_token_id
-    except (OSError, ValueError):  # no generation_config.json: the tokenizer's EOS is all
-        return ids
-    return ids | ({eos} if isinstance(eos, int) else set(eos or ()))
-
-
-def _load_model(base_model: str):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        # fp32: LoRA on CPU; half precision brings no speed there and costs accuracy.
-        return AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    except Exception as e:  # noqa: BLE001 - any loader error means the directory is unusable
-        raise JobFailure("BASE_MODEL_INVALID", f"cannot load a causal LM from {base_model}: "
-                         f"{type(e).__name__}: {e}", user_error=True) from None
 
 
 def _add_lora(model, spec: JobSpec):
@@ -255,23 +207,3 @@ def _add_lora(model, spec: JobSpec):
         targets = list(lora.target_modules) or "peft's default"
         raise JobFailure("TARGET_MODULES_INVALID", f"cannot apply LoRA to target_modules="
                          f"{targets}: {e}", user_error=True) from None
-
-
-def _learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int) -> float:
-    """Rate for 1-based `step`: linear up to `peak` over warm-up, then linearly down toward 0.
-
-    Neither end wastes a step at rate 0: step 1 of a warm-up already moves, and the last step
-    runs at peak / (steps after warm-up).
-    """
-    if step <= warmup_steps:
-        return peak * step / warmup_steps
-    return peak * (total_steps - step + 1) / max(total_steps - warmup_steps, 1)
-
-
-def _completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (completion) tokens of the batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).logits
-    # Token t predicts token t + 1; labels of prompt and padding are IGNORE and carry no loss.
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                           ignore_index=data.IGNORE)
