@@ -27,7 +27,8 @@ from typing import Protocol
 
 import torch
 
-from trainer_service import common, data, evaluation
+from trainer_service import common, data, evaluation, resume
+from trainer_service.resume import TrainState
 from trainer_service.spec import JobSpec
 from tunewire.errors import JobFailure
 
@@ -38,7 +39,7 @@ class Reporter(Protocol):
               metrics: dict[str, float] | None = None) -> None: ...
     def metric(self, *, step: int, epoch: float, loss: float, learning_rate: float,
                grad_norm: float, tokens_per_second: float, tokens_seen: int,
-               total_steps: int) -> None: ...
+               total_steps: int, step_seconds: float) -> None: ...
     def evaluation(self, *, step: int, metrics: dict[str, float]) -> None: ...
 
 
@@ -101,63 +102,78 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     # ---- train ---------------------------------------------------------------------------
     model.train()  # LoRA dropout on
     shuffle = torch.Generator().manual_seed(hp.seed)
-    losses: list[float] = []
-    tokens_seen = 0
+    probe = (val_rows or rows)[:hp.batch_size]  # a fixed batch: resume continuity is checked on it
+    st = TrainState()
+    restored = resume.load(out_dir, model, optimizer, shuffle)
+    if restored:
+        st, tracker = restored
+        after = evaluation.evaluate(model, probe, hp.batch_size, pad_id)
+        m = {"step": float(st.step), "loss_before": st.probe_loss, "loss_after": after,
+             "abs_diff": abs(after - st.probe_loss)}
+        if not resume.continuous(st.probe_loss, after):
+            raise JobFailure("RESUME_MISMATCH", f"the checkpoint at step {st.step} gives probe loss "
+                             f"{after:.6f}, not the {st.probe_loss:.6f} it was saved with")
+        reporter.event("RESUMED", f"resumed at step {st.step}: probe loss {st.probe_loss:.6f} before, "
+                       f"{after:.6f} after", {"from_step": str(st.step)}, m)
     t_start = time.perf_counter()
-    step, since_eval, stopped_early = 0, [], False
-    while step < total_steps and not stopped_early:  # epochs; with max_steps the data repeats
-        order = torch.randperm(len(rows), generator=shuffle).tolist()
-        for first in range(0, len(order), hp.batch_size):
-            if step >= total_steps or stopped_early:
-                break
-            if should_stop():
-                raise Cancelled(f"stopped before step {step + 1} of {total_steps}")
-            step += 1
-            t0 = time.perf_counter()
-            batch = data.collate([rows[i] for i in order[first:first + hp.batch_size]], pad_id)
-            lr = common.learning_rate(step, total_steps, hp.learning_rate, hp.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+    while st.step < total_steps and not st.stopped_early:
+        if st.pos >= len(st.order):  # a new epoch; with max_steps the data repeats as needed
+            st.order, st.pos = torch.randperm(len(rows), generator=shuffle).tolist(), 0
+        if should_stop():
+            raise Cancelled(f"stopped before step {st.step + 1} of {total_steps}")
+        st.step += 1
+        step = st.step
+        t0 = time.perf_counter()
+        batch = data.collate([rows[i] for i in st.order[st.pos:st.pos + hp.batch_size]], pad_id)
+        st.pos += hp.batch_size
+        lr = common.learning_rate(step, total_steps, hp.learning_rate, hp.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
 
-            loss = common.completion_loss(model, batch)
-            if not torch.isfinite(loss):
-                raise JobFailure("TRAINING_DIVERGED", f"loss is {loss.item()} at step {step}; "
-                                 f"try a lower learning_rate", user_error=True)
-            loss.backward()
-            # Infinite max norm computes the norm without clipping (max_grad_norm 0 = no clip).
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm or math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        loss = common.completion_loss(model, batch)
+        if not torch.isfinite(loss):
+            raise JobFailure("TRAINING_DIVERGED", f"loss is {loss.item()} at step {step}; "
+                             f"try a lower learning_rate", user_error=True)
+        loss.backward()
+        # Infinite max norm computes the norm without clipping (max_grad_norm 0 = no clip).
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm or math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-            real_tokens = int(batch["attention_mask"].sum())  # padding is not throughput
-            tokens_seen += real_tokens
-            losses.append(loss.item())
-            since_eval.append(losses[-1])
-            reporter.metric(step=step, epoch=step / steps_per_epoch, loss=losses[-1],
-                            learning_rate=lr, grad_norm=float(grad_norm),
-                            tokens_per_second=real_tokens / max(time.perf_counter() - t0, 1e-9),
-                            tokens_seen=tokens_seen, total_steps=total_steps)
+        real_tokens = int(batch["attention_mask"].sum())  # padding is not throughput
+        st.tokens_seen += real_tokens
+        st.losses.append(loss.item())
+        st.since_eval.append(st.losses[-1])
+        seconds = time.perf_counter() - t0
+        reporter.metric(step=step, epoch=step / steps_per_epoch, loss=st.losses[-1],
+                        learning_rate=lr, grad_norm=float(grad_norm),
+                        tokens_per_second=real_tokens / max(seconds, 1e-9),
+                        tokens_seen=st.tokens_seen, total_steps=total_steps, step_seconds=seconds)
 
-            if val_rows and (step % every == 0 or step == total_steps):
-                # Evaluate, checkpoint, and let the tracker pick the best / stop early.
-                train_loss = sum(since_eval) / len(since_eval)
-                since_eval = []
-                eval_loss = evaluation.evaluate(model, val_rows, hp.batch_size, pad_id)
-                decision = tracker.update(step, eval_loss, train_loss)
-                m = {"eval_loss": eval_loss, "train_loss": train_loss, "step": float(step)}
-                reporter.evaluation(step=step, metrics=m)
-                ckpt = common.save_adapter(model, checkpoints / f"step-{step:06d}")
-                reporter.event("CHECKPOINT_SAVED", f"checkpoint at step {step} "
-                               f"(eval_loss {eval_loss:.4f})", {"path": str(ckpt)}, m)
-                if decision.overfitting:
-                    reporter.event("OVERFITTING", f"validation loss rose to {eval_loss:.4f} while "
-                                   f"training loss fell to {train_loss:.4f}", {}, m)
-                if decision.stop:
-                    stopped_early = True
-                    reporter.event("EARLY_STOPPED", f"no eval_loss improvement in "
-                                   f"{tracker.stale} evaluations; best was step {tracker.best_step}",
-                                   {}, {"best_step": float(tracker.best_step),
-                                        "best_eval_loss": tracker.best_loss, "step": float(step)})
+        if step % every and step != total_steps:
+            continue
+        if val_rows:  # evaluate, checkpoint, and let the tracker pick the best / stop early
+            train_loss = sum(st.since_eval) / len(st.since_eval)
+            st.since_eval = []
+            eval_loss = evaluation.evaluate(model, val_rows, hp.batch_size, pad_id)
+            decision = tracker.update(step, eval_loss, train_loss)
+            m = {"eval_loss": eval_loss, "train_loss": train_loss, "step": float(step)}
+            reporter.evaluation(step=step, metrics=m)
+            ckpt = common.save_adapter(model, checkpoints / f"step-{step:06d}")
+            reporter.event("CHECKPOINT_SAVED", f"checkpoint at step {step} "
+                           f"(eval_loss {eval_loss:.4f})", {"path": str(ckpt)}, m)
+            if decision.overfitting:
+                reporter.event("OVERFITTING", f"validation loss rose to {eval_loss:.4f} while "
+                               f"training loss fell to {train_loss:.4f}", {}, m)
+            if decision.stop:
+                st.stopped_early = True
+                reporter.event("EARLY_STOPPED", f"no eval_loss improvement in "
+                               f"{tracker.stale} evaluations; best was step {tracker.best_step}",
+                               {}, {"best_step": float(tracker.best_step),
+                                    "best_eval_loss": tracker.best_loss, "step": float(step)})
+        # Resume state at every interval, validation or not: a crash loses at most `every` steps.
+        st.probe_loss = evaluation.evaluate(model, probe, hp.batch_size, pad_id)
+        resume.save(out_dir, st, model, optimizer, shuffle, tracker)
     train_seconds = time.perf_counter() - t_start
 
     # ---- save ----------------------------------------------------------------------------
@@ -169,9 +185,9 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
         # The best checkpoint by eval_loss is the result, not the last weights.
         shutil.copytree(checkpoints / f"step-{tracker.best_step:06d}", adapter_dir, dirs_exist_ok=True)
         result = {"best_step": float(tracker.best_step), "best_eval_loss": tracker.best_loss,
-                  "early_stopped": float(stopped_early)}
+                  "early_stopped": float(st.stopped_early)}
         reporter.event("BEST_CHECKPOINT_SELECTED", f"step {tracker.best_step} "
-                       f"(eval_loss {tracker.best_loss:.4f}) of {step}", {"path": str(adapter_dir)}, result)
+                       f"(eval_loss {tracker.best_loss:.4f}) of {st.step}", {"path": str(adapter_dir)}, result)
     else:
         common.save_adapter(model, adapter_dir)
     reporter.event("ADAPTER_SAVED", f"adapter saved to {adapter_dir}",
@@ -181,9 +197,10 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     # The worker may report for a while after this; give the memory back now.
     del model, optimizer, params
     gc.collect()
+    losses = st.losses
     tail = losses[-min(10, len(losses)):]
     return {**result, "train_loss": sum(losses) / len(losses), "final_loss": sum(tail) / len(tail),
-            "steps": float(step), "train_tokens": float(tokens_seen),
+            "steps": float(st.step), "train_tokens": float(st.tokens_seen),
             "train_seconds": train_seconds, "examples": float(stats.examples),
             "truncated_examples": float(stats.truncated), "dropped_examples": float(stats.dropped),
             "validation_examples": float(len(val_rows))}
