@@ -19,6 +19,7 @@ class TrainerConfig:
     serving_address: str = ""          # host:port of serving for the handoff; "" = publish only
     max_concurrent_jobs: int = 1       # workers running at once (1 suits a CPU machine)
     max_queued_jobs: int = 100         # queued jobs beyond this are refused (RESOURCE_EXHAUSTED)
+    max_worker_retries: int = 2        # a job whose worker dies is resumed this often, then FAILED
     worker_threads: int = 0            # torch threads per worker; 0 = all cores
     cancel_grace_seconds: float = 10.0  # SIGTERM → SIGKILL delay for a worker being stopped
     drain_seconds: float = 2.0         # NOT_SERVING period on SIGTERM before the server stops
@@ -30,6 +31,8 @@ class TrainerConfig:
             raise ValueError("port and metrics_port must be in [0, 65535]")
         if self.max_concurrent_jobs < 1 or self.max_queued_jobs < 1:
             raise ValueError("max_concurrent_jobs and max_queued_jobs must be >= 1")
+        if self.max_worker_retries < 0:
+            raise ValueError("max_worker_retries must be >= 0")
         if self.worker_threads < 0:
             raise ValueError("worker_threads must be >= 0")
         if self.cancel_grace_seconds < 0 or self.drain_seconds < 0 or self.handoff_timeout_seconds <= 0:

@@ -16,14 +16,17 @@ import hashlib
 import hmac
 import logging
 import math
+import os
 import secrets
+import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from prometheus_client import Counter, Gauge
+import psutil
+from prometheus_client import Counter, Gauge, Histogram
 
 from trainer_service.launcher import Launcher, WorkerHandle
 from trainer_service.spec import JobSpec
@@ -36,6 +39,14 @@ log = logging.getLogger("tunewire.trainer.jobs")
 JOBS = Gauge("tunewire_trainer_jobs", "Training jobs by state.", ["state"])
 CREATED = Counter("tunewire_trainer_jobs_created_total", "Training jobs created.")
 CHECKPOINTS = Counter("tunewire_trainer_checkpoints_total", "Checkpoints saved by workers.")
+RESUMES = Counter("tunewire_trainer_resumes_total", "Workers that resumed from a checkpoint.")
+RETRIES = Counter("tunewire_trainer_worker_retries_total", "Jobs re-queued after their worker died.")
+STEP_SECONDS = Histogram("tunewire_trainer_step_seconds", "Optimizer step time.",
+                         buckets=(.01, .05, .1, .25, .5, 1, 2, 4, 8, 16, 32, 64))
+PUBLISH_SECONDS = Histogram("tunewire_trainer_publish_seconds",
+                            "Adapter publish + serving handoff time.", buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 120))
+DATASET_FAILURES = Counter("tunewire_trainer_dataset_failures_total",
+                           "Jobs failed by their data, by reason.", ["reason"])
 STEPS = Counter("tunewire_trainer_steps_total", "Optimizer steps reported by workers.")
 LOSS = Gauge("tunewire_trainer_loss", "Training loss at the last step of a running job.", ["job"])
 TOKENS_PER_S = Gauge("tunewire_trainer_tokens_per_second",
@@ -63,6 +74,20 @@ def _error(reason: str, message: str, *, user_error: bool = False, retryable: bo
     return {"reason": reason, "message": message, "user_error": user_error, "retryable": retryable}
 
 
+def _stop_orphan(job: Job) -> None:
+    """Kills the process group of a worker left over from a crashed trainer, if it is still ours."""
+    if not job.worker_pid:
+        return
+    try:
+        proc = psutil.Process(job.worker_pid)
+        if job.id not in " ".join(proc.cmdline()):
+            return  # the pid was reused by something else
+        os.killpg(job.worker_pid, signal.SIGKILL)
+        proc.wait(10)
+    except (psutil.Error, ProcessLookupError, PermissionError):
+        pass
+
+
 def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -70,11 +95,11 @@ def _hash(token: str) -> str:
 class JobService:
     def __init__(self, store: JobStore, launcher: Launcher, *, data_dir: Path, adapter_store: Path,
                  report_address: str, handoff: Handoff | None, max_concurrent: int = 1,
-                 max_queued: int = 100, cancel_grace_seconds: float = 10.0):
+                 max_queued: int = 100, max_retries: int = 2, cancel_grace_seconds: float = 10.0):
         self.store, self.launcher, self.handoff = store, launcher, handoff
         self.data_dir, self.adapter_store = Path(data_dir).resolve(), Path(adapter_store).resolve()
         self.report_address = report_address
-        self.max_concurrent, self.max_queued = max_concurrent, max_queued
+        self.max_concurrent, self.max_queued, self.max_retries = max_concurrent, max_queued, max_retries
         self._cancel_publish: set[str] = set()   # jobs cancelled while publishing
         self.cancel_grace_seconds = cancel_grace_seconds
         self._workers: dict[str, WorkerHandle] = {}
@@ -88,8 +113,12 @@ class JobService:
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         for job in self.store.in_states("RUNNING", "PUBLISHING"):
-            self._event(job.id, "REQUEUED", "the trainer restarted while the job ran; starting over")
-            self._set_state(job.id, "QUEUED")
+            # The trainer died (kill -9, OOM, node loss) while this job ran. Its worker may still
+            # be alive, reporting to nobody: stop it, then resume from the last checkpoint.
+            _stop_orphan(job)
+            self._event(job.id, "REQUEUED", "the trainer restarted while the job ran; it resumes "
+                        "from its last checkpoint")
+            self._set_state(job.id, "QUEUED", attempts=max(job.attempts - 1, 0))  # not its fault
         for job in self.store.in_states("CANCELLING"):
             self._set_state(job.id, "CANCELLED", end_time=time.time())
         self._scheduler = asyncio.create_task(self._schedule_loop())
@@ -200,6 +229,9 @@ class JobService:
                      "total_steps": str(total_steps), "pid": str(pid)})
 
     def report_metric(self, job_id: str, point: dict) -> None:
+        if point["step"] <= self.store.get(job_id).progress.get("step", 0):
+            return  # a resumed worker redoes steps after its checkpoint: they are recorded already
+        STEP_SECONDS.observe(point.get("step_seconds", 0.0))
         progress = {"step": point["step"], "total_steps": point["total_steps"],
                     "epoch": point["epoch"], "tokens_seen": point["tokens_seen"], "loss": point["loss"]}
         self._append(job_id, "metric", point, progress=progress)
@@ -212,6 +244,8 @@ class JobService:
         self._event(job_id, kind, message, data, metrics)
         if kind == "CHECKPOINT_SAVED":
             CHECKPOINTS.inc()
+        elif kind == "RESUMED":
+            RESUMES.inc()
 
     def checkpoints(self, job_id: str, *, page_size: int, page_token: str) -> tuple[list[CheckpointInfo], str]:
         """The job's checkpoints, from its CHECKPOINT_SAVED events; the lowest eval_loss is best."""
@@ -235,6 +269,8 @@ class JobService:
         return out
 
     def report_failed(self, job_id: str, error: dict) -> None:
+        if error.get("user_error") and error["reason"].startswith("DATASET"):
+            DATASET_FAILURES.labels(error["reason"]).inc()
         if self.store.get(job_id).state in ("RUNNING", "CANCELLING"):
             self._set_state(job_id, "FAILED", error=error, end_time=time.time())
 
@@ -265,8 +301,8 @@ class JobService:
         job_dir = self.data_dir / "jobs" / job.id
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "spec.json").write_text(job.spec)
-        token = secrets.token_urlsafe(32)
-        self.store.update(job.id, token_hash=_hash(token))
+        token = secrets.token_urlsafe(32)  # a new token per launch: an orphan's reports bounce
+        self.store.update(job.id, token_hash=_hash(token), attempts=job.attempts + 1)
         self._set_state(job.id, "RUNNING", start_time=time.time())
         try:
             handle = await self.launcher.launch(job_id=job.id, job_dir=job_dir,
@@ -276,6 +312,7 @@ class JobService:
                             error=_error("LAUNCH_FAILED", str(e), retryable=True))
             return
         self._workers[job.id] = handle
+        self.store.update(job.id, worker_pid=handle.pid)
         self._spawn(self._reap(job.id, handle))
 
     async def _reap(self, job_id: str, handle: WorkerHandle) -> None:
@@ -284,18 +321,30 @@ class JobService:
         state = self.store.get(job_id).state
         if self._draining and state in ("RUNNING", "CANCELLING"):
             if state == "RUNNING":
-                self._event(job_id, "REQUEUED", "the trainer is shutting down; the job will start over")
-            self._set_state(job_id, "QUEUED" if state == "RUNNING" else "CANCELLED")
+                self._event(job_id, "REQUEUED", "the trainer is shutting down; the job resumes from "
+                            "its last checkpoint when it is back")
+                attempts = max(self.store.get(job_id).attempts - 1, 0)  # a shutdown is no failure
+                self._set_state(job_id, "QUEUED", attempts=attempts)
+            else:
+                self._set_state(job_id, "CANCELLED", end_time=time.time())
         elif state == "CANCELLING" and job_id not in self._cancel_publish:  # else the publisher ends it
             self._set_state(job_id, "CANCELLED", end_time=time.time())
-        elif state == "RUNNING":  # exited without a final report
-            self._set_state(job_id, "FAILED", end_time=time.time(), error=_error(
-                "WORKER_CRASHED", f"worker exited with code {rc} before finishing; see worker.log",
-                retryable=True))
+        elif state == "RUNNING":  # exited without a final report: crashed or killed
+            attempts = self.store.get(job_id).attempts
+            if attempts <= self.max_retries:
+                RETRIES.inc()
+                self._event(job_id, "REQUEUED", f"worker exited with code {rc}; retry {attempts} of "
+                            f"{self.max_retries}, resuming from the last checkpoint")
+                self._set_state(job_id, "QUEUED")
+            else:
+                self._set_state(job_id, "FAILED", end_time=time.time(), error=_error(
+                    "WORKER_CRASHED", f"worker exited with code {rc} before finishing, "
+                    f"{attempts} attempts; see worker.log", retryable=True))
         self._kick.set()
 
     async def _publish(self, job_id: str, adapter_dir: Path, metrics: dict[str, float]) -> None:
         spec = JobSpec.from_json(self.store.get(job_id).spec)
+        started = time.perf_counter()
         try:
             dest, manifest = await asyncio.to_thread(
                 adapters.publish, adapter_dir, self.adapter_store, spec.adapter_name,
@@ -327,6 +376,7 @@ class JobService:
                 return
             result.update(serving_loaded=True, serving_message=msg)
             self._event(job_id, "SERVING_LOADED", msg)
+        PUBLISH_SECONDS.observe(time.perf_counter() - started)
         cancelled = job_id in self._cancel_publish
         self._cancel_publish.discard(job_id)
         self._set_state(job_id, "CANCELLED" if cancelled else "SUCCEEDED", result=result,

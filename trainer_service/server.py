@@ -56,6 +56,7 @@ async def serve(cfg: TrainerConfig) -> None:
                           data_dir=Path(cfg.data_dir), adapter_store=Path(cfg.adapter_store),
                           report_address=f"{cfg.host}:{port}", handoff=handoff,
                           max_concurrent=cfg.max_concurrent_jobs, max_queued=cfg.max_queued_jobs,
+                          max_retries=cfg.max_worker_retries,
                           cancel_grace_seconds=cfg.cancel_grace_seconds)
         holder["jobs"] = jobs
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(jobs), server)

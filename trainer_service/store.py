@@ -37,7 +37,9 @@ CREATE TABLE IF NOT EXISTS jobs (
   start_time REAL,
   end_time REAL,
   last_seq INTEGER NOT NULL DEFAULT 0,
-  priority INTEGER NOT NULL DEFAULT 0
+  priority INTEGER NOT NULL DEFAULT 0,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  worker_pid INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs(create_time DESC, id DESC);
 CREATE TABLE IF NOT EXISTS history (
@@ -49,6 +51,10 @@ CREATE TABLE IF NOT EXISTS history (
   PRIMARY KEY (job_id, seq)
 );
 """
+
+
+MIGRATIONS = [("priority", "INTEGER NOT NULL DEFAULT 0"), ("attempts", "INTEGER NOT NULL DEFAULT 0"),
+              ("worker_pid", "INTEGER")]
 
 
 @dataclass
@@ -68,6 +74,8 @@ class Job:
     end_time: float | None = None
     last_seq: int = 0
     priority: int = 0
+    attempts: int = 0              # worker launches so far
+    worker_pid: int | None = None  # the running worker's pid (to stop an orphan after a crash)
 
     @property
     def terminal(self) -> bool:
@@ -94,8 +102,9 @@ class JobStore:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         cols = {r["name"] for r in self.db.execute("PRAGMA table_info(jobs)")}
-        if "priority" not in cols:  # stores made before priorities existed
-            self.db.execute("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
+        for col, decl in MIGRATIONS:  # columns added after the first release: stores keep their data
+            if col not in cols:
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {col} {decl}")
 
     def close(self) -> None:
         self.db.close()

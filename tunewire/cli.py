@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, typ in [("host", str), ("port", int), ("metrics-port", int), ("adapter-store", str),
                       ("data-dir", str), ("serving-address", str), ("model", str),
                       ("max-concurrent-jobs", int), ("max-queued-jobs", int),
+                      ("max-worker-retries", int),
                       ("max-loras", int), ("max-lora-rank", int), ("max-cpu-loras", int),
                       ("max-model-len", int), ("drain-seconds", float), ("log-level", str)]:
         s.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"))

@@ -1,0 +1,541 @@
+"""Text-classification recipe by feature extraction: a frozen LM body and a trained linear head.
+
+One job, read top to bottom: setup, extract features, train the head, save, clean up.
+
+`run(settings, out_dir, reporter, should_stop)` reads JSONL rows `{"text": str, "label": str|int}`,
+runs the base model's body (AutoModel: the transformer without its LM head, fp32, eval mode, no
+gradients) ONCE over every training and validation text, pools the last hidden states ("mean" over
+the real tokens or the "last" real token) and caches them. Only a `torch.nn.Linear(hidden,
+num_classes)` then trains, over the cached features, with AdamW and a learning rate that decays
+linearly to 0. The body's weights never change, so that is the whole job; on a CPU the head's
+steps take microseconds and the one pass through the body is what costs.
+
+The head trains on standardized features (per-dimension mean and standard deviation of the
+training features), which keeps Adam well conditioned when a model has a few huge hidden
+dimensions. The standardization is folded into the head before it is saved, so the artifact is a
+plain linear layer over the raw pooled hidden state:
+
+    out_dir/classifier/head.safetensors   weight [num_classes, hidden], bias [num_classes], fp32
+    out_dir/classifier/classifier.json    id2label, pooling, hidden_size, max_seq_length,
+                                          base_model_fingerprint, method "feature_extraction"
+
+`predict(classifier_dir, base_model, texts)` loads both and classifies. Texts are tokenized as
+the tokenizer does by default (its special tokens included), truncated to max_seq_length.
+
+Validation: `validation_data`, or else a stratified `validation_fraction` of the training rows
+(every class keeps at least one training row). Evaluations (eval_loss, accuracy, macro_f1) run
+every `eval_every` steps (0: at the end of every epoch) and at the end; the final one uses the
+saved head on raw features, so its numbers are those of the artifact.
+
+Metrics per step: `tokens_seen` counts the real (non-pad) tokens of the examples of every step's
+batch (a later epoch counts them again, as in the LoRA recipe); `tokens_per_second` is the batch's
+real tokens over the head step's wall time. The body's cost is not in it: it ran once over all
+texts before step 1, and `feature_seconds` / `feature_tokens` in the returned metrics report that
+pass.
+
+Threads: `TUNEWIRE_TRAIN_THREADS` (default: all cores) sets torch's intra-op threads.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from tunewire.adapters import base_model_fingerprint
+from tunewire.errors import FailedPrecondition, JobFailure
+
+POOLINGS = ("mean", "last")
+METHOD = "feature_extraction"
+HEAD_FILE = "head.safetensors"
+CONFIG_FILE = "classifier.json"
+# Padded tokens per forward pass of the body when extracting features (texts sorted by length).
+FEATURE_TOKEN_BUDGET = 8192
+
+Label = str | int
+
+
+@dataclass(frozen=True)
+class ClassifierSettings:
+    base_model: str                           # HF model directory (config.json, tokenizer, weights)
+    training_data: str                        # JSONL file: {"text": str, "label": str|int} per line
+    validation_data: str | None = None        # same format; None = hold out validation_fraction
+    validation_fraction: float = 0.1          # share of each class held out when no validation_data
+    pooling: str = "mean"                     # "mean" over real tokens | "last" real token
+    learning_rate: float = 1e-3               # AdamW peak rate, decays linearly to 0
+    num_epochs: int = 3                       # passes over the data (ignored if max_steps > 0)
+    max_steps: int = 0                        # optimizer steps; > 0 overrides num_epochs
+    batch_size: int = 16                      # examples per optimizer step
+    max_seq_length: int = 256                 # texts are truncated to this many tokens
+    eval_every: int = 0                       # evaluate every this many steps; 0 = once per epoch
+    seed: int = 0                             # validation split, shuffling and head init
+
+    def __post_init__(self):
+        if not self.base_model:
+            raise ValueError("base_model is required")
+        if not self.training_data:
+            raise ValueError("training_data is required")
+        if self.validation_data is not None and not self.validation_data:
+            raise ValueError("validation_data must be None or a path")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError("validation_fraction must be in (0, 1)")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}")
+        if not 0 < self.learning_rate <= 1:
+            raise ValueError("learning_rate must be in (0, 1]")
+        if not 1 <= self.num_epochs <= 1000:
+            raise ValueError("num_epochs must be in [1, 1000]")
+        if not 0 <= self.max_steps <= 1_000_000:
+            raise ValueError("max_steps must be in [0, 1000000]")
+        if not 1 <= self.batch_size <= 4096:
+            raise ValueError("batch_size must be in [1, 4096]")
+        if not 8 <= self.max_seq_length <= 32768:
+            raise ValueError("max_seq_length must be in [8, 32768]")
+        if self.eval_every < 0:
+            raise ValueError("eval_every must be >= 0")
+        if self.seed < 0:
+            raise ValueError("seed must be >= 0")
+
+
+class Reporter(Protocol):
+    def started(self, trainable_params: int, total_params: int, total_steps: int) -> None: ...
+    def event(self, kind: str, message: str, data: dict[str, str]) -> None: ...
+    def metric(self, *, step: int, epoch: float, loss: float, learning_rate: float,
+               grad_norm: float, tokens_per_second: float, tokens_seen: int,
+               total_steps: int) -> None: ...
+    def evaluation(self, *, step: int, metrics: dict[str, float]) -> None: ...
+
+
+class Cancelled(Exception):
+    """should_stop() turned true; nothing was saved."""
+
+
+@dataclass(frozen=True)
+class _Row:
+    line: int     # 1-based line in its file
+    text: str
+    label: Label
+
+
+def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
+        should_stop: Callable[[], bool]) -> dict[str, float]:
+    """Trains the head and saves it to out_dir/"classifier"; returns the final metrics.
+
+    Raises Cancelled when should_stop() is true (checked before every feature batch, every step
+    and before saving), JobFailure for bad input (user_error) or training that cannot go on.
+    """
+    s = settings
+
+    # ---- setup ---------------------------------------------------------------------------
+    from transformers import set_seed
+
+    set_seed(s.seed)  # python, numpy and torch: head init and shuffling repeat
+    torch.set_num_threads(int(os.environ.get("TUNEWIRE_TRAIN_THREADS", os.cpu_count() or 1)))
+
+    tokenizer = _load_tokenizer(s.base_model)
+    # Data before the model: a bad file fails in seconds instead of after loading the weights.
+    train_rows = _read_rows(s.training_data, "training")
+    if s.validation_data is not None:
+        val_rows = _read_rows(s.validation_data, "validation")
+    else:
+        train_rows, val_rows = _hold_out(train_rows, s.validation_fraction, s.seed)
+    labels = _label_list(train_rows, val_rows, s.validation_data is not None)
+    label_index = {label: i for i, label in enumerate(labels)}
+    train_ids, train_cut = _tokenize(tokenizer, train_rows, s.max_seq_length, "training")
+    val_ids, val_cut = _tokenize(tokenizer, val_rows, s.max_seq_length,
+                                 "validation" if s.validation_data is not None else "training")
+    truncated = train_cut + val_cut
+    train_tokens = [len(ids) for ids in train_ids]
+    reporter.event("DATASET_LOADED",
+                   f"{len(train_rows)} training and {len(val_rows)} validation examples, "
+                   f"{len(labels)} labels, {sum(train_tokens)} training tokens ({truncated} "
+                   f"truncated to max_seq_length)",
+                   {"examples": str(len(train_rows)), "validation_examples": str(len(val_rows)),
+                    "labels": str(len(labels)), "tokens": str(sum(train_tokens)),
+                    "truncated": str(truncated), "max_seq_length": str(s.max_seq_length)})
+
+    body = _load_body(s.base_model)
+    body_params = sum(p.numel() for p in body.parameters())
+    hidden = int(body.config.hidden_size)
+    reporter.event("MODEL_LOADED", f"loaded {s.base_model}",
+                   {"base_model": s.base_model, "parameters": str(body_params)})
+
+    # ---- extract features ----------------------------------------------------------------
+    # The frozen body maps a text to the same vector in every epoch: compute it once.
+    t0 = time.perf_counter()
+    pad_id = _pad_id(tokenizer)
+    train_x = _features(body, train_ids, pad_id, s.pooling, should_stop)
+    val_x = _features(body, val_ids, pad_id, s.pooling, should_stop)
+    feature_seconds = time.perf_counter() - t0
+    feature_tokens = sum(train_tokens) + sum(len(ids) for ids in val_ids)
+    train_y = torch.tensor([label_index[r.label] for r in train_rows])
+    val_y = torch.tensor([label_index[r.label] for r in val_rows])
+    mean = train_x.mean(0)
+    std = train_x.std(0, unbiased=False)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant dimensions stay as they are
+    train_z, val_z = (train_x - mean) / std, (val_x - mean) / std
+
+    head = torch.nn.Linear(hidden, len(labels))
+    torch.nn.init.zeros_(head.weight)  # convex problem: zero start, loss starts at ln(classes)
+    torch.nn.init.zeros_(head.bias)
+    trainable = sum(p.numel() for p in head.parameters())
+    steps_per_epoch = math.ceil(len(train_rows) / s.batch_size)
+    total_steps = s.max_steps if s.max_steps > 0 else steps_per_epoch * s.num_epochs
+    eval_every = s.eval_every or steps_per_epoch
+    optimizer = torch.optim.AdamW(head.parameters(), lr=s.learning_rate, weight_decay=0.0)
+    reporter.started(trainable, body_params + trainable, total_steps)
+
+    # ---- train ---------------------------------------------------------------------------
+    shuffle = torch.Generator().manual_seed(s.seed)
+    losses: list[float] = []
+    tokens_seen = 0
+    t_start = time.perf_counter()
+    step = 0
+    # The head's tensors are far too small to split across threads, and on a busy CPU waking
+    # the other threads for every tiny op costs more than the op (measured: up to 50x slower
+    # with 2 threads on a loaded 2-core machine). The body's pass above used them all.
+    with _threads(1):
+        while step < total_steps:  # epochs; with max_steps the data repeats as often as needed
+            order = torch.randperm(len(train_rows), generator=shuffle)
+            for first in range(0, len(order), s.batch_size):
+                if step >= total_steps:
+                    break
+                if should_stop():
+                    raise Cancelled(f"stopped before step {step + 1} of {total_steps}")
+                step += 1
+                t0 = time.perf_counter()
+                batch = order[first:first + s.batch_size]
+                lr = s.learning_rate * (total_steps - step + 1) / total_steps
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                loss = F.cross_entropy(head(train_z[batch]), train_y[batch])
+                if not torch.isfinite(loss):
+                    raise JobFailure("TRAINING_DIVERGED", f"loss is {loss.item()} at step {step}; "
+                                     f"try a lower learning_rate", user_error=True)
+                loss.backward()
+                # An infinite max norm computes the norm and clips nothing.
+                grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), math.inf)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+                real_tokens = sum(train_tokens[i] for i in batch.tolist())
+                tokens_seen += real_tokens
+                losses.append(loss.item())
+                reporter.metric(step=step, epoch=step / steps_per_epoch, loss=losses[-1],
+                                learning_rate=lr, grad_norm=float(grad_norm),
+                                tokens_per_second=real_tokens / max(time.perf_counter() - t0, 1e-9),
+                                tokens_seen=tokens_seen, total_steps=total_steps)
+                if step % eval_every == 0 and step < total_steps:
+                    reporter.evaluation(step=step,
+                                        metrics=_evaluate(head, val_z, val_y, len(labels)))
+    train_seconds = time.perf_counter() - t_start
+
+    # Fold the standardization into the head: W z + b = (W / std) x + (b - (W / std) mean).
+    weight = (head.weight.detach() / std).contiguous()
+    bias = (head.bias.detach() - weight @ mean).contiguous()
+    final_head = torch.nn.Linear(hidden, len(labels))
+    with torch.no_grad():
+        final_head.weight.copy_(weight)
+        final_head.bias.copy_(bias)
+    final = _evaluate(final_head, val_x, val_y, len(labels))
+    reporter.evaluation(step=step, metrics=final)
+
+    # ---- save ----------------------------------------------------------------------------
+    if should_stop():
+        raise Cancelled("stopped after training, before saving")
+    from safetensors.torch import save_file
+
+    classifier_dir = Path(out_dir) / "classifier"
+    classifier_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"weight": weight, "bias": bias}, str(classifier_dir / HEAD_FILE))
+    config = {"method": METHOD, "id2label": {str(i): label for i, label in enumerate(labels)},
+              "num_labels": len(labels), "pooling": s.pooling, "hidden_size": hidden,
+              "max_seq_length": s.max_seq_length,
+              "base_model_fingerprint": base_model_fingerprint(s.base_model)}
+    (classifier_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    reporter.event("ADAPTER_SAVED", f"classifier head saved to {classifier_dir}",
+                   {"path": str(classifier_dir), "trainable_params": str(trainable)})
+
+    # ---- cleanup -------------------------------------------------------------------------
+    # The worker may report for a while after this; give the memory back now.
+    del body, optimizer, train_x, val_x, train_z, val_z
+    gc.collect()
+    tail = losses[-min(10, len(losses)):]
+    return {"train_loss": sum(losses) / len(losses), "final_loss": sum(tail) / len(tail),
+            **final, "steps": float(step), "train_tokens": float(tokens_seen),
+            "train_seconds": train_seconds, "feature_seconds": feature_seconds,
+            "feature_tokens": float(feature_tokens), "examples": float(len(train_rows)),
+            "validation_examples": float(len(val_rows)), "truncated_examples": float(truncated),
+            "num_labels": float(len(labels))}
+
+
+def predict(classifier_dir: str | Path, base_model: str | Path,
+            texts: Sequence[str]) -> list[tuple[Label, list[float]]]:
+    """Classifies `texts` with a saved head on `base_model`: (label, probabilities by index).
+
+    Raises FailedPrecondition when the head was trained on another base model (fingerprint or
+    hidden size differ), ValueError for a text that has no tokens.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    if not texts:
+        return []
+    d = Path(classifier_dir)
+    config = json.loads((d / CONFIG_FILE).read_text())
+    if config.get("method") != METHOD:
+        raise FailedPrecondition("CLASSIFIER_INVALID", f"{d}: method is not {METHOD}")
+    if config["base_model_fingerprint"] != base_model_fingerprint(base_model):
+        raise FailedPrecondition("CLASSIFIER_BASE_MODEL_MISMATCH",
+                                 f"{d} was trained on another base model than {base_model}")
+    labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    tensors = load_file(str(d / HEAD_FILE))
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    body = AutoModel.from_pretrained(base_model, dtype=torch.float32).eval().requires_grad_(False)
+    if int(body.config.hidden_size) != config["hidden_size"]:
+        raise FailedPrecondition("CLASSIFIER_BASE_MODEL_MISMATCH",
+                                 f"{d} expects hidden size {config['hidden_size']}")
+    ids, _ = _encode(tokenizer, list(texts), config["max_seq_length"])
+    for i, row in enumerate(ids):
+        if not row:
+            raise ValueError(f"text {i} has no tokens")
+    x = _features(body, ids, _pad_id(tokenizer), config["pooling"], lambda: False)
+    probs = torch.softmax(x @ tensors["weight"].T + tensors["bias"], dim=-1)
+    return [(labels[int(p.argmax())], p.tolist()) for p in probs]
+
+
+def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Unweighted mean over classes of F1 = 2 TP / (2 TP + FP + FN).
+
+    The classes are those that occur in y_true or y_pred (a class absent from both says nothing
+    about the classifier), as scikit-learn does without `labels`; 0.0 for no examples.
+    """
+    if len(y_true) != len(y_pred):
+        raise ValueError("y_true and y_pred differ in length")
+    tp: dict[int, int] = {}
+    fp: dict[int, int] = {}
+    fn: dict[int, int] = {}
+    for t, p in zip(y_true, y_pred):
+        if t == p:
+            tp[t] = tp.get(t, 0) + 1
+        else:
+            fp[p] = fp.get(p, 0) + 1
+            fn[t] = fn.get(t, 0) + 1
+    classes = set(y_true) | set(y_pred)
+    scores = [2 * tp.get(c, 0) / (2 * tp.get(c, 0) + fp.get(c, 0) + fn.get(c, 0)) for c in classes]
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def _invalid(what: str, line: int, message: str) -> JobFailure:
+    return JobFailure("DATASET_INVALID", f"{what} data line {line}: {message}", user_error=True)
+
+
+def _read_rows(path: str, what: str) -> list[_Row]:
+    """Reads and checks a {"text", "label"} JSONL file; errors name the line and the field."""
+    p = Path(path)
+    if not p.is_file():
+        raise JobFailure("DATASET_NOT_FOUND", f"no {what} data file at {path}", user_error=True)
+    rows: list[_Row] = []
+    label_type: type | None = None
+    try:
+        with open(p, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise _invalid(what, line_no, f"not valid JSON ({e.msg} at column {e.colno})"
+                                   ) from None
+                if not isinstance(row, dict):
+                    raise _invalid(what, line_no,
+                                   f"expected a JSON object, got {type(row).__name__}")
+                for name in ("text", "label"):
+                    if name not in row:
+                        raise _invalid(what, line_no, f"field {name}: is missing (each line needs "
+                                       "text and label)")
+                text, label = row["text"], row["label"]
+                if not isinstance(text, str):
+                    raise _invalid(what, line_no,
+                                   f"field text: must be a string, got {type(text).__name__}")
+                if not text:
+                    raise _invalid(what, line_no, "field text: must not be empty")
+                if isinstance(label, bool) or not isinstance(label, (str, int)):
+                    raise _invalid(what, line_no, f"field label: must be a string or an integer, "
+                                   f"got {type(label).__name__}")
+                if label == "":
+                    raise _invalid(what, line_no, "field label: must not be empty")
+                if label_type is not None and type(label) is not label_type:
+                    raise _invalid(what, line_no, f"field label: is {type(label).__name__} but "
+                                   f"earlier labels are {label_type.__name__}; use one type")
+                label_type = type(label)
+                rows.append(_Row(line_no, text, label))
+    except UnicodeDecodeError as e:
+        raise JobFailure("DATASET_INVALID", f"{what} data is not UTF-8 text: {e}",
+                         user_error=True) from None
+    if not rows:
+        raise JobFailure("DATASET_EMPTY", f"{what} data {path} has no examples", user_error=True)
+    return rows
+
+
+def _hold_out(rows: list[_Row], fraction: float, seed: int) -> tuple[list[_Row], list[_Row]]:
+    """Stratified split: about `fraction` of each label's rows, and never a label's last row."""
+    rng = random.Random(seed)
+    by_label: dict[Label, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_label.setdefault(r.label, []).append(i)
+    held: set[int] = set()
+    for label in sorted(by_label, key=_label_key):
+        idx = by_label[label]
+        rng.shuffle(idx)
+        held.update(idx[:min(len(idx) - 1, int(len(idx) * fraction + 0.5))])
+    if not held:  # tiny data: take one row of the largest label that can spare one
+        largest = max(by_label.values(), key=len)
+        if len(largest) < 2:
+            raise JobFailure("DATASET_INVALID", f"too few training examples ({len(rows)}) to hold "
+                             "out a validation split; add examples or give validation_data",
+                             user_error=True)
+        held.add(largest[0])
+    return ([r for i, r in enumerate(rows) if i not in held],
+            [r for i, r in enumerate(rows) if i in held])
+
+
+def _label_key(label: Label) -> tuple[bool, Label]:
+    return (isinstance(label, str), label)
+
+
+def _label_list(train: list[_Row], val: list[_Row], val_is_file: bool) -> list[Label]:
+    """The classes in a stable order (sorted), checked: at least 2, none only in validation."""
+    labels = sorted({r.label for r in train}, key=_label_key)
+    if len(labels) < 2:
+        raise JobFailure("DATASET_INVALID", f"training data has {len(labels)} label "
+                         f"({labels[0]!r}); a classifier needs at least 2", user_error=True)
+    known = set(labels)
+    for r in val:
+        if r.label not in known:
+            raise _invalid("validation" if val_is_file else "training", r.line,
+                           f"field label: {r.label!r} does not occur in the training data")
+    return labels
+
+
+def _encode(tokenizer, texts: list[str], max_seq_length: int) -> tuple[list[list[int]], int]:
+    """Token ids of each text, truncated to max_seq_length; and how many were truncated."""
+    ids = tokenizer(texts, verbose=False).input_ids
+    long = [i for i, row in enumerate(ids) if len(row) > max_seq_length]
+    if long:  # the tokenizer truncates, so special tokens it adds at the end stay
+        cut = tokenizer([texts[i] for i in long], truncation=True, max_length=max_seq_length,
+                        verbose=False).input_ids
+        for i, row in zip(long, cut):
+            ids[i] = row
+    return ids, len(long)
+
+
+def _tokenize(tokenizer, rows: list[_Row], max_seq_length: int,
+              what: str) -> tuple[list[list[int]], int]:
+    ids, truncated = _encode(tokenizer, [r.text for r in rows], max_seq_length)
+    for r, row_ids in zip(rows, ids):
+        if not row_ids:
+            raise _invalid(what, r.line, "field text: the tokenizer makes no tokens of it")
+    return ids, truncated
+
+
+def _pad_id(tokenizer) -> int:
+    # Padding never reaches the pooled features (right padding, masked), so any id works.
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    return 0
+
+
+def _load_tokenizer(base_model: str):
+    from transformers import AutoTokenizer
+
+    if not (Path(base_model) / "config.json").is_file():
+        raise JobFailure("BASE_MODEL_INVALID", f"no model directory (config.json) at {base_model}",
+                         user_error=True)
+    try:
+        return AutoTokenizer.from_pretrained(base_model)
+    except Exception as e:  # noqa: BLE001 - any loader error means the directory is unusable
+        raise JobFailure("BASE_MODEL_INVALID", f"cannot load the tokenizer from {base_model}: "
+                         f"{type(e).__name__}: {e}", user_error=True) from None
+
+
+def _load_body(base_model: str):
+    """The model without its LM head, fp32, frozen and in eval mode (no dropout)."""
+    from transformers import AutoModel
+
+    try:
+        body = AutoModel.from_pretrained(base_model, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - any loader error means the directory is unusable
+        raise JobFailure("BASE_MODEL_INVALID", f"cannot load the model from {base_model}: "
+                         f"{type(e).__name__}: {e}", user_error=True) from None
+    return body.eval().requires_grad_(False)
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _length_batches(lengths: list[int], budget: int) -> Iterator[list[int]]:
+    """Indices, longest first, in batches of at most `budget` padded tokens (at least one text)."""
+    batch: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if batch and (len(batch) + 1) * lengths[batch[0]] > budget:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+@torch.inference_mode()
+def _features(body, ids: list[list[int]], pad_id: int, pooling: str,
+              should_stop: Callable[[], bool]) -> torch.Tensor:
+    """Pooled last hidden state of every text, [len(ids), hidden] fp32, in the order of `ids`."""
+    out = torch.empty(len(ids), int(body.config.hidden_size))
+    for batch in _length_batches([len(x) for x in ids], FEATURE_TOKEN_BUDGET):
+        if should_stop():
+            raise Cancelled("stopped while extracting features")
+        width = len(ids[batch[0]])
+        # Right padding: causal attention keeps pads out of every real token's state.
+        input_ids = torch.full((len(batch), width), pad_id)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
+            mask[row, :len(ids[i])] = 1
+        hidden = body(input_ids=input_ids, attention_mask=mask,
+                      use_cache=False).last_hidden_state.float()
+        if pooling == "mean":
+            pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        else:  # "last": the last real token, which has attended to the whole text
+            pooled = hidden[torch.arange(len(batch)), mask.sum(1) - 1]
+        out[batch] = pooled
+    return out
+
+
+@torch.no_grad()
+def _evaluate(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+              num_classes: int) -> dict[str, float]:
+    logits = head(x)
+    pred = logits.argmax(-1)
+    return {"eval_loss": F.cross_entropy(logits, y).item(),
+            "accuracy": (pred == y).float().mean().item(),
+            "macro_f1": macro_f1(y.tolist(), pred.tolist())}
