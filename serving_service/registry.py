@@ -73,6 +73,9 @@ class AdapterRegistry:
         if version and version != m.version:
             raise FailedPrecondition("ADAPTER_VERSION_MISMATCH",
                                      f"{path} holds version {m.version}, not {version}")
+        if m.kind != "lora":
+            raise FailedPrecondition("ADAPTER_KIND_UNSUPPORTED",
+                                     f"{path} holds a {m.kind}, not a LoRA adapter")
         if m.base_model_fingerprint != self.base_fingerprint:
             raise FailedPrecondition("BASE_MODEL_MISMATCH",
                                      "the adapter was trained on a different base model than the one served",

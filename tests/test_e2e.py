@@ -49,6 +49,7 @@ class Stack:
                                      "--max-loras", "2",
                                      "--drain-seconds", "3")
         self.trainer = start_service("trainer", tmp, "--data-dir", str(tmp / "trainer"),
+                                     "--data-root", str(tmp.parent),  # pytest's base temp dir
                                      "--adapter-store", str(self.store), "--serving-address",
                                      self.serving.address, "--drain-seconds", "3")
         self.trainer.wait_serving(60)

@@ -38,7 +38,7 @@ def _job(model, data, max_steps=STEPS):
 
 
 def _start(tmp_path, *extra):
-    svc = start_service("trainer", tmp_path, "--data-dir", str(tmp_path / "t"), "--adapter-store",
+    svc = start_service("trainer", tmp_path, "--data-root", str(tmp_path), "--data-dir", str(tmp_path / "t"), "--adapter-store",
                         str(tmp_path / "store"), "--drain-seconds", "0.2", *extra)
     svc.wait_serving(60)
     return svc, trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(svc.address))

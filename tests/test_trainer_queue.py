@@ -29,7 +29,7 @@ def test_priorities_full_queue_cancel_queued_and_checkpoints(tmp_path, tiny_mode
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"q{i} ", "completion": f"a{i % 3}"}) + "\n"
                             for i in range(24)))
-    trainer = start_service("trainer", tmp_path, "--data-dir", str(tmp_path / "t"), "--adapter-store",
+    trainer = start_service("trainer", tmp_path, "--data-root", str(tmp_path), "--data-dir", str(tmp_path / "t"), "--adapter-store",
                             str(tmp_path / "store"), "--max-queued-jobs", "2", "--drain-seconds", "0.2")
     try:
         trainer.wait_serving(60)

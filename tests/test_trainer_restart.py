@@ -33,7 +33,7 @@ def _first_metric(stub, job_id):
 def test_jobs_survive_a_trainer_restart(tmp_path, tiny_model_dir):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(8)))
-    flags = ("--data-dir", str(tmp_path / "trainer"), "--adapter-store", str(tmp_path / "store"),
+    flags = ("--data-root", str(tmp_path), "--data-dir", str(tmp_path / "trainer"), "--adapter-store", str(tmp_path / "store"),
              "--drain-seconds", "0.5")
     trainer = start_service("trainer", tmp_path, *flags)
     trainer.wait_serving(60)

@@ -15,6 +15,7 @@ class TrainerConfig:
     port: int = 50051                  # gRPC port (0 = pick a free one)
     metrics_port: int = 9091           # Prometheus /metrics HTTP port (0 = off)
     data_dir: str = "var/trainer"      # job store (SQLite) and per-job directories
+    data_root: str = "var/data"        # training data may only be read from under here
     adapter_store: str = "var/adapters"  # published adapters: <name>/<version>/ (shared with serving)
     serving_address: str = ""          # host:port of serving for the handoff; "" = publish only
     max_concurrent_jobs: int = 1       # workers running at once (1 suits a CPU machine)

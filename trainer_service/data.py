@@ -44,10 +44,12 @@ import tempfile
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tunewire.errors import JobFailure, invalid
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100  # label of positions that carry no loss (prompt, padding)
 FORMATS = ("prompt_completion", "messages", "text", "classification")
@@ -519,8 +521,10 @@ def tokenize_dataset(examples: list[dict], tokenizer, max_seq_length: int, *,
     return rows, stats
 
 
-def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(batch: list[dict], pad_id: int) -> dict[str, "torch.Tensor"]:
     """Right-pads a batch to its longest row: input_ids, labels (IGNORE on pads), attention_mask."""
+    import torch  # here, not at the top: the trainer service reads files without torch
+
     width = max(len(r["input_ids"]) for r in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)

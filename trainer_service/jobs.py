@@ -12,6 +12,7 @@ On shutdown running jobs are stopped and re-queued; on start-up leftovers of a c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -29,10 +30,11 @@ import psutil
 from prometheus_client import Counter, Gauge, Histogram
 
 from trainer_service.launcher import Launcher, WorkerHandle
-from trainer_service.spec import JobSpec
+from trainer_service import data
+from trainer_service.spec import METHOD_FORMATS, JobSpec
 from trainer_service.store import STATES, TERMINAL, Entry, Job, JobStore
 from tunewire import adapters
-from tunewire.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unauthenticated
+from tunewire.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unauthenticated, invalid
 
 log = logging.getLogger("tunewire.trainer.jobs")
 
@@ -94,10 +96,12 @@ def _hash(token: str) -> str:
 
 class JobService:
     def __init__(self, store: JobStore, launcher: Launcher, *, data_dir: Path, adapter_store: Path,
+                 data_root: Path,
                  report_address: str, handoff: Handoff | None, max_concurrent: int = 1,
                  max_queued: int = 100, max_retries: int = 2, cancel_grace_seconds: float = 10.0):
         self.store, self.launcher, self.handoff = store, launcher, handoff
         self.data_dir, self.adapter_store = Path(data_dir).resolve(), Path(adapter_store).resolve()
+        self.data_root = Path(data_root).resolve()  # datasets may only be read from under here
         self.report_address = report_address
         self.max_concurrent, self.max_queued, self.max_retries = max_concurrent, max_queued, max_retries
         self._cancel_publish: set[str] = set()   # jobs cancelled while publishing
@@ -144,7 +148,7 @@ class JobService:
 
     # -- client API ------------------------------------------------------------------------
     async def create(self, spec: JobSpec, request_id: str | None) -> Job:
-        spec.check_paths()
+        spec = await asyncio.to_thread(self._check_inputs, spec)
         if request_id is None or not self.store.find_request(request_id):
             queued = len(self.store.queued())
             if queued >= self.max_queued:
@@ -157,6 +161,23 @@ class JobService:
             self._set_state(job.id, "QUEUED")
             self._kick.set()
         return self.get(job.id)
+
+    def _check_inputs(self, spec: JobSpec) -> JobSpec:
+        """Create-time checks that need the disk: the base model exists, the data files lie under
+        the data root, and the method can learn from the data's format. Returns the spec with the
+        data paths resolved."""
+        if not (Path(spec.base_model) / "config.json").is_file():
+            raise invalid("training_job.base_model", f"no model directory at {spec.base_model}")
+        train = data.resolve_data_path(spec.training_data, self.data_root, "training_job.training_data.path")
+        val = (data.resolve_data_path(spec.validation_data, self.data_root, "training_job.validation_data.path")
+               if spec.validation_data else "")
+        fmt = data.scan_file(train).format
+        if fmt and fmt not in METHOD_FORMATS[spec.method]:
+            raise InvalidArgument(
+                "METHOD_DATA_MISMATCH", f"{spec.method} cannot learn from {fmt} rows; it needs "
+                f"{' or '.join(METHOD_FORMATS[spec.method])}",
+                field_violations={"training_job.training_data.path": f"{fmt} data does not fit {spec.method}"})
+        return dataclasses.replace(spec, training_data=str(train), validation_data=str(val) if val else "")
 
     def get(self, job_id: str) -> Job:
         job = self.store.get(job_id)
@@ -231,7 +252,8 @@ class JobService:
     def report_metric(self, job_id: str, point: dict) -> None:
         if point["step"] <= self.store.get(job_id).progress.get("step", 0):
             return  # a resumed worker redoes steps after its checkpoint: they are recorded already
-        STEP_SECONDS.observe(point.get("step_seconds", 0.0))
+        if point.get("step_seconds"):
+            STEP_SECONDS.observe(point["step_seconds"])
         progress = {"step": point["step"], "total_steps": point["total_steps"],
                     "epoch": point["epoch"], "tokens_seen": point["tokens_seen"], "loss": point["loss"]}
         self._append(job_id, "metric", point, progress=progress)
@@ -345,6 +367,15 @@ class JobService:
     async def _publish(self, job_id: str, adapter_dir: Path, metrics: dict[str, float]) -> None:
         spec = JobSpec.from_json(self.store.get(job_id).spec)
         started = time.perf_counter()
+        if spec.method == "full":
+            # A full model is not hot-loadable: serving is started on it (it stays in the job dir).
+            result = {"adapter": spec.adapter_name, "version": "", "uri": str(adapter_dir),
+                      "metrics": metrics, "serving_loaded": False,
+                      "serving_message": f"full model: start serving with --model {adapter_dir}"}
+            self._event(job_id, "ADAPTER_PUBLISHED", f"full model ready at {adapter_dir}",
+                        {"uri": str(adapter_dir)})
+            self._set_state(job_id, "SUCCEEDED", result=result, end_time=time.time())
+            return
         try:
             dest, manifest = await asyncio.to_thread(
                 adapters.publish, adapter_dir, self.adapter_store, spec.adapter_name,
@@ -363,7 +394,9 @@ class JobService:
             self._cancel_publish.discard(job_id)
             self._set_state(job_id, "CANCELLED", result=result, end_time=time.time())
             return
-        if self.handoff is not None:
+        if spec.method == "feature_extraction":
+            result["serving_message"] = "classifier heads are published to the store only"
+        elif self.handoff is not None:
             try:
                 msg = await self.handoff.load_adapter(name=spec.adapter_name, version=manifest.version,
                                                       uri=str(dest), manifest_sha256=manifest.sha256)

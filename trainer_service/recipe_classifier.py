@@ -48,12 +48,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from tunewire.adapters import base_model_fingerprint
+from trainer_service.recipe_lora import Cancelled, Reporter  # one protocol for every recipe
 from tunewire.errors import FailedPrecondition, JobFailure
 
 POOLINGS = ("mean", "last")
@@ -106,19 +106,6 @@ class ClassifierSettings:
             raise ValueError("eval_every must be >= 0")
         if self.seed < 0:
             raise ValueError("seed must be >= 0")
-
-
-class Reporter(Protocol):
-    def started(self, trainable_params: int, total_params: int, total_steps: int) -> None: ...
-    def event(self, kind: str, message: str, data: dict[str, str]) -> None: ...
-    def metric(self, *, step: int, epoch: float, loss: float, learning_rate: float,
-               grad_norm: float, tokens_per_second: float, tokens_seen: int,
-               total_steps: int) -> None: ...
-    def evaluation(self, *, step: int, metrics: dict[str, float]) -> None: ...
-
-
-class Cancelled(Exception):
-    """should_stop() turned true; nothing was saved."""
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ async def serve(cfg: TrainerConfig) -> None:
         # Workers report to the bound port (known only after binding when cfg.port is 0).
         jobs = JobService(store, LocalLauncher(threads=cfg.worker_threads),
                           data_dir=Path(cfg.data_dir), adapter_store=Path(cfg.adapter_store),
+                          data_root=Path(cfg.data_root),
                           report_address=f"{cfg.host}:{port}", handoff=handoff,
                           max_concurrent=cfg.max_concurrent_jobs, max_queued=cfg.max_queued_jobs,
                           max_retries=cfg.max_worker_retries,

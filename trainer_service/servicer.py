@@ -18,6 +18,10 @@ _BIAS = {pb.LoraMethod.BIAS_UNSPECIFIED: "none", pb.LoraMethod.BIAS_NONE: "none"
          pb.LoraMethod.BIAS_ALL: "all", pb.LoraMethod.BIAS_LORA_ONLY: "lora_only"}
 
 
+_POOLING = {pb.FeatureExtractionMethod.POOLING_UNSPECIFIED: "mean",
+            pb.FeatureExtractionMethod.POOLING_MEAN: "mean", pb.FeatureExtractionMethod.POOLING_LAST: "last"}
+
+
 def _ts(t: float | None) -> Timestamp | None:
     if t is None:
         return None
@@ -27,8 +31,9 @@ def _ts(t: float | None) -> Timestamp | None:
 
 
 def spec_from_proto(job: pb.TrainingJob) -> JobSpec:
-    if job.WhichOneof("method") != "lora":
-        raise invalid("training_job.lora", "a method is required (lora)")
+    method = job.WhichOneof("method")
+    if method is None:
+        raise invalid("training_job.method", "a method is required: lora, full or feature_extraction")
     m, h = job.lora, job.hyperparameters
     lora = LoraSpec(r=m.r or 8, lora_alpha=m.lora_alpha if m.HasField("lora_alpha") else None,
                     target_modules=tuple(m.target_modules), lora_dropout=m.lora_dropout,
@@ -48,7 +53,8 @@ def spec_from_proto(job: pb.TrainingJob) -> JobSpec:
         early_stopping_min_delta=e.early_stopping_min_delta)
     return JobSpec(base_model=job.base_model, training_data=job.training_data.path,
                    adapter_name=job.adapter_name, lora=lora, hyperparameters=hp,
-                   validation_data=job.validation_data.path, eval=ev, priority=job.priority)
+                   validation_data=job.validation_data.path, eval=ev, priority=job.priority,
+                   method=method, pooling=_POOLING[job.feature_extraction.pooling])
 
 
 def job_to_proto(job: Job) -> pb.TrainingJob:
@@ -58,10 +64,6 @@ def job_to_proto(job: Job) -> pb.TrainingJob:
     h = spec.hyperparameters
     out = pb.TrainingJob(
         name=f"trainingJobs/{job.id}", id=job.id, base_model=spec.base_model,
-        lora=pb.LoraMethod(r=spec.lora.r, lora_alpha=spec.lora.alpha,
-                           target_modules=spec.lora.target_modules,
-                           lora_dropout=spec.lora.lora_dropout, bias=inv_bias[spec.lora.bias],
-                           use_rslora=spec.lora.use_rslora),
         training_data=pb.DatasetRef(path=spec.training_data),
         hyperparameters=pb.Hyperparameters(
             learning_rate=h.learning_rate, num_epochs=h.num_epochs, max_steps=h.max_steps,
@@ -79,6 +81,15 @@ def job_to_proto(job: Job) -> pb.TrainingJob:
                                 if k in pb.Progress.DESCRIPTOR.fields_by_name}),
         create_time=_ts(job.create_time), start_time=_ts(job.start_time),
         end_time=_ts(job.end_time), request_id=job.request_id or "")
+    if spec.method == "lora":
+        out.lora.CopyFrom(pb.LoraMethod(r=spec.lora.r, lora_alpha=spec.lora.alpha,
+                                        target_modules=spec.lora.target_modules,
+                                        lora_dropout=spec.lora.lora_dropout, bias=inv_bias[spec.lora.bias],
+                                        use_rslora=spec.lora.use_rslora))
+    elif spec.method == "full":
+        out.full.CopyFrom(pb.FullMethod())
+    else:
+        out.feature_extraction.pooling = {v: k for k, v in _POOLING.items() if k}[spec.pooling]
     if job.error:
         out.error.CopyFrom(pb.JobError(**job.error))
     if job.result:

@@ -9,13 +9,17 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from tunewire.errors import invalid
 
 ADAPTER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 MODULE_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 BIASES = ("none", "all", "lora_only")
+METHODS = ("lora", "full", "feature_extraction")
+# Which row formats (trainer_service.data.FORMATS) each method can learn from.
+METHOD_FORMATS = {"lora": ("prompt_completion", "messages", "text"),
+                  "full": ("prompt_completion", "messages", "text"),
+                  "feature_extraction": ("classification",)}
 
 
 @dataclass(frozen=True)
@@ -111,26 +115,23 @@ class JobSpec:
     validation_data: str = ""                 # JSONL of held-out examples; "" = split training_data
     eval: EvalSpec = field(default_factory=EvalSpec)
     priority: int = 0                         # higher runs first among queued jobs
+    method: str = "lora"                      # lora | full | feature_extraction
+    pooling: str = "mean"                     # feature_extraction: mean | last
 
     def __post_init__(self):
         if not self.base_model:
             raise invalid("training_job.base_model", "is required")
         if not self.training_data:
             raise invalid("training_job.training_data.path", "is required")
+        if self.method not in METHODS:
+            raise invalid("training_job.method", f"must be one of {METHODS}")
+        if self.pooling not in ("mean", "last"):
+            raise invalid("training_job.feature_extraction.pooling", "must be mean or last")
         if not -1000 <= self.priority <= 1000:
             raise invalid("training_job.priority", "must be in [-1000, 1000]")
         if not ADAPTER_NAME_RE.match(self.adapter_name or ""):
             raise invalid("training_job.adapter_name",
                           "must match [a-z0-9][a-z0-9_-]{0,62}")
-
-    def check_paths(self) -> None:
-        """Checks that the referenced files exist (done at create time, not on reload)."""
-        if not (Path(self.base_model) / "config.json").is_file():
-            raise invalid("training_job.base_model", f"no model directory at {self.base_model}")
-        if not Path(self.training_data).is_file():
-            raise invalid("training_job.training_data.path", f"no file at {self.training_data}")
-        if self.validation_data and not Path(self.validation_data).is_file():
-            raise invalid("training_job.validation_data.path", f"no file at {self.validation_data}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -11,6 +11,7 @@ report answer saying the job is being cancelled, stops training at the next step
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -70,6 +71,56 @@ class GrpcReporter:
             reason=reason, message=message, user_error=user_error, retryable=retryable)))
 
 
+def preflight(spec: JobSpec, reporter) -> None:
+    """The dataset report before any training: a dataset with errors fails the job as user_error."""
+    from trainer_service import common
+    from trainer_service.preflight import validate_dataset
+
+    tokenizer = common.load_tokenizer(spec.base_model)
+    hp = spec.hyperparameters
+    report = validate_dataset(spec.training_data, tokenizer, hp.max_seq_length,
+                              validation_path=spec.validation_data or None,
+                              eos_ids=common.stop_ids(spec.base_model, tokenizer), batch_size=hp.batch_size,
+                              num_epochs=hp.num_epochs, max_steps=hp.max_steps)
+    if not report.ok:
+        shown = "; ".join(e.describe(report.unit) for e in report.errors[:5])
+        more = f" (and {report.error_count - 5} more)" if report.error_count > 5 else ""
+        raise JobFailure("DATASET_INVALID", f"{report.error_count} problem(s) in the data: {shown}{more}",
+                         user_error=True)
+    numbers = {"examples": report.num_examples, "validation_examples": report.num_validation_examples,
+               "truncated": report.truncated, "duplicates": report.duplicates.count,
+               "leakage": report.leakage.exact.count, "steps": report.fit.steps}
+    if report.coverage_mean is not None:
+        numbers.update(coverage_mean=report.coverage_mean, eos_untrained=report.eos_untrained)
+    reporter.event("VALIDATED", f"{report.num_examples} {report.format} examples, "
+                   f"{report.truncated} truncated, {report.duplicates.count} duplicates, "
+                   f"{report.leakage.exact.count} leaked into validation",
+                   {"report": json.dumps(report.to_dict())}, {k: float(v) for k, v in numbers.items()})
+
+
+def train(spec: JobSpec, job_dir: Path, reporter, should_stop) -> tuple[dict[str, float], Path]:
+    """Runs the job's method; returns its metrics and the artifact directory to publish."""
+    if spec.method == "full":
+        from trainer_service import recipe_full
+
+        return recipe_full.run(spec, job_dir, reporter, should_stop), job_dir / "model"
+    if spec.method == "feature_extraction":
+        from trainer_service import recipe_classifier as rc
+
+        hp, ev = spec.hyperparameters, spec.eval
+        settings = rc.ClassifierSettings(
+            base_model=spec.base_model, training_data=spec.training_data,
+            validation_data=spec.validation_data or None,
+            validation_fraction=ev.validation_fraction or 0.1, pooling=spec.pooling,
+            learning_rate=hp.learning_rate, num_epochs=hp.num_epochs, max_steps=hp.max_steps,
+            batch_size=hp.batch_size, max_seq_length=hp.max_seq_length,
+            eval_every=ev.eval_every_steps, seed=hp.seed)
+        return rc.run(settings, job_dir, reporter, should_stop), job_dir / "classifier"
+    from trainer_service import recipe_lora
+
+    return recipe_lora.run(spec, job_dir, reporter, should_stop), job_dir / "adapter"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--job-id", required=True)
@@ -87,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         spec = JobSpec.from_json((args.job_dir / "spec.json").read_text())
-        metrics = recipe_lora.run(spec, args.job_dir, reporter, should_stop)
+        preflight(spec, reporter)
+        metrics, artifact = train(spec, args.job_dir, reporter, should_stop)
     except recipe_lora.Cancelled:
         log.info("cancelled", extra={"job": args.job_id})
         return 0
@@ -98,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         reporter.failed("TRAINING_ERROR", f"{type(e).__name__}: {e}", False, False)
         return 1
-    reporter.finished(args.job_dir / "adapter", metrics)
+    reporter.finished(artifact, metrics)
     return 0
 
 

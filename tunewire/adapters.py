@@ -20,6 +20,7 @@ from pathlib import Path
 from tunewire.errors import FailedPrecondition, InvalidArgument, NotFound
 
 MANIFEST = "manifest.json"
+CLASSIFIER = "classifier.json"  # marks a feature-extraction head (see recipe_classifier)
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 VERSION_RE = re.compile(r"^v[0-9]{1,9}$")
 # Config keys that change with the tool that saved the model, not with the model itself.
@@ -58,6 +59,7 @@ class Manifest:
     source_job: str                    # "trainingJobs/{id}" or ""
     created_unix: float                # when it was published
     sha256: str                        # sha256 of manifest.json itself
+    kind: str = "lora"                 # "lora" adapter or feature-extraction "classifier" head
 
 
 def _adapter_config(adapter_dir: Path) -> dict:
@@ -69,16 +71,21 @@ def _adapter_config(adapter_dir: Path) -> dict:
 
 def write_manifest(adapter_dir: str | Path, *, name: str, version: str, base_model_dir: str | Path,
                    source_job: str = "") -> Manifest:
-    """Hashes the adapter's files and writes manifest.json beside them."""
+    """Hashes the adapter's files and writes manifest.json beside them. A directory with a
+    classifier.json is a feature-extraction head (kind "classifier", rank 0), else a LoRA adapter."""
     d = Path(adapter_dir)
-    cfg = _adapter_config(d)
-    targets = cfg.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else sorted(targets)
+    if (d / CLASSIFIER).is_file():
+        kind, rank, targets = "classifier", 0, []
+    else:
+        cfg = _adapter_config(d)
+        kind, rank = "lora", int(cfg["r"])
+        targets = cfg.get("target_modules") or []
+        targets = [targets] if isinstance(targets, str) else sorted(targets)
     files = {p.name: sha256_file(p) for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}
     body = {
         "name": name, "version": version,
         "base_model_fingerprint": base_model_fingerprint(base_model_dir),
-        "rank": int(cfg["r"]), "target_modules": targets, "files": files,
+        "kind": kind, "rank": rank, "target_modules": targets, "files": files,
         "source_job": source_job, "created_unix": time.time(),
     }
     text = json.dumps(body, indent=2, sort_keys=True)
@@ -100,12 +107,13 @@ def read_manifest(adapter_dir: str | Path, *, verify_files: bool = True) -> Mani
                      target_modules=tuple(body["target_modules"]), files=dict(body["files"]),
                      source_job=body.get("source_job", ""),
                      created_unix=float(body.get("created_unix", 0)),
-                     sha256=hashlib.sha256(raw).hexdigest())
+                     sha256=hashlib.sha256(raw).hexdigest(), kind=body.get("kind", "lora"))
     except (ValueError, KeyError, TypeError) as e:
         raise FailedPrecondition("ADAPTER_MANIFEST_INVALID", f"{path}: {e}") from e
     if verify_files:
-        if "adapter_config.json" not in m.files:
-            raise FailedPrecondition("ADAPTER_MANIFEST_INVALID", "manifest lists no adapter_config.json")
+        needed = CLASSIFIER if m.kind == "classifier" else "adapter_config.json"
+        if needed not in m.files:
+            raise FailedPrecondition("ADAPTER_MANIFEST_INVALID", f"manifest lists no {needed}")
         for fname, digest in m.files.items():
             f = d / fname
             if "/" in fname or not f.is_file():

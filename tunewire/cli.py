@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("service", choices=["trainer", "serving"])
     s.add_argument("--config", help="TOML file with settings (see configs/)")
     for flag, typ in [("host", str), ("port", int), ("metrics-port", int), ("adapter-store", str),
-                      ("data-dir", str), ("serving-address", str), ("model", str),
+                      ("data-dir", str), ("data-root", str), ("serving-address", str), ("model", str),
                       ("max-concurrent-jobs", int), ("max-queued-jobs", int),
                       ("max-worker-retries", int),
                       ("max-loras", int), ("max-lora-rank", int), ("max-cpu-loras", int),

@@ -96,7 +96,9 @@ def run_demo(args) -> int:
         serving, serving_addr = _start("serving", workdir, "--model", str(model), "--adapter-store",
                                        str(store), "--max-model-len", "1024")
         procs.append(serving)
+        train_file = demo_data.data_path("extract_train.jsonl")
         trainer, trainer_addr = _start("trainer", workdir, "--data-dir", str(workdir / "trainer"),
+                                       "--data-root", str(train_file.parent),
                                        "--adapter-store", str(store), "--serving-address", serving_addr)
         procs.append(trainer)
         _wait_serving(trainer_addr, trainer, 60)
@@ -105,7 +107,7 @@ def run_demo(args) -> int:
         tstub = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(trainer_addr))
         job = trainer_pb2.TrainingJob(
             base_model=str(model), adapter_name="extract-person",
-            training_data=trainer_pb2.DatasetRef(path=str(demo_data.data_path("extract_train.jsonl"))),
+            training_data=trainer_pb2.DatasetRef(path=str(train_file)),
             lora=trainer_pb2.LoraMethod(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"],
                                         lora_dropout=0.05),
             hyperparameters=trainer_pb2.Hyperparameters(

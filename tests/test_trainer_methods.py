@@ -1,0 +1,126 @@
+"""The three methods and the data checks through the trainer service: LoRA, full fine-tuning and
+feature extraction; method/data mismatches and paths outside the data root refused at create
+time; a dataset with errors failing as user_error before any training; the VALIDATED report."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from harness import expect_error, start_service, states, watch_all
+from tunewire import adapters
+from tunewire.trainer.v1 import trainer_pb2 as tpb
+from tunewire.trainer.v1 import trainer_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("methods")
+    (root / "data").mkdir()
+    trainer = start_service("trainer", root, "--data-root", str(root / "data"), "--data-dir",
+                            str(root / "t"), "--adapter-store", str(root / "store"), "--drain-seconds", "0.2")
+    trainer.wait_serving(60)
+    yield root, trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(trainer.address))
+    trainer.stop()
+
+
+def _write(root, name, rows):
+    path = root / "data" / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _job(model, data, name, method, max_steps=6, **kw):
+    return tpb.TrainingJob(base_model=str(model), adapter_name=name, training_data=tpb.DatasetRef(path=str(data)),
+                           hyperparameters=tpb.Hyperparameters(learning_rate=1e-3, max_steps=max_steps,
+                                                               batch_size=4, max_seq_length=32),
+                           **{method: kw.pop("method_msg")}, **kw)
+
+
+PC = [{"prompt": f"q{i} ", "completion": f"a{i % 3}"} for i in range(12)]
+CLS = [{"text": f"{'alice paris' if i % 2 else 'bob oslo'} number {i}", "label": "ab"[i % 2]} for i in range(24)]
+
+
+def test_method_and_data_must_fit_at_create_time(svc, tiny_model_dir):
+    root, stub = svc
+    pc, cls = _write(root, "pc.jsonl", PC), _write(root, "cls.jsonl", CLS)
+    create = lambda job: stub.CreateTrainingJob(tpb.CreateTrainingJobRequest(training_job=job))  # noqa: E731
+    _, fields = expect_error(lambda: create(_job(tiny_model_dir, pc, "x", "feature_extraction",
+                                                 method_msg=tpb.FeatureExtractionMethod())),
+                             grpc.StatusCode.INVALID_ARGUMENT, "METHOD_DATA_MISMATCH")
+    assert "training_job.training_data.path" in fields
+    expect_error(lambda: create(_job(tiny_model_dir, cls, "x", "lora", method_msg=tpb.LoraMethod(r=4))),
+                 grpc.StatusCode.INVALID_ARGUMENT, "METHOD_DATA_MISMATCH")
+    for outside in ("../pc.jsonl", "/etc/passwd"):
+        expect_error(lambda: create(_job(tiny_model_dir, outside, "x", "lora", method_msg=tpb.LoraMethod(r=4))),
+                     grpc.StatusCode.INVALID_ARGUMENT, "DATASET_PATH_INVALID")
+    expect_error(lambda: create(tpb.TrainingJob(base_model=str(tiny_model_dir), adapter_name="x",
+                                                training_data=tpb.DatasetRef(path=str(pc)))),
+                 grpc.StatusCode.INVALID_ARGUMENT)  # no method
+
+
+def test_a_dataset_with_errors_fails_before_training(svc, tiny_model_dir):
+    root, stub = svc
+    bad = _write(root, "bad.jsonl", [PC[0], {"prompt": "no completion"}, PC[1], "{broken", PC[2]])
+    job = stub.CreateTrainingJob(tpb.CreateTrainingJobRequest(training_job=_job(
+        tiny_model_dir, "bad.jsonl", "bad", "lora", method_msg=tpb.LoraMethod(r=4)))).training_job
+    entries = watch_all(stub, job.id, timeout=120)
+    final = stub.GetTrainingJob(tpb.GetTrainingJobRequest(name=job.name)).training_job
+    assert states(entries)[-1] == "FAILED" and final.error.reason == "DATASET_INVALID"
+    assert final.error.user_error and not final.error.retryable
+    assert "line 2" in final.error.message and "line 4" in final.error.message  # every bad line
+    assert not [e for e in entries if e.WhichOneof("payload") == "metric"]  # no step ran
+    assert bad.is_file()
+
+
+def test_lora_job_reports_the_preflight_validation(svc, tiny_model_dir):
+    root, stub = svc
+    _write(root, "good.jsonl", PC + PC[:2])  # two exact duplicates
+    job = stub.CreateTrainingJob(tpb.CreateTrainingJobRequest(training_job=_job(
+        tiny_model_dir, "good.jsonl", "good", "lora", method_msg=tpb.LoraMethod(r=4)))).training_job
+    entries = watch_all(stub, job.id, timeout=180)
+    assert states(entries)[-1] == "SUCCEEDED"
+    validated = [e.event for e in entries if e.WhichOneof("payload") == "event"
+                 and e.event.type == tpb.JobEvent.TYPE_VALIDATED]
+    assert len(validated) == 1
+    report = json.loads(validated[0].data["report"])
+    assert report["ok"] and report["num_examples"] == 14 and report["duplicates"]["count"] == 2
+    assert validated[0].metrics["eos_untrained"] == 0 and validated[0].metrics["coverage_mean"] > 0
+
+
+def test_full_fine_tuning_job_produces_a_full_model(svc, tiny_model_dir):
+    root, stub = svc
+    _write(root, "full.jsonl", PC)
+    job = stub.CreateTrainingJob(tpb.CreateTrainingJobRequest(training_job=_job(
+        tiny_model_dir, "full.jsonl", "full", "full", method_msg=tpb.FullMethod()))).training_job
+    assert states(watch_all(stub, job.id, timeout=300))[-1] == "SUCCEEDED"
+    final = stub.GetTrainingJob(tpb.GetTrainingJobRequest(name=job.name)).training_job
+    assert final.WhichOneof("method") == "full"
+    assert final.trainable_params == final.total_params > 0
+    from pathlib import Path
+
+    model_dir = Path(final.result.uri)
+    assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
+    assert (model_dir / "tokenizer.json").is_file() and "--model" in final.result.serving_message
+
+
+def test_feature_extraction_job_publishes_a_classifier_head(svc, tiny_model_dir):
+    root, stub = svc
+    _write(root, "cls.jsonl", CLS)
+    job = stub.CreateTrainingJob(tpb.CreateTrainingJobRequest(training_job=_job(
+        tiny_model_dir, "cls.jsonl", "sentiment", "feature_extraction", max_steps=30,
+        method_msg=tpb.FeatureExtractionMethod(pooling=tpb.FeatureExtractionMethod.POOLING_MEAN)))).training_job
+    entries = watch_all(stub, job.id, timeout=300)
+    assert states(entries)[-1] == "SUCCEEDED"
+    final = stub.GetTrainingJob(tpb.GetTrainingJobRequest(name=job.name)).training_job
+    assert 0 < final.trainable_params < final.total_params
+    assert 0.0 <= final.result.metrics["accuracy"] <= 1.0 and "macro_f1" in final.result.metrics
+    m = adapters.read_manifest(final.result.uri)
+    assert m.kind == "classifier" and m.base_model_fingerprint == adapters.base_model_fingerprint(tiny_model_dir)
+    evals = [e for e in entries if e.WhichOneof("payload") == "event"
+             and e.event.type == tpb.JobEvent.TYPE_EVAL_COMPLETED]
+    assert evals and "accuracy" in evals[-1].event.metrics
