@@ -43,7 +43,8 @@ def spec_from_proto(job: pb.TrainingJob) -> JobSpec:
         learning_rate=h.learning_rate or d.learning_rate, num_epochs=h.num_epochs or d.num_epochs,
         max_steps=h.max_steps, batch_size=h.batch_size or d.batch_size,
         max_seq_length=h.max_seq_length or d.max_seq_length, warmup_steps=h.warmup_steps,
-        weight_decay=h.weight_decay, max_grad_norm=h.max_grad_norm or d.max_grad_norm, seed=h.seed)
+        weight_decay=h.weight_decay, max_grad_norm=h.max_grad_norm or d.max_grad_norm, seed=h.seed,
+        num_processes=h.num_processes or 1)
     e = job.eval
     ev = EvalSpec(
         validation_fraction=e.validation_fraction if e.HasField("validation_fraction") else None,
@@ -54,7 +55,8 @@ def spec_from_proto(job: pb.TrainingJob) -> JobSpec:
     return JobSpec(base_model=job.base_model, training_data=job.training_data.path,
                    adapter_name=job.adapter_name, lora=lora, hyperparameters=hp,
                    validation_data=job.validation_data.path, eval=ev, priority=job.priority,
-                   method=method, pooling=_POOLING[job.feature_extraction.pooling])
+                   method=method, pooling=_POOLING[job.feature_extraction.pooling],
+                   json_schema=job.json_schema)
 
 
 def job_to_proto(job: Job) -> pb.TrainingJob:
@@ -68,7 +70,9 @@ def job_to_proto(job: Job) -> pb.TrainingJob:
         hyperparameters=pb.Hyperparameters(
             learning_rate=h.learning_rate, num_epochs=h.num_epochs, max_steps=h.max_steps,
             batch_size=h.batch_size, max_seq_length=h.max_seq_length, warmup_steps=h.warmup_steps,
-            weight_decay=h.weight_decay, max_grad_norm=h.max_grad_norm, seed=h.seed),
+            weight_decay=h.weight_decay, max_grad_norm=h.max_grad_norm, seed=h.seed,
+            num_processes=h.num_processes),
+        json_schema=spec.json_schema,
         validation_data=pb.DatasetRef(path=spec.validation_data) if spec.validation_data else None,
         eval=pb.EvalSettings(validation_fraction=spec.eval.validation_fraction,
                              eval_every_steps=spec.eval.eval_every_steps,

@@ -60,6 +60,7 @@ class Hyperparameters:
     weight_decay: float = 0.0                 # AdamW weight decay
     max_grad_norm: float = 1.0                # gradient clipping norm (0 = no clipping)
     seed: int = 0                             # shuffling, dropout and LoRA init
+    num_processes: int = 1                    # DDP worker processes (torchrun) splitting each batch
 
     def __post_init__(self):
         p = "training_job.hyperparameters."
@@ -79,6 +80,10 @@ class Hyperparameters:
             raise invalid(p + "weight_decay", "must be >= 0")
         if self.max_grad_norm < 0:
             raise invalid(p + "max_grad_norm", "must be >= 0")
+        if not 1 <= self.num_processes <= 64:
+            raise invalid(p + "num_processes", "must be in [1, 64]")
+        if self.batch_size % self.num_processes:
+            raise invalid(p + "batch_size", "must be a multiple of num_processes")
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,7 @@ class JobSpec:
     priority: int = 0                         # higher runs first among queued jobs
     method: str = "lora"                      # lora | full | feature_extraction
     pooling: str = "mean"                     # feature_extraction: mean | last
+    json_schema: str = ""                     # JSON schema of completions: enables JSON evals
 
     def __post_init__(self):
         if not self.base_model:
@@ -125,6 +131,11 @@ class JobSpec:
             raise invalid("training_job.training_data.path", "is required")
         if self.method not in METHODS:
             raise invalid("training_job.method", f"must be one of {METHODS}")
+        if self.json_schema:
+            _check_schema(self.json_schema)
+        if self.hyperparameters.num_processes > 1 and self.method != "lora":
+            raise invalid("training_job.hyperparameters.num_processes",
+                          "more than one process is supported for lora only")
         if self.pooling not in ("mean", "last"):
             raise invalid("training_job.feature_extraction.pooling", "must be mean or last")
         if not -1000 <= self.priority <= 1000:
@@ -143,3 +154,13 @@ class JobSpec:
         lora["target_modules"] = tuple(lora.get("target_modules", ()))
         return cls(lora=LoraSpec(**lora), hyperparameters=Hyperparameters(**d.pop("hyperparameters")),
                    eval=EvalSpec(**d.pop("eval", {})), **d)
+
+
+def _check_schema(text: str) -> None:
+    import jsonschema
+
+    try:
+        schema = json.loads(text)
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except (ValueError, jsonschema.SchemaError) as e:
+        raise invalid("training_job.json_schema", f"not a valid JSON schema: {e}", "JSON_SCHEMA_INVALID") from None
