@@ -22,7 +22,8 @@ def svc(tmp_path_factory):
     root = tmp_path_factory.mktemp("methods")
     (root / "data").mkdir()
     trainer = start_service("trainer", root, "--data-root", str(root / "data"), "--data-dir",
-                            str(root / "t"), "--adapter-store", str(root / "store"), "--drain-seconds", "0.2")
+                            str(root / "t"), "--adapter-store", str(root / "store"), "--drain-seconds", "0.2",
+                            "--max-upload-bytes", "4096")
     trainer.wait_serving(60)
     yield root, trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(trainer.address))
     trainer.stop()
@@ -124,3 +125,46 @@ def test_feature_extraction_job_publishes_a_classifier_head(svc, tiny_model_dir)
     evals = [e for e in entries if e.WhichOneof("payload") == "event"
              and e.event.type == tpb.JobEvent.TYPE_EVAL_COMPLETED]
     assert evals and "accuracy" in evals[-1].event.metrics
+
+
+def _upload(stub, filename, payload: bytes, chunk=100):
+    def parts():
+        yield tpb.UploadDatasetRequest(header=tpb.UploadDatasetHeader(filename=filename))
+        for i in range(0, len(payload), chunk):
+            yield tpb.UploadDatasetRequest(chunk=payload[i:i + chunk])
+    return stub.UploadDataset(parts(), timeout=30)
+
+
+def test_upload_is_content_addressed_limited_and_validates(svc, tiny_model_dir):
+    root, stub = svc
+    payload = "".join(json.dumps(r) + "\n" for r in PC).encode()
+    first = _upload(stub, "mine.jsonl", payload)
+    again = _upload(stub, "other-name.jsonl", payload, chunk=7)
+    assert first.path == again.path and first.path.startswith("uploads/") and again.deduplicated
+    assert not first.deduplicated and first.size_bytes == len(payload)
+    import hashlib
+
+    assert first.sha256 == hashlib.sha256(payload).hexdigest()
+    assert (root / "data" / first.path).read_bytes() == payload
+
+    report = stub.ValidateDataset(tpb.ValidateDatasetRequest(
+        base_model=str(tiny_model_dir), training_data=tpb.DatasetRef(path=first.path), max_steps=5)).report
+    assert report.ok and report.format == "prompt_completion" and report.num_examples == 12
+    assert report.eos_untrained == 0 and 0 < report.coverage_min <= report.coverage_mean <= 1
+    assert report.steps == 5 and report.lengths.max >= report.lengths.min > 0
+
+    bad = _upload(stub, "bad.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": 1}\n')
+    report = stub.ValidateDataset(tpb.ValidateDatasetRequest(
+        base_model=str(tiny_model_dir), training_data=tpb.DatasetRef(path=bad.path))).report
+    assert not report.ok and [(e.line, e.field) for e in report.errors][:1] == [(2, "prompt")]
+
+    expect_error(lambda: _upload(stub, "big.jsonl", b"x" * 5000), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 "UPLOAD_TOO_LARGE")
+    expect_error(lambda: _upload(stub, "../evil.jsonl", payload), grpc.StatusCode.INVALID_ARGUMENT,
+                 "DATASET_PATH_INVALID")
+    expect_error(lambda: stub.UploadDataset(iter([tpb.UploadDatasetRequest(chunk=b"x")])),
+                 grpc.StatusCode.INVALID_ARGUMENT)
+    assert not list((root / "data" / "uploads").glob(".tmp-*"))  # failed uploads leave nothing
+    expect_error(lambda: stub.ValidateDataset(tpb.ValidateDatasetRequest(
+        base_model=str(tiny_model_dir), training_data=tpb.DatasetRef(path="/etc/passwd"))),
+        grpc.StatusCode.INVALID_ARGUMENT, "DATASET_PATH_INVALID")

@@ -21,6 +21,7 @@ class TrainerConfig:
     max_concurrent_jobs: int = 1       # workers running at once (1 suits a CPU machine)
     max_queued_jobs: int = 100         # queued jobs beyond this are refused (RESOURCE_EXHAUSTED)
     max_worker_retries: int = 2        # a job whose worker dies is resumed this often, then FAILED
+    max_upload_bytes: int = 256 << 20  # UploadDataset size limit
     worker_threads: int = 0            # torch threads per worker; 0 = all cores
     cancel_grace_seconds: float = 10.0  # SIGTERM → SIGKILL delay for a worker being stopped
     drain_seconds: float = 2.0         # NOT_SERVING period on SIGTERM before the server stops

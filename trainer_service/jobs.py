@@ -32,6 +32,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from trainer_service.launcher import Launcher, WorkerHandle
 from trainer_service import data
 from trainer_service.spec import METHOD_FORMATS, JobSpec
+from trainer_service.uploads import Upload
 from trainer_service.store import STATES, TERMINAL, Entry, Job, JobStore
 from tunewire import adapters
 from tunewire.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unauthenticated, invalid
@@ -98,12 +99,14 @@ class JobService:
     def __init__(self, store: JobStore, launcher: Launcher, *, data_dir: Path, adapter_store: Path,
                  data_root: Path,
                  report_address: str, handoff: Handoff | None, max_concurrent: int = 1,
-                 max_queued: int = 100, max_retries: int = 2, cancel_grace_seconds: float = 10.0):
+                 max_queued: int = 100, max_retries: int = 2, cancel_grace_seconds: float = 10.0,
+                 max_upload_bytes: int = 256 << 20):
         self.store, self.launcher, self.handoff = store, launcher, handoff
         self.data_dir, self.adapter_store = Path(data_dir).resolve(), Path(adapter_store).resolve()
         self.data_root = Path(data_root).resolve()  # datasets may only be read from under here
         self.report_address = report_address
         self.max_concurrent, self.max_queued, self.max_retries = max_concurrent, max_queued, max_retries
+        self.max_upload_bytes = max_upload_bytes
         self._cancel_publish: set[str] = set()   # jobs cancelled while publishing
         self.cancel_grace_seconds = cancel_grace_seconds
         self._workers: dict[str, WorkerHandle] = {}
@@ -178,6 +181,23 @@ class JobService:
                 f"{' or '.join(METHOD_FORMATS[spec.method])}",
                 field_violations={"training_job.training_data.path": f"{fmt} data does not fit {spec.method}"})
         return dataclasses.replace(spec, training_data=str(train), validation_data=str(val) if val else "")
+
+    def upload(self, filename: str) -> Upload:
+        return Upload(self.data_root, filename, self.max_upload_bytes)
+
+    def validate_dataset(self, base_model: str, training_data: str, validation_data: str, *,
+                         max_seq_length: int, batch_size: int, num_epochs: int, max_steps: int):
+        """The pre-flight report (blocking: run it in a thread). Paths are confined to the data root."""
+        from trainer_service import common, preflight  # tokenizers: loaded only when asked
+
+        if not (Path(base_model) / "config.json").is_file():
+            raise invalid("base_model", f"no model directory at {base_model}")
+        train = data.resolve_data_path(training_data, self.data_root, "training_data.path")
+        val = data.resolve_data_path(validation_data, self.data_root, "validation_data.path") if validation_data else None
+        tokenizer = common.load_tokenizer(base_model)
+        return preflight.validate_dataset(train, tokenizer, max_seq_length, validation_path=val,
+                                          eos_ids=common.stop_ids(base_model, tokenizer),
+                                          batch_size=batch_size, num_epochs=num_epochs, max_steps=max_steps)
 
     def get(self, job_id: str) -> Job:
         job = self.store.get(job_id)

@@ -57,7 +57,7 @@ async def serve(cfg: TrainerConfig) -> None:
                           data_root=Path(cfg.data_root),
                           report_address=f"{cfg.host}:{port}", handoff=handoff,
                           max_concurrent=cfg.max_concurrent_jobs, max_queued=cfg.max_queued_jobs,
-                          max_retries=cfg.max_worker_retries,
+                          max_retries=cfg.max_worker_retries, max_upload_bytes=cfg.max_upload_bytes,
                           cancel_grace_seconds=cfg.cancel_grace_seconds)
         holder["jobs"] = jobs
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(jobs), server)

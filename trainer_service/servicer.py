@@ -5,6 +5,9 @@ Domain errors raised here or below become gRPC statuses in `tunewire.grpc_util`'
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from trainer_service.jobs import JobService
@@ -117,6 +120,23 @@ def entry_to_proto(e: Entry) -> pb.WatchTrainingJobResponse:
     return out
 
 
+def report_to_proto(r) -> pb.DatasetReport:
+    return pb.DatasetReport(
+        ok=r.ok, format=r.format or "", num_examples=r.num_examples,
+        num_validation_examples=r.num_validation_examples or 0,
+        errors=[pb.DatasetIssue(line=e.line, field=e.field, message=e.message, source=e.source)
+                for e in r.errors], error_count=r.error_count,
+        lengths=pb.TokenLengths(**vars(r.lengths)) if r.lengths else None,
+        truncated=r.truncated, dropped=r.dropped, duplicates=r.duplicates.count,
+        leaked_examples=r.leakage.exact.count if r.leakage else 0,
+        leaked_inputs=r.leakage.input.count if r.leakage else 0,
+        coverage_mean=r.coverage_mean or 0.0, coverage_min=r.coverage_min or 0.0,
+        eos_untrained=r.eos_untrained or 0, label_counts={str(k): v for k, v in (r.label_counts or {}).items()},
+        steps=r.fit.steps if r.fit else 0, tokens_per_epoch=r.fit.tokens_per_epoch if r.fit else 0,
+        trained_tokens_per_epoch=(r.fit.trained_tokens_per_epoch or 0) if r.fit else 0,
+        details_json=json.dumps(r.to_dict()))
+
+
 def _job_id(name: str) -> str:
     job_id = name.removeprefix("trainingJobs/")
     if not job_id or "/" in job_id:
@@ -160,6 +180,35 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return pb.ListCheckpointsResponse(next_page_token=nxt, checkpoints=[
             pb.Checkpoint(step=c.step, metrics=c.metrics, uri=c.uri, best=c.best, create_time=_ts(c.time))
             for c in checkpoints])
+
+    async def ValidateDataset(self, request, context):
+        r = await asyncio.to_thread(
+            self.jobs.validate_dataset, request.base_model, request.training_data.path,
+            request.validation_data.path, max_seq_length=request.max_seq_length or 512,
+            batch_size=request.batch_size or 8, num_epochs=request.num_epochs or 1,
+            max_steps=request.max_steps)
+        return pb.ValidateDatasetResponse(report=report_to_proto(r))
+
+    async def UploadDataset(self, request_iterator, context):
+        upload = None
+        try:
+            async for req in request_iterator:
+                if req.HasField("header"):
+                    if upload is not None:
+                        raise invalid("header", "only the first message may be a header")
+                    upload = self.jobs.upload(req.header.filename)
+                elif upload is None:
+                    raise invalid("header", "the first message must be the header")
+                else:
+                    upload.write(req.chunk)
+            if upload is None:
+                raise invalid("header", "the first message must be the header")
+            path, sha, size, dedup = upload.finish()
+            upload = None
+            return pb.UploadDatasetResponse(path=path, sha256=sha, size_bytes=size, deduplicated=dedup)
+        finally:
+            if upload is not None:  # the client went away or sent something wrong: leave nothing
+                upload.abort()
 
     async def WatchTrainingJob(self, request, context):
         if request.after_seq < 0:

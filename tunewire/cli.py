@@ -1,7 +1,8 @@
 """`tunewire` — one command line for both services and their clients.
 
     tunewire serve trainer|serving [--config FILE] [flags]     start a service
-    tunewire jobs create|get|list|watch|cancel ...             training jobs
+    tunewire jobs create|get|list|watch|cancel|checkpoints ... training jobs
+    tunewire datasets upload FILE | validate ...               training data
     tunewire adapters list|load|unload ...                     adapters loaded in serving
     tunewire generate --prompt TEXT [--adapter A] [--json-schema FILE]
     tunewire demo                                              the end-to-end demo
@@ -162,6 +163,38 @@ def watch(stub, job_id: str, after_seq: int = 0, console=None) -> int:
     return 0 if final == pb.TrainingJob.STATE_SUCCEEDED else 1
 
 
+# -- datasets ---------------------------------------------------------------------------------
+@_client_errors
+def cmd_datasets(args) -> int:
+    from rich.progress import Progress
+
+    from tunewire.trainer.v1 import trainer_pb2 as pb
+
+    stub = _trainer(args)
+    if args.action == "upload":
+        size = os.path.getsize(args.file)
+        with Progress(console=None, transient=True) as bar:
+            task = bar.add_task(f"uploading {os.path.basename(args.file)}", total=size)
+
+            def parts():
+                yield pb.UploadDatasetRequest(header=pb.UploadDatasetHeader(filename=os.path.basename(args.file)))
+                with open(args.file, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        bar.advance(task, len(chunk))
+                        yield pb.UploadDatasetRequest(chunk=chunk)
+
+            _print(stub.UploadDataset(parts()))
+        return 0
+    report = stub.ValidateDataset(pb.ValidateDatasetRequest(
+        base_model=os.path.abspath(args.base_model), training_data=pb.DatasetRef(path=args.data),
+        validation_data=pb.DatasetRef(path=args.validation_data) if args.validation_data else None,
+        max_seq_length=args.max_seq_length, batch_size=args.batch_size, max_steps=args.max_steps)).report
+    d = MessageToDict(report, preserving_proto_field_name=True)
+    d.pop("details_json", None)
+    print(json.dumps(d, indent=2))
+    return 0 if report.ok else 1
+
+
 # -- adapters and generation ------------------------------------------------------------------
 @_client_errors
 def cmd_adapters(args) -> int:
@@ -222,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, typ in [("host", str), ("port", int), ("metrics-port", int), ("adapter-store", str),
                       ("data-dir", str), ("data-root", str), ("serving-address", str), ("model", str),
                       ("max-concurrent-jobs", int), ("max-queued-jobs", int),
-                      ("max-worker-retries", int),
+                      ("max-worker-retries", int), ("max-upload-bytes", int),
                       ("max-loras", int), ("max-lora-rank", int), ("max-cpu-loras", int),
                       ("max-model-len", int), ("drain-seconds", float), ("log-level", str)]:
         s.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"))
@@ -267,6 +300,19 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--page-size", type=int, default=50)
     ls.add_argument("--page-token", default="")
     j.set_defaults(func=cmd_jobs)
+
+    ds = sub.add_parser("datasets", help="upload and check training data")
+    dss = ds.add_subparsers(dest="action", required=True)
+    up = dss.add_parser("upload", help="stream a file to the trainer's data root")
+    up.add_argument("file")
+    va = dss.add_parser("validate", help="the pre-flight report, without training")
+    va.add_argument("--base-model", required=True)
+    va.add_argument("--data", required=True, help="path under the trainer's data root")
+    va.add_argument("--validation-data", default="")
+    va.add_argument("--max-seq-length", type=int, default=0)
+    va.add_argument("--batch-size", type=int, default=0)
+    va.add_argument("--max-steps", type=int, default=0)
+    ds.set_defaults(func=cmd_datasets)
 
     a = sub.add_parser("adapters", help="adapters in serving")
     as_ = a.add_subparsers(dest="action", required=True)

@@ -80,7 +80,7 @@ def _request_id(request, context) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and value:
             return value
-    rid = getattr(request, "request_id", "")
+    rid = getattr(request, "request_id", "") if request is not None else ""
     return rid if isinstance(rid, str) and rid else uuid.uuid4().hex[:16]
 
 
@@ -89,7 +89,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or not (handler.unary_unary or handler.unary_stream):
+        if handler is None or handler.stream_stream:
             return handler
         _, service, method = details.method.split("/")
         # health probes, reflection and per-step worker reports: count them, but do not log each
@@ -131,6 +131,17 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+        if handler.stream_unary:  # client streaming (uploads): the request is an async iterator
+            inner_upload = handler.stream_unary
+
+            async def upload(requests, context):
+                async with guard(None, context):
+                    return await inner_upload(requests, context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                upload, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
 
         inner_stream = handler.unary_stream
