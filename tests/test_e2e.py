@@ -88,8 +88,12 @@ def job_spec(model, data, name, *, max_steps=30, **lora) -> tpb.TrainingJob:
 
 @pytest.fixture(scope="module")
 def trained(stack, dataset):
+    spec = job_spec(stack.model, dataset, "json-extract")
+    spec.validation_data.path = str(dataset)  # held-out rows for the JSON eval through serving
+    spec.json_schema = json.dumps(SCHEMA)
+    spec.eval.early_stopping_patience = 0  # all 30 steps, whatever validation does
     job = stack.jobs.CreateTrainingJob(tpb.CreateTrainingJobRequest(
-        training_job=job_spec(stack.model, dataset, "json-extract"), request_id="e2e-1")).training_job
+        training_job=spec, request_id="e2e-1")).training_job
     entries = watch_all(stack.jobs, job.id)
     final = stack.jobs.GetTrainingJob(tpb.GetTrainingJobRequest(name=job.name)).training_job
     return job, entries, final
@@ -171,10 +175,19 @@ def test_training_job_runs_publishes_and_hands_off(stack, trained, dataset):
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(stack.model),
                                 LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     assert (final.trainable_params, final.total_params) == peft_model.get_nb_trainable_parameters()
-    # idempotent create: same request id → same job
+    # JSON eval through serving, base model vs adapter, on the validation set
+    for key in ("json_valid_json_rate", "json_schema_valid_rate", "json_field_accuracy",
+                "base_json_valid_json_rate", "base_json_field_accuracy"):
+        assert 0.0 <= final.result.metrics[key] <= 1.0, key
+    assert any(e.event.type == tpb.JobEvent.TYPE_EVAL_COMPLETED and "json_field_accuracy" in e.event.metrics
+               for e in entries if e.WhichOneof("payload") == "event")
+    # idempotent create: same request id → same job; a different spec under it is refused
     again = stack.jobs.CreateTrainingJob(tpb.CreateTrainingJobRequest(
-        training_job=job_spec(stack.model, dataset, "json-extract"), request_id="e2e-1")).training_job
+        training_job=job, request_id="e2e-1")).training_job
     assert again.id == job.id
+    expect_error(lambda: stack.jobs.CreateTrainingJob(tpb.CreateTrainingJobRequest(
+        training_job=job_spec(stack.model, dataset, "json-extract"), request_id="e2e-1")),
+        grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
     listed = stack.jobs.ListTrainingJobs(tpb.ListTrainingJobsRequest(state=tpb.TrainingJob.STATE_SUCCEEDED))
     assert job.id in [j.id for j in listed.training_jobs]
     adapters_listed = stack.gen.ListAdapters(spb.ListAdaptersRequest()).adapters

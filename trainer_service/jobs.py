@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import hashlib
 import hmac
+import json
 import logging
 import math
 import os
@@ -34,8 +35,9 @@ from trainer_service import data
 from trainer_service.spec import METHOD_FORMATS, JobSpec
 from trainer_service.uploads import Upload
 from trainer_service.store import STATES, TERMINAL, Entry, Job, JobStore
-from tunewire import adapters
-from tunewire.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unauthenticated, invalid
+from tunewire import adapters, evals
+from tunewire.errors import (FailedPrecondition, InvalidArgument, JobFailure, ResourceExhausted,
+                             Unauthenticated, invalid)
 
 log = logging.getLogger("tunewire.trainer.jobs")
 
@@ -71,6 +73,7 @@ class HandoffError(Exception):
 
 class Handoff(Protocol):
     async def load_adapter(self, *, name: str, version: str, uri: str, manifest_sha256: str) -> str: ...
+    async def generate(self, *, adapter: str, prompt: str, messages: list[dict], max_tokens: int) -> str: ...
 
 
 def _error(reason: str, message: str, *, user_error: bool = False, retryable: bool = False) -> dict:
@@ -429,11 +432,40 @@ class JobService:
                 return
             result.update(serving_loaded=True, serving_message=msg)
             self._event(job_id, "SERVING_LOADED", msg)
+            if spec.json_schema and spec.validation_data:
+                result["metrics"] = {**metrics, **await self._json_eval(job_id, spec)}
         PUBLISH_SECONDS.observe(time.perf_counter() - started)
         cancelled = job_id in self._cancel_publish
         self._cancel_publish.discard(job_id)
         self._set_state(job_id, "CANCELLED" if cancelled else "SUCCEEDED", result=result,
                         end_time=time.time())
+
+    async def _json_eval(self, job_id: str, spec: JobSpec, limit: int = 50) -> dict[str, float]:
+        """Base model vs the new adapter on the validation set, through serving (greedy, free
+        text): JSON parse rate, schema-valid rate, field accuracy, exact match."""
+        try:
+            rows = (await asyncio.to_thread(data.load_examples, spec.validation_data))[:limit]
+            cases = []
+            for r in rows:
+                ref = r["completion"] if "prompt" in r else r["messages"][-1]["content"]
+                cases.append((r.get("prompt", ""), r.get("messages", [])[:-1], json.loads(ref)))
+            schema = json.loads(spec.json_schema)
+
+            async def answers(adapter: str) -> list[str]:
+                return await asyncio.gather(*(self.handoff.generate(
+                    adapter=adapter, prompt=p, messages=m, max_tokens=256) for p, m, _ in cases))
+
+            refs = [c[2] for c in cases]
+            tuned = evals.score_json(await answers(spec.adapter_name), refs, schema)
+            base = evals.score_json(await answers(""), refs, schema)
+        except (HandoffError, ValueError, KeyError, JobFailure) as e:
+            self._event(job_id, "EVAL_COMPLETED", f"JSON eval skipped: {e}")
+            return {}
+        metrics = {**{f"json_{k}": v for k, v in tuned.items()}, **{f"base_json_{k}": v for k, v in base.items()}}
+        self._event(job_id, "EVAL_COMPLETED", f"JSON eval on {len(cases)} held-out examples: valid JSON "
+                    f"{tuned['valid_json_rate']:.0%} (base {base['valid_json_rate']:.0%}), field accuracy "
+                    f"{tuned['field_accuracy']:.0%} (base {base['field_accuracy']:.0%})", {}, metrics)
+        return metrics
 
     def _append(self, job_id: str, kind: str, payload: dict, **fields) -> Entry:
         entry = self.store.append(job_id, kind, payload, **fields)

@@ -44,6 +44,17 @@ class ServingHandoff:
         a = resp.adapter
         return f"serving loaded {a.name}@{a.version} (rank {a.rank}) in {a.load_ms:.0f} ms"
 
+    async def generate(self, *, adapter: str, prompt: str, messages: list[dict], max_tokens: int) -> str:
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            try:
+                resp = await serving_pb2_grpc.ServingServiceStub(channel).Generate(serving_pb2.GenerateRequest(
+                    adapter=adapter, prompt=prompt,
+                    messages=[serving_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+                    sampling=serving_pb2.SamplingParams(max_tokens=max_tokens)), timeout=self.timeout)
+            except grpc.aio.AioRpcError as e:
+                raise HandoffError(f"{e.code().name}: {e.details()}") from e
+        return resp.text
+
 
 async def serve(cfg: TrainerConfig) -> None:
     store = JobStore(cfg.db_path)

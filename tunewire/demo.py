@@ -108,6 +108,8 @@ def run_demo(args) -> int:
         job = trainer_pb2.TrainingJob(
             base_model=str(model), adapter_name="extract-person",
             training_data=trainer_pb2.DatasetRef(path=str(train_file)),
+            validation_data=trainer_pb2.DatasetRef(path=str(demo_data.data_path("extract_heldout.jsonl"))),
+            json_schema=json.dumps(demo_data.load_schema()),
             lora=trainer_pb2.LoraMethod(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"],
                                         lora_dropout=0.05),
             hyperparameters=trainer_pb2.Hyperparameters(
@@ -125,6 +127,13 @@ def run_demo(args) -> int:
                     f"published {final.result.adapter}@{final.result.version}; "
                     f"serving: {final.result.serving_message}")
 
+        m = final.result.metrics
+        if "best_step" in m:
+            console.log(f"best checkpoint: step {m['best_step']:.0f} (eval_loss {m['best_eval_loss']:.4f})")
+        if "json_valid_json_rate" in m:
+            console.log(f"the job's JSON eval through serving: valid JSON {m['json_valid_json_rate']:.0%} "
+                        f"(base {m['base_json_valid_json_rate']:.0%}), field accuracy "
+                        f"{m['json_field_accuracy']:.0%} (base {m['base_json_field_accuracy']:.0%})")
         _wait_serving(serving_addr, serving, 600)
         sstub = serving_pb2_grpc.ServingServiceStub(grpc.insecure_channel(serving_addr))
         rows = demo_data.load_rows("extract_heldout")
