@@ -67,5 +67,14 @@ def test_priorities_full_queue_cancel_queued_and_checkpoints(tmp_path, tiny_mode
         expect_error(lambda: stub.ListCheckpoints(tpb.ListCheckpointsRequest(name="nope")),
                      grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND")
         assert states(watch_all(stub, blocker.id, timeout=60))[-1] == "CANCELLED"
+        job_dir = tmp_path / "t" / "jobs" / high.id  # per-job metrics CSV and loss curve
+        deadline = time.monotonic() + 10
+        while not (job_dir / "loss_curve.png").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        rows = (job_dir / "metrics.csv").read_text().splitlines()
+        assert rows[0].startswith("step,") and "eval_loss" in rows[0] and len(rows) == 7
+        from PIL import Image
+
+        assert Image.open(job_dir / "loss_curve.png").size == (900, 500)
     finally:
         trainer.stop()

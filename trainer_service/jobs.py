@@ -15,7 +15,6 @@ import asyncio
 import dataclasses
 import hashlib
 import hmac
-import json
 import logging
 import math
 import os
@@ -25,19 +24,18 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+
 
 import psutil
 from prometheus_client import Counter, Gauge, Histogram
 
 from trainer_service.launcher import Launcher, WorkerHandle
-from trainer_service import data
+from trainer_service import artifacts, data, publisher
+from trainer_service.publisher import Handoff, HandoffError, error as _error
 from trainer_service.spec import METHOD_FORMATS, JobSpec
 from trainer_service.uploads import Upload
 from trainer_service.store import STATES, TERMINAL, Entry, Job, JobStore
-from tunewire import adapters, evals
-from tunewire.errors import (FailedPrecondition, InvalidArgument, JobFailure, ResourceExhausted,
-                             Unauthenticated, invalid)
+from tunewire.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unauthenticated, invalid
 
 log = logging.getLogger("tunewire.trainer.jobs")
 
@@ -65,19 +63,6 @@ class CheckpointInfo:
     uri: str
     best: bool
     time: float
-
-
-class HandoffError(Exception):
-    """Serving refused or could not be reached; the message says why."""
-
-
-class Handoff(Protocol):
-    async def load_adapter(self, *, name: str, version: str, uri: str, manifest_sha256: str) -> str: ...
-    async def generate(self, *, adapter: str, prompt: str, messages: list[dict], max_tokens: int) -> str: ...
-
-
-def _error(reason: str, message: str, *, user_error: bool = False, retryable: bool = False) -> dict:
-    return {"reason": reason, "message": message, "user_error": user_error, "retryable": retryable}
 
 
 def _stop_orphan(job: Job) -> None:
@@ -387,85 +372,18 @@ class JobService:
                     f"{attempts} attempts; see worker.log", retryable=True))
         self._kick.set()
 
-    async def _publish(self, job_id: str, adapter_dir: Path, metrics: dict[str, float]) -> None:
-        spec = JobSpec.from_json(self.store.get(job_id).spec)
+    async def _publish(self, job_id: str, artifact: Path, metrics: dict[str, float]) -> None:
         started = time.perf_counter()
-        if spec.method == "full":
-            # A full model is not hot-loadable: serving is started on it (it stays in the job dir).
-            result = {"adapter": spec.adapter_name, "version": "", "uri": str(adapter_dir),
-                      "metrics": metrics, "serving_loaded": False,
-                      "serving_message": f"full model: start serving with --model {adapter_dir}"}
-            self._event(job_id, "ADAPTER_PUBLISHED", f"full model ready at {adapter_dir}",
-                        {"uri": str(adapter_dir)})
-            self._set_state(job_id, "SUCCEEDED", result=result, end_time=time.time())
-            return
-        try:
-            dest, manifest = await asyncio.to_thread(
-                adapters.publish, adapter_dir, self.adapter_store, spec.adapter_name,
-                base_model_dir=spec.base_model, source_job=f"trainingJobs/{job_id}")
-        except Exception as e:  # noqa: BLE001 - any failure here fails the job, with the reason
-            log.exception("publish failed", extra={"job": job_id})
-            self._set_state(job_id, "FAILED", end_time=time.time(),
-                            error=_error("PUBLISH_FAILED", f"{type(e).__name__}: {e}", retryable=True))
-            return
-        result = {"adapter": spec.adapter_name, "version": manifest.version, "uri": str(dest),
-                  "manifest_sha256": manifest.sha256, "metrics": metrics,
-                  "serving_loaded": False, "serving_message": "no serving endpoint configured"}
-        self._event(job_id, "ADAPTER_PUBLISHED", f"published {spec.adapter_name}@{manifest.version}",
-                    {"uri": str(dest), "version": manifest.version, "manifest_sha256": manifest.sha256})
-        if job_id in self._cancel_publish:  # cancelled while publishing: no handoff
-            self._cancel_publish.discard(job_id)
-            self._set_state(job_id, "CANCELLED", result=result, end_time=time.time())
-            return
-        if spec.method == "feature_extraction":
-            result["serving_message"] = "classifier heads are published to the store only"
-        elif self.handoff is not None:
-            try:
-                msg = await self.handoff.load_adapter(name=spec.adapter_name, version=manifest.version,
-                                                      uri=str(dest), manifest_sha256=manifest.sha256)
-            except HandoffError as e:
-                result["serving_message"] = str(e)
-                self._event(job_id, "SERVING_LOAD_FAILED", str(e))
-                self._set_state(job_id, "FAILED", result=result, end_time=time.time(), error=_error(
-                    "HANDOFF_FAILED", f"serving did not load the adapter (it stays in the store at "
-                    f"{dest}): {e}", retryable=True))
-                return
-            result.update(serving_loaded=True, serving_message=msg)
-            self._event(job_id, "SERVING_LOADED", msg)
-            if spec.json_schema and spec.validation_data:
-                result["metrics"] = {**metrics, **await self._json_eval(job_id, spec)}
+        state, result, error = await publisher.publish(
+            JobSpec.from_json(self.store.get(job_id).spec), job_id, artifact, metrics,
+            adapter_store=self.adapter_store, handoff=self.handoff,
+            emit=lambda kind, msg, data=None, m=None: self._event(job_id, kind, msg, data, m),
+            cancelled=lambda: job_id in self._cancel_publish)
         PUBLISH_SECONDS.observe(time.perf_counter() - started)
-        cancelled = job_id in self._cancel_publish
+        if job_id in self._cancel_publish and state == "SUCCEEDED":
+            state = "CANCELLED"
         self._cancel_publish.discard(job_id)
-        self._set_state(job_id, "CANCELLED" if cancelled else "SUCCEEDED", result=result,
-                        end_time=time.time())
-
-    async def _json_eval(self, job_id: str, spec: JobSpec, limit: int = 50) -> dict[str, float]:
-        """Base model vs the new adapter on the validation set, through serving (greedy, free
-        text): JSON parse rate, schema-valid rate, field accuracy, exact match."""
-        try:
-            rows = (await asyncio.to_thread(data.load_examples, spec.validation_data))[:limit]
-            cases = []
-            for r in rows:
-                ref = r["completion"] if "prompt" in r else r["messages"][-1]["content"]
-                cases.append((r.get("prompt", ""), r.get("messages", [])[:-1], json.loads(ref)))
-            schema = json.loads(spec.json_schema)
-
-            async def answers(adapter: str) -> list[str]:
-                return await asyncio.gather(*(self.handoff.generate(
-                    adapter=adapter, prompt=p, messages=m, max_tokens=256) for p, m, _ in cases))
-
-            refs = [c[2] for c in cases]
-            tuned = evals.score_json(await answers(spec.adapter_name), refs, schema)
-            base = evals.score_json(await answers(""), refs, schema)
-        except (HandoffError, ValueError, KeyError, JobFailure) as e:
-            self._event(job_id, "EVAL_COMPLETED", f"JSON eval skipped: {e}")
-            return {}
-        metrics = {**{f"json_{k}": v for k, v in tuned.items()}, **{f"base_json_{k}": v for k, v in base.items()}}
-        self._event(job_id, "EVAL_COMPLETED", f"JSON eval on {len(cases)} held-out examples: valid JSON "
-                    f"{tuned['valid_json_rate']:.0%} (base {base['valid_json_rate']:.0%}), field accuracy "
-                    f"{tuned['field_accuracy']:.0%} (base {base['field_accuracy']:.0%})", {}, metrics)
-        return metrics
+        self._set_state(job_id, state, result=result, error=error, end_time=time.time())
 
     def _append(self, job_id: str, kind: str, payload: dict, **fields) -> Entry:
         entry = self.store.append(job_id, kind, payload, **fields)
@@ -483,6 +401,10 @@ class JobService:
                 except KeyError:
                     pass
         self._update_state_gauge()
+        if state in TERMINAL:  # metrics.csv and loss_curve.png beside the job's other files
+            entries = self._all_history(job_id)
+            self._spawn(asyncio.to_thread(artifacts.write_job_artifacts, entries,
+                                          self.data_dir / "jobs" / job_id, f"trainingJobs/{job_id}"))
         log.info("job state", extra={"job": job_id, "state": state,
                                      "reason": (error or {}).get("reason", "")})
 
@@ -504,4 +426,4 @@ class JobService:
         task.add_done_callback(self._tasks.discard)
 
 
-__all__ = ["Handoff", "HandoffError", "JobService", "TERMINAL"]
+__all__ = ["Handoff", "HandoffError", "JobService", "TERMINAL"]  # re-exported for the server

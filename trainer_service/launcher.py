@@ -4,16 +4,26 @@
 cancel can signal the whole process group). The worker finds its spec in the job directory and
 reports back to the trainer's `TrainerWorkerService` with the per-job token it gets in its
 environment (never on the command line, where `ps` would show it).
+
+A job whose spec asks for `num_processes` > 1 runs under torchrun instead
+(`python -m torch.distributed.run --standalone --nproc_per_node N -m trainer_service.worker ...`):
+torchrun leads the session and starts one worker per rank, so signalling the group still reaches
+every process, and it exits non-zero when any rank fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
 from pathlib import Path
 from typing import Protocol
+
+from trainer_service.spec import JobSpec
+
+log = logging.getLogger("tunewire.trainer.launcher")
 
 
 class WorkerHandle(Protocol):
@@ -61,13 +71,28 @@ class LocalLauncher:
         env = dict(os.environ, TUNEWIRE_JOB_TOKEN=token, PYTHONUNBUFFERED="1")
         if self.threads:
             env["TUNEWIRE_TRAIN_THREADS"] = str(self.threads)
-        log = open(job_dir / "worker.log", "ab")
+        cmd = ["-m", "trainer_service.worker", "--job-id", job_id, "--job-dir", str(job_dir),
+               "--report-address", report_address]
+        n = num_processes(job_dir)
+        if n > 1:
+            # The threads are shared out among the ranks (the recipe sets the same number).
+            env["OMP_NUM_THREADS"] = str(max(1, (self.threads or os.cpu_count() or 1) // n))
+            cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *cmd]
+        out = open(job_dir / "worker.log", "ab")
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "trainer_service.worker", "--job-id", job_id,
-                "--job-dir", str(job_dir), "--report-address", report_address,
-                env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True)
+                sys.executable, *cmd, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out,
+                stderr=out, start_new_session=True)
         finally:
-            log.close()
+            out.close()
         return _LocalWorker(proc)
+
+
+def num_processes(job_dir: Path) -> int:
+    """The job's `hyperparameters.num_processes`; 1 when the spec cannot be read (the worker
+    then fails on it and says why)."""
+    try:
+        return JobSpec.from_json((Path(job_dir) / "spec.json").read_text()).hyperparameters.num_processes
+    except Exception as e:  # noqa: BLE001 - a bad spec is the worker's to report
+        log.warning("cannot read the job's spec: %s", e, extra={"job_dir": str(job_dir)})
+        return 1

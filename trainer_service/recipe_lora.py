@@ -12,11 +12,19 @@ nothing here knows about gRPC, so it also runs on its own:
         Path("/tmp/out"), reporter, should_stop=lambda: False)
 
 Threads: `TUNEWIRE_TRAIN_THREADS` (default: all cores) sets torch's intra-op threads.
+
+Data parallel: started by torchrun (`num_processes` > 1, see launcher.py and distributed.py),
+every rank runs this same function. All ranks draw the same shuffled order and each trains on its
+slice of every global batch; DDP averages the gradients. Rank 0 alone reports (the others get a
+reporter that drops everything), evaluates, checkpoints and saves; a stop request or rank 0's
+early stopping reaches every rank through `distributed.any_rank`, so no rank waits alone in a
+collective. The threads are shared out: TUNEWIRE_TRAIN_THREADS / num_processes per rank.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import shutil
@@ -27,7 +35,7 @@ from typing import Protocol
 
 import torch
 
-from trainer_service import common, data, evaluation, resume
+from trainer_service import common, data, distributed, evaluation, resume
 from trainer_service.resume import TrainState
 from trainer_service.spec import JobSpec
 from tunewire.errors import JobFailure
@@ -60,7 +68,9 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     from transformers import set_seed
 
     set_seed(hp.seed)  # python, numpy and torch: LoRA init, dropout and shuffling repeat
-    torch.set_num_threads(int(os.environ.get("TUNEWIRE_TRAIN_THREADS", os.cpu_count() or 1)))
+    rank, world = distributed.rank(), distributed.world_size()  # 0 and 1 without torchrun
+    threads = int(os.environ.get("TUNEWIRE_TRAIN_THREADS", os.cpu_count() or 1))
+    torch.set_num_threads(max(1, threads // world))
 
     tokenizer = common.load_tokenizer(spec.base_model)
     # Data before the model: a bad file fails in seconds instead of after loading the weights.
@@ -101,6 +111,7 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
 
     # ---- train ---------------------------------------------------------------------------
     model.train()  # LoRA dropout on
+    train_model = distributed.wrap(model)  # DDP around the peft model; evaluation uses the model
     shuffle = torch.Generator().manual_seed(hp.seed)
     probe = (val_rows or rows)[:hp.batch_size]  # a fixed batch: resume continuity is checked on it
     st = TrainState()
@@ -119,30 +130,32 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     while st.step < total_steps and not st.stopped_early:
         if st.pos >= len(st.order):  # a new epoch; with max_steps the data repeats as needed
             st.order, st.pos = torch.randperm(len(rows), generator=shuffle).tolist(), 0
-        if should_stop():
+        if distributed.any_rank(should_stop()):
             raise Cancelled(f"stopped before step {st.step + 1} of {total_steps}")
         st.step += 1
         step = st.step
         t0 = time.perf_counter()
-        batch = data.collate([rows[i] for i in st.order[st.pos:st.pos + hp.batch_size]], pad_id)
+        ids, counts = distributed.shard(st.order[st.pos:st.pos + hp.batch_size])  # this rank's slice
+        batch = data.collate([rows[i] for i in ids], pad_id)
         st.pos += hp.batch_size
         lr = common.learning_rate(step, total_steps, hp.learning_rate, hp.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        loss = common.completion_loss(model, batch)
-        if not torch.isfinite(loss):
-            raise JobFailure("TRAINING_DIVERGED", f"loss is {loss.item()} at step {step}; "
+        # With DDP: the global batch's loss and real tokens, the same on every rank.
+        loss, loss_value, real_tokens = distributed.batch_loss(train_model, batch, counts)
+        if not math.isfinite(loss_value):
+            raise JobFailure("TRAINING_DIVERGED", f"loss is {loss_value} at step {step}; "
                              f"try a lower learning_rate", user_error=True)
-        loss.backward()
+        with distributed.collective():  # DDP all-reduces the gradients during backward
+            loss.backward()
         # Infinite max norm computes the norm without clipping (max_grad_norm 0 = no clip).
         grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm or math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        real_tokens = int(batch["attention_mask"].sum())  # padding is not throughput
         st.tokens_seen += real_tokens
-        st.losses.append(loss.item())
+        st.losses.append(loss_value)
         st.since_eval.append(st.losses[-1])
         seconds = time.perf_counter() - t0
         reporter.metric(step=step, epoch=step / steps_per_epoch, loss=st.losses[-1],
@@ -151,6 +164,9 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
                         tokens_seen=st.tokens_seen, total_steps=total_steps, step_seconds=seconds)
 
         if step % every and step != total_steps:
+            continue
+        if rank:  # only rank 0 evaluates and writes; the others wait for its early-stop decision
+            st.stopped_early = distributed.any_rank(False)
             continue
         if val_rows:  # evaluate, checkpoint, and let the tracker pick the best / stop early
             train_loss = sum(st.since_eval) / len(st.since_eval)
@@ -174,11 +190,16 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
         # Resume state at every interval, validation or not: a crash loses at most `every` steps.
         st.probe_loss = evaluation.evaluate(model, probe, hp.batch_size, pad_id)
         resume.save(out_dir, st, model, optimizer, shuffle, tracker)
+        st.stopped_early = distributed.any_rank(st.stopped_early)
     train_seconds = time.perf_counter() - t_start
 
     # ---- save ----------------------------------------------------------------------------
-    if should_stop():
+    if distributed.any_rank(should_stop()):
         raise Cancelled("stopped after training, before saving")
+    # Each rank's weights after the last step (with DDP they must be equal), reported on the save.
+    ranks = distributed.gather({"pid": os.getpid(), "checksum": distributed.checksum(params)})
+    if rank:
+        return {}  # rank 0 saves the adapter and reports the result
     adapter_dir = Path(out_dir) / "adapter"
     result: dict[str, float] = {}
     if tracker.best_step:
@@ -191,11 +212,13 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     else:
         common.save_adapter(model, adapter_dir)
     reporter.event("ADAPTER_SAVED", f"adapter saved to {adapter_dir}",
-                   {"path": str(adapter_dir), "trainable_params": str(trainable)})
+                   {"path": str(adapter_dir), "trainable_params": str(trainable),
+                    "world_size": str(world), "rank_pids": json.dumps([r["pid"] for r in ranks]),
+                    "rank_checksums": json.dumps([r["checksum"] for r in ranks])})
 
     # ---- cleanup -------------------------------------------------------------------------
     # The worker may report for a while after this; give the memory back now.
-    del model, optimizer, params
+    del model, train_model, optimizer, params
     gc.collect()
     losses = st.losses
     tail = losses[-min(10, len(losses)):]

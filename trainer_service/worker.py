@@ -6,6 +6,12 @@
 It reads `DIR/spec.json`, runs the LoRA recipe, and pushes every state, metric and event to the
 trainer's `TrainerWorkerService` (the same path a pod on another node would use). SIGTERM, or a
 report answer saying the job is being cancelled, stops training at the next step.
+
+With `num_processes` > 1 the launcher starts it under torchrun, once per rank (WORLD_SIZE > 1):
+each rank joins the process group, only rank 0 reports (the others get a `NullReporter`), and
+the recipe keeps the ranks in step (see distributed.py). Any rank failing exits non-zero, and
+torchrun then stops the others and exits non-zero itself. A rank that finds a peer gone exits
+without a failure report, like a crash, so the job is retried from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -71,6 +77,19 @@ class GrpcReporter:
             reason=reason, message=message, user_error=user_error, retryable=retryable)))
 
 
+class NullReporter:
+    """The reporter of ranks other than 0 under DDP: rank 0 reports for all."""
+
+    cancel_requested = False
+
+    def started(self, *args, **kwargs) -> None: ...
+    def event(self, *args, **kwargs) -> None: ...
+    def evaluation(self, **kwargs) -> None: ...
+    def metric(self, **kwargs) -> None: ...
+    def finished(self, *args) -> None: ...
+    def failed(self, *args) -> None: ...
+
+
 def preflight(spec: JobSpec, reporter) -> None:
     """The dataset report before any training: a dataset with errors fails the job as user_error."""
     from trainer_service import common
@@ -131,25 +150,34 @@ def main(argv: list[str] | None = None) -> int:
 
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
-    reporter = GrpcReporter(args.report_address, args.job_id, os.environ.get("TUNEWIRE_JOB_TOKEN", ""))
+
+    from trainer_service import distributed, recipe_lora  # heavy (torch); after the cheap set-up
+
+    distributed.init()  # under torchrun: join the other ranks (a no-op for one process)
+    rank = distributed.rank()
+    reporter = (GrpcReporter(args.report_address, args.job_id, os.environ.get("TUNEWIRE_JOB_TOKEN", ""))
+                if rank == 0 else NullReporter())
     should_stop = lambda: stop["flag"] or reporter.cancel_requested  # noqa: E731
-
-    from trainer_service import recipe_lora  # heavy (torch); after the cheap set-up above
-
     try:
         spec = JobSpec.from_json((args.job_dir / "spec.json").read_text())
-        preflight(spec, reporter)
+        if rank == 0:
+            preflight(spec, reporter)
         metrics, artifact = train(spec, args.job_dir, reporter, should_stop)
     except recipe_lora.Cancelled:
-        log.info("cancelled", extra={"job": args.job_id})
+        log.info("cancelled", extra={"job": args.job_id, "rank": rank})
         return 0
     except JobFailure as e:
         reporter.failed(e.reason, e.message, e.user_error, e.retryable)
+        return 1
+    except distributed.PeerLost as e:  # no report: the job is retried like after a crash
+        log.error("another rank is gone: %s", e, extra={"job": args.job_id, "rank": rank})
         return 1
     except Exception as e:  # noqa: BLE001 - reported as a system error, details in worker.log
         traceback.print_exc()
         reporter.failed("TRAINING_ERROR", f"{type(e).__name__}: {e}", False, False)
         return 1
+    finally:
+        distributed.destroy()
     reporter.finished(artifact, metrics)
     return 0
 

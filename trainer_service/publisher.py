@@ -1,0 +1,110 @@
+"""Publishing a finished job's artifact, and the handoff to serving.
+
+LoRA adapters and classifier heads are copied into the adapter store as the next version of
+their name, with a checksummed manifest (`tunewire.adapters.publish`); a LoRA adapter is then
+handed to serving (`Handoff.load_adapter`), and when the job declares a JSON schema and a
+validation file, serving also answers the validation prompts with and without the adapter
+(JSON parse rate, schema-valid rate, field accuracy). A full fine-tuned model stays in the job
+directory: serving is started on it rather than hot-loading it.
+
+`publish` returns the job's final (state, result, error); the job service records them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from trainer_service import data
+from trainer_service.spec import JobSpec
+from tunewire import adapters, evals
+from tunewire.errors import JobFailure
+
+log = logging.getLogger("tunewire.trainer.publisher")
+
+
+class HandoffError(Exception):
+    """Serving refused or could not be reached; the message says why."""
+
+
+class Handoff(Protocol):
+    async def load_adapter(self, *, name: str, version: str, uri: str, manifest_sha256: str) -> str: ...
+    async def generate(self, *, adapter: str, prompt: str, messages: list[dict], max_tokens: int) -> str: ...
+
+
+def error(reason: str, message: str, *, user_error: bool = False, retryable: bool = False) -> dict:
+    return {"reason": reason, "message": message, "user_error": user_error, "retryable": retryable}
+
+
+async def publish(spec: JobSpec, job_id: str, artifact: Path, metrics: dict[str, float], *,
+                  adapter_store: Path, handoff: Handoff | None, emit: Callable,
+                  cancelled: Callable[[], bool]) -> tuple[str, dict | None, dict | None]:
+    if spec.method == "full":
+        emit("ADAPTER_PUBLISHED", f"full model ready at {artifact}", {"uri": str(artifact)})
+        return "SUCCEEDED", {"adapter": spec.adapter_name, "version": "", "uri": str(artifact),
+                             "metrics": metrics, "serving_loaded": False,
+                             "serving_message": f"full model: start serving with --model {artifact}"}, None
+    try:
+        dest, manifest = await asyncio.to_thread(
+            adapters.publish, artifact, adapter_store, spec.adapter_name,
+            base_model_dir=spec.base_model, source_job=f"trainingJobs/{job_id}")
+    except Exception as e:  # noqa: BLE001 - any failure here fails the job, with the reason
+        log.exception("publish failed", extra={"job": job_id})
+        return "FAILED", None, error("PUBLISH_FAILED", f"{type(e).__name__}: {e}", retryable=True)
+    result = {"adapter": spec.adapter_name, "version": manifest.version, "uri": str(dest),
+              "manifest_sha256": manifest.sha256, "metrics": metrics,
+              "serving_loaded": False, "serving_message": "no serving endpoint configured"}
+    emit("ADAPTER_PUBLISHED", f"published {spec.adapter_name}@{manifest.version}",
+         {"uri": str(dest), "version": manifest.version, "manifest_sha256": manifest.sha256})
+    if cancelled():  # cancelled while publishing: no handoff
+        return "CANCELLED", result, None
+    if spec.method == "feature_extraction":
+        result["serving_message"] = "classifier heads are published to the store only"
+        return "SUCCEEDED", result, None
+    if handoff is None:
+        return "SUCCEEDED", result, None
+    try:
+        msg = await handoff.load_adapter(name=spec.adapter_name, version=manifest.version,
+                                         uri=str(dest), manifest_sha256=manifest.sha256)
+    except HandoffError as e:
+        result["serving_message"] = str(e)
+        emit("SERVING_LOAD_FAILED", str(e))
+        return "FAILED", result, error("HANDOFF_FAILED", f"serving did not load the adapter (it stays "
+                                       f"in the store at {dest}): {e}", retryable=True)
+    result.update(serving_loaded=True, serving_message=msg)
+    emit("SERVING_LOADED", msg)
+    if spec.json_schema and spec.validation_data:
+        result["metrics"] = {**metrics, **await json_eval(spec, handoff, emit)}
+    return "SUCCEEDED", result, None
+
+
+async def json_eval(spec: JobSpec, handoff: Handoff, emit: Callable, limit: int = 50) -> dict[str, float]:
+    """Base model vs the new adapter on the validation set, through serving (greedy, free text):
+    JSON parse rate, schema-valid rate, field accuracy, exact match."""
+    try:
+        rows = (await asyncio.to_thread(data.load_examples, spec.validation_data))[:limit]
+        cases = []
+        for r in rows:
+            ref = r["completion"] if "prompt" in r else r["messages"][-1]["content"]
+            cases.append((r.get("prompt", ""), r.get("messages", [])[:-1], json.loads(ref)))
+        schema = json.loads(spec.json_schema)
+
+        async def answers(adapter: str) -> list[str]:
+            return await asyncio.gather(*(handoff.generate(adapter=adapter, prompt=p, messages=m,
+                                                           max_tokens=256) for p, m, _ in cases))
+
+        refs = [c[2] for c in cases]
+        tuned = evals.score_json(await answers(spec.adapter_name), refs, schema)
+        base = evals.score_json(await answers(""), refs, schema)
+    except (HandoffError, ValueError, KeyError, JobFailure) as e:
+        emit("EVAL_COMPLETED", f"JSON eval skipped: {e}")
+        return {}
+    metrics = {**{f"json_{k}": v for k, v in tuned.items()}, **{f"base_json_{k}": v for k, v in base.items()}}
+    emit("EVAL_COMPLETED", f"JSON eval on {len(cases)} held-out examples: valid JSON "
+         f"{tuned['valid_json_rate']:.0%} (base {base['valid_json_rate']:.0%}), field accuracy "
+         f"{tuned['field_accuracy']:.0%} (base {base['field_accuracy']:.0%})", {}, metrics)
+    return metrics
