@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -81,6 +82,8 @@ class AdapterRegistry:
                                      "the adapter was trained on a different base model than the one served",
                                      metadata={"adapter_base": m.base_model_fingerprint[:16],
                                                "served_base": self.base_fingerprint[:16]})
+        if json.loads((path / "adapter_config.json").read_text()).get("use_dora"):
+            raise FailedPrecondition("ADAPTER_DORA_UNSUPPORTED", "vLLM cannot serve DoRA adapters")
         if m.rank > self.max_lora_rank:
             raise FailedPrecondition("ADAPTER_RANK_TOO_LARGE",
                                      f"adapter rank {m.rank} exceeds max_lora_rank {self.max_lora_rank}")

@@ -64,6 +64,11 @@ def test_priorities_full_queue_cancel_queued_and_checkpoints(tmp_path, tiny_mode
         assert best.best and get(high).result.metrics["best_step"] == best.step
         page = stub.ListCheckpoints(tpb.ListCheckpointsRequest(name=high.name, page_size=2))
         assert len(page.checkpoints) == 2 and page.next_page_token
+        chosen = stub.PublishCheckpoint(tpb.PublishCheckpointRequest(name=high.name, step=2)).result
+        assert chosen.version == "v2" and chosen.metrics["step"] == 2 and (tmp_path / "store" / "high" / "v2").is_dir()
+        assert get(high).result.version == "v2"
+        expect_error(lambda: stub.PublishCheckpoint(tpb.PublishCheckpointRequest(name=high.name, step=3)),
+                     grpc.StatusCode.NOT_FOUND, "CHECKPOINT_NOT_FOUND")
         expect_error(lambda: stub.ListCheckpoints(tpb.ListCheckpointsRequest(name="nope")),
                      grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND")
         assert states(watch_all(stub, blocker.id, timeout=60))[-1] == "CANCELLED"

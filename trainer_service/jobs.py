@@ -35,7 +35,8 @@ from trainer_service.publisher import Handoff, HandoffError, error as _error
 from trainer_service.spec import METHOD_FORMATS, JobSpec
 from trainer_service.uploads import Upload
 from trainer_service.store import STATES, TERMINAL, Entry, Job, JobStore
-from tunewire.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unauthenticated, invalid
+from tunewire.errors import (FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
+                             Unauthenticated, invalid)
 
 log = logging.getLogger("tunewire.trainer.jobs")
 
@@ -263,7 +264,8 @@ class JobService:
         if point.get("step_seconds"):
             STEP_SECONDS.observe(point["step_seconds"])
         progress = {"step": point["step"], "total_steps": point["total_steps"],
-                    "epoch": point["epoch"], "tokens_seen": point["tokens_seen"], "loss": point["loss"]}
+                    "epoch": point["epoch"], "tokens_seen": point["tokens_seen"], "loss": point["loss"],
+                    "eta_seconds": point.get("step_seconds", 0.0) * (point["total_steps"] - point["step"])}
         self._append(job_id, "metric", point, progress=progress)
         STEPS.inc()
         LOSS.labels(job_id).set(point["loss"])
@@ -290,6 +292,26 @@ class JobService:
         start = int(page_token) if page_token.isdigit() else 0
         nxt = str(start + page_size) if start + page_size < len(found) else ""
         return found[start:start + page_size], nxt
+
+    async def publish_checkpoint(self, job_id: str, step: int) -> dict:
+        """Publishes one checkpoint of a finished job (and hands it to serving); returns the result."""
+        job = self.store.get(job_id)
+        if not job.terminal:
+            raise FailedPrecondition("JOB_NOT_FINISHED", f"job {job_id} is {job.state}; wait for it to end")
+        found = [c for c in self.checkpoints(job_id, page_size=1 << 30, page_token="")[0] if c.step == step]
+        if not found:
+            raise NotFound("CHECKPOINT_NOT_FOUND", f"job {job_id} has no checkpoint at step {step}")
+        if not Path(found[0].uri).is_dir():
+            raise FailedPrecondition("CHECKPOINT_DELETED", f"the checkpoint at step {step} is no longer on disk")
+        state, result, error = await publisher.publish(
+            JobSpec.from_json(job.spec), job_id, Path(found[0].uri), found[0].metrics,
+            adapter_store=self.adapter_store, handoff=self.handoff,
+            emit=lambda kind, msg, data=None, m=None: self._event(job_id, kind, msg, data, m),
+            cancelled=lambda: False)
+        if error:
+            raise FailedPrecondition(error["reason"], error["message"])
+        self.store.update(job_id, result=result)
+        return result
 
     def _all_history(self, job_id: str) -> list[Entry]:
         out, seq = [], 0

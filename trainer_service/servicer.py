@@ -40,7 +40,7 @@ def spec_from_proto(job: pb.TrainingJob) -> JobSpec:
     m, h = job.lora, job.hyperparameters
     lora = LoraSpec(r=m.r or 8, lora_alpha=m.lora_alpha if m.HasField("lora_alpha") else None,
                     target_modules=tuple(m.target_modules), lora_dropout=m.lora_dropout,
-                    bias=_BIAS[m.bias], use_rslora=m.use_rslora)
+                    bias=_BIAS[m.bias], use_rslora=m.use_rslora, use_dora=m.use_dora)
     d = Hyperparameters()
     hp = Hyperparameters(
         learning_rate=h.learning_rate or d.learning_rate, num_epochs=h.num_epochs or d.num_epochs,
@@ -92,7 +92,7 @@ def job_to_proto(job: Job) -> pb.TrainingJob:
         out.lora.CopyFrom(pb.LoraMethod(r=spec.lora.r, lora_alpha=spec.lora.alpha,
                                         target_modules=spec.lora.target_modules,
                                         lora_dropout=spec.lora.lora_dropout, bias=inv_bias[spec.lora.bias],
-                                        use_rslora=spec.lora.use_rslora))
+                                        use_rslora=spec.lora.use_rslora, use_dora=spec.lora.use_dora))
     elif spec.method == "full":
         out.full.CopyFrom(pb.FullMethod())
     else:
@@ -180,6 +180,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return pb.ListCheckpointsResponse(next_page_token=nxt, checkpoints=[
             pb.Checkpoint(step=c.step, metrics=c.metrics, uri=c.uri, best=c.best, create_time=_ts(c.time))
             for c in checkpoints])
+
+    async def PublishCheckpoint(self, request, context):
+        result = await self.jobs.publish_checkpoint(_job_id(request.name), request.step)
+        return pb.PublishCheckpointResponse(result=pb.JobResult(**result))
 
     async def ValidateDataset(self, request, context):
         r = await asyncio.to_thread(

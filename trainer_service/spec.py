@@ -30,6 +30,7 @@ class LoraSpec:
     lora_dropout: float = 0.0                 # dropout on the LoRA input, in [0, 1)
     bias: str = "none"                        # which biases train: none | all | lora_only
     use_rslora: bool = False                  # scale by alpha / sqrt(r) instead of alpha / r
+    use_dora: bool = False                    # weight-decomposed LoRA (vLLM cannot serve it)
 
     def __post_init__(self):
         if not 1 <= self.r <= 256:
@@ -40,6 +41,8 @@ class LoraSpec:
             raise invalid("training_job.lora.lora_dropout", "must be in [0, 1)")
         if self.bias not in BIASES:
             raise invalid("training_job.lora.bias", f"must be one of {BIASES}")
+        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
+            raise invalid("training_job.lora.target_modules", "all-linear stands alone")
         for m in self.target_modules:
             if not MODULE_NAME_RE.match(m):
                 raise invalid("training_job.lora.target_modules", f"bad module name {m!r}")

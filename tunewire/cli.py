@@ -82,7 +82,8 @@ def cmd_jobs(args) -> int:
         bias = {"none": pb.LoraMethod.BIAS_NONE, "all": pb.LoraMethod.BIAS_ALL,
                 "lora_only": pb.LoraMethod.BIAS_LORA_ONLY}[args.bias]
         lora = pb.LoraMethod(r=args.r, target_modules=[m for m in args.target_modules.split(",") if m],
-                             lora_dropout=args.dropout, bias=bias, use_rslora=args.rslora)
+                             lora_dropout=args.dropout, bias=bias, use_rslora=args.rslora,
+                             use_dora=args.dora)
         if args.alpha is not None:
             lora.lora_alpha = args.alpha
         ev = pb.EvalSettings(eval_every_steps=args.eval_every,
@@ -91,8 +92,12 @@ def cmd_jobs(args) -> int:
             ev.validation_fraction = args.validation_fraction
         if args.patience is not None:
             ev.early_stopping_patience = args.patience
+        method = {"lora": {"lora": lora}, "full": {"full": pb.FullMethod()},
+                  "feature_extraction": {"feature_extraction": pb.FeatureExtractionMethod()}}[args.method]
+        schema = open(args.json_schema).read() if args.json_schema else ""
         job = pb.TrainingJob(
-            base_model=os.path.abspath(args.base_model), lora=lora, eval=ev, priority=args.priority,
+            base_model=os.path.abspath(args.base_model), eval=ev, priority=args.priority,
+            json_schema=schema, **method,
             validation_data=pb.DatasetRef(path=os.path.abspath(args.validation_data))
             if args.validation_data else None,
             training_data=pb.DatasetRef(path=os.path.abspath(args.data)), adapter_name=args.adapter_name,
@@ -123,6 +128,8 @@ def cmd_jobs(args) -> int:
         for c in resp.checkpoints:
             metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(c.metrics.items()) if k != "step")
             print(f"step {c.step:>6}  {metrics}  {'BEST ' if c.best else ''}{c.uri}")
+    elif args.action == "publish":
+        _print(stub.PublishCheckpoint(pb.PublishCheckpointRequest(name=args.id, step=args.step)).result)
     elif args.action == "cancel":
         _print(stub.CancelTrainingJob(pb.CancelTrainingJobRequest(name=args.id)).training_job)
     elif args.action == "watch":
@@ -274,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dropout", type=float, default=0.05)
     c.add_argument("--bias", default="none", choices=["none", "all", "lora_only"])
     c.add_argument("--rslora", action="store_true")
+    c.add_argument("--dora", action="store_true", help="DoRA (trains; vLLM cannot serve it)")
+    c.add_argument("--method", default="lora", choices=["lora", "full", "feature_extraction"])
+    c.add_argument("--json-schema", default="", help="file: JSON schema of completions (JSON evals)")
     c.add_argument("--lr", type=float, default=0.0)
     c.add_argument("--epochs", type=int, default=0)
     c.add_argument("--max-steps", type=int, default=0)
@@ -295,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("id")
         if name == "watch":
             a.add_argument("--after-seq", type=int, default=0)
+    pc = js.add_parser("publish", help="publish one checkpoint of a finished job")
+    pc.add_argument("id")
+    pc.add_argument("--step", type=int, required=True)
     ls = js.add_parser("list")
     ls.add_argument("--state", default="")
     ls.add_argument("--page-size", type=int, default=50)
