@@ -115,3 +115,18 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, tiny_model_dir
     a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "split" / "adapter" / "adapter_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("lora, expect", [
+    (LoraSpec(r=4, target_modules=("all-linear",)),
+     {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    (LoraSpec(r=4, target_modules=("q_proj", "v_proj"), use_dora=True, use_rslora=True), {"q_proj", "v_proj"}),
+])
+def test_all_linear_dora_and_rslora_reach_peft(tmp_path, tiny_model_dir, lora, expect):
+    train = write_jsonl(tmp_path / "t.jsonl", rows(8))
+    s = JobSpec(base_model=str(tiny_model_dir), training_data=train, adapter_name="x", lora=lora,
+                hyperparameters=Hyperparameters(learning_rate=1e-2, batch_size=4, max_steps=2, max_seq_length=48))
+    run(s, tmp_path / "out", ListReporter(), lambda: False)
+    cfg = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert {t.rsplit(".", 1)[-1] for t in cfg["target_modules"]} == expect
+    assert cfg["use_dora"] == lora.use_dora and cfg["use_rslora"] == lora.use_rslora

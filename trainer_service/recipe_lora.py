@@ -238,9 +238,11 @@ def _add_lora(model, spec: JobSpec):
         r=lora.r,
         # Whole alphas stay ints in adapter_config.json, the type servers expect.
         lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
-        target_modules=list(lora.target_modules) or None,  # None: peft's default for the model
+        # None: peft's default for the model; "all-linear" must reach peft as a string
+        target_modules=("all-linear" if lora.target_modules == ("all-linear",)
+                        else list(lora.target_modules) or None),
         lora_dropout=lora.lora_dropout, bias=lora.bias, use_rslora=lora.use_rslora,
-        task_type="CAUSAL_LM")
+        use_dora=lora.use_dora, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, config)
     except ValueError as e:  # peft: module names not in the model, or no default for it

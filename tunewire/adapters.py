@@ -80,7 +80,10 @@ def write_manifest(adapter_dir: str | Path, *, name: str, version: str, base_mod
         cfg = _adapter_config(d)
         kind, rank = "lora", int(cfg["r"])
         targets = cfg.get("target_modules") or []
-        targets = [targets] if isinstance(targets, str) else sorted(targets)
+        targets = [targets] if isinstance(targets, str) else targets
+        # peft writes "all-linear" resolved to full paths (model.layers.0.self_attn.q_proj):
+        # the module kind is what an engine supports or not.
+        targets = sorted({t.rsplit(".", 1)[-1] for t in targets})
     files = {p.name: sha256_file(p) for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}
     body = {
         "name": name, "version": version,
