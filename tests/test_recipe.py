@@ -141,7 +141,7 @@ def test_short_run_learns_and_saves_a_loadable_adapter(tiny_model_dir, tokenizer
     trainable, total, total_steps = rep.started_args
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert 0 < trainable < total and total_steps == 25
-    assert rep.events == ["DATASET_LOADED", "MODEL_LOADED", "ADAPTER_SAVED"]
+    assert rep.events == ["DATASET_LOADED", "MODEL_LOADED", "FIT_ESTIMATED", "ADAPTER_SAVED"]
     assert [m["step"] for m in rep.metrics] == list(range(1, 26))
     for m in rep.metrics:
         assert all(math.isfinite(m[k]) for k in ("loss", "learning_rate", "grad_norm"))

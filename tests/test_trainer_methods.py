@@ -91,6 +91,9 @@ def test_lora_job_reports_the_preflight_validation(svc, tiny_model_dir):
     report = json.loads(validated[0].data["report"])
     assert report["ok"] and report["num_examples"] == 14 and report["duplicates"]["count"] == 2
     assert validated[0].metrics["eos_untrained"] == 0 and validated[0].metrics["coverage_mean"] > 0
+    fit = [e.event.metrics for e in entries if e.WhichOneof("payload") == "event"
+           and e.event.type == tpb.JobEvent.TYPE_FIT_ESTIMATED]
+    assert len(fit) == 1 and fit[0]["steps"] == 6 and fit[0]["estimated_seconds"] > 0
 
 
 def test_full_fine_tuning_job_produces_a_full_model(svc, tiny_model_dir):

@@ -104,6 +104,10 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     # Padding never reaches the loss or attention, so any id works when the tokenizer has none.
     pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    warm = _warmup_seconds(model, rows[:hp.batch_size], pad_id)
+    reporter.event("FIT_ESTIMATED", f"~{warm:.2f} s per step, ~{warm * total_steps / 60:.1f} min for "
+                   f"{total_steps} steps", {}, {"warmup_step_seconds": warm, "steps": float(total_steps),
+                                                "estimated_seconds": warm * total_steps / distributed.world_size()})
     every = evaluation.eval_every(spec.eval, total_steps)
     tracker = evaluation.EvalTracker(spec.eval.early_stopping_patience, spec.eval.early_stopping_min_delta)
     checkpoints = Path(out_dir) / "checkpoints"
@@ -227,6 +231,20 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
             "train_seconds": train_seconds, "examples": float(stats.examples),
             "truncated_examples": float(stats.truncated), "dropped_examples": float(stats.dropped),
             "validation_examples": float(len(val_rows))}
+
+
+def _warmup_seconds(model, batch_rows: list[dict], pad_id: int) -> float:
+    """Times a forward + backward on one full batch, twice (the first pays one-time costs), and
+    leaves no trace: gradients are dropped and the RNG state is restored, so training is the
+    same with or without it."""
+    times = []
+    with torch.random.fork_rng():
+        for _ in range(2):
+            t0 = time.perf_counter()
+            common.completion_loss(model, data.collate(batch_rows, pad_id)).backward()
+            times.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    return times[-1]
 
 
 def _add_lora(model, spec: JobSpec):
