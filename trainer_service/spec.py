@@ -64,6 +64,7 @@ class Hyperparameters:
     max_grad_norm: float = 1.0                # gradient clipping norm (0 = no clipping)
     seed: int = 0                             # shuffling, dropout and LoRA init
     num_processes: int = 1                    # DDP worker processes (torchrun) splitting each batch
+    packing: bool = False                     # pack examples into max_seq_length rows
 
     def __post_init__(self):
         p = "training_job.hyperparameters."

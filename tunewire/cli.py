@@ -104,7 +104,7 @@ def cmd_jobs(args) -> int:
             hyperparameters=pb.Hyperparameters(
                 learning_rate=args.lr, num_epochs=args.epochs, max_steps=args.max_steps,
                 batch_size=args.batch_size, max_seq_length=args.max_seq_length,
-                warmup_steps=args.warmup_steps, seed=args.seed))
+                warmup_steps=args.warmup_steps, seed=args.seed, packing=args.packing))
         resp = stub.CreateTrainingJob(pb.CreateTrainingJobRequest(training_job=job,
                                                                   request_id=args.request_id))
         if not args.watch:
@@ -291,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-seq-length", type=int, default=0)
     c.add_argument("--warmup-steps", type=int, default=0)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--packing", action="store_true", help="pack examples into max-seq-length rows")
     c.add_argument("--request-id", default="")
     c.add_argument("--priority", type=int, default=0, help="higher runs first among queued jobs")
     c.add_argument("--validation-data", default="", help="JSONL of held-out examples")
