@@ -171,3 +171,24 @@ def test_upload_is_content_addressed_limited_and_validates(svc, tiny_model_dir):
     expect_error(lambda: stub.ValidateDataset(tpb.ValidateDatasetRequest(
         base_model=str(tiny_model_dir), training_data=tpb.DatasetRef(path="/etc/passwd"))),
         grpc.StatusCode.INVALID_ARGUMENT, "DATASET_PATH_INVALID")
+
+
+def test_json_eval_runs_in_the_worker_without_serving(svc, tiny_model_dir):
+    root, stub = svc
+    rows = [{"prompt": f"{n} is {20 + i} years old.\nJSON: ", "completion": json.dumps({"name": n, "age": 20 + i})}
+            for i, n in enumerate(["alice", "bob", "carol", "dave"] * 3)]
+    _write(root, "people.jsonl", rows)
+    _write(root, "people-val.jsonl", rows[:4])
+    schema = {"type": "object", "required": ["name", "age"],
+              "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
+    job = _job(tiny_model_dir, "people.jsonl", "people", "lora", method_msg=tpb.LoraMethod(r=4),
+               json_schema=json.dumps(schema))
+    job.validation_data.path = "people-val.jsonl"
+    job = stub.CreateTrainingJob(tpb.CreateTrainingJobRequest(training_job=job)).training_job
+    entries = watch_all(stub, job.id, timeout=300)
+    assert states(entries)[-1] == "SUCCEEDED"
+    m = stub.GetTrainingJob(tpb.GetTrainingJobRequest(name=job.name)).training_job.result.metrics
+    for key in ("json_valid_json_rate", "json_field_accuracy", "base_json_valid_json_rate"):
+        assert 0.0 <= m[key] <= 1.0
+    assert any("in the worker" in e.event.message for e in entries
+               if e.WhichOneof("payload") == "event" and e.event.type == tpb.JobEvent.TYPE_EVAL_COMPLETED)

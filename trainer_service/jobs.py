@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import hashlib
 import hmac
+import json
 import logging
 import math
 import os
@@ -353,6 +354,8 @@ class JobService:
         job_dir = self.data_dir / "jobs" / job.id
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "spec.json").write_text(job.spec)
+        # What the worker cannot know by itself: with serving, JSON evals run there after the handoff.
+        (job_dir / "worker.json").write_text(json.dumps({"serving": self.handoff is not None}))
         token = secrets.token_urlsafe(32)  # a new token per launch: an orphan's reports bounce
         self.store.update(job.id, token_hash=_hash(token), attempts=job.attempts + 1)
         self._set_state(job.id, "RUNNING", start_time=time.time())

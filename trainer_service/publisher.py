@@ -82,29 +82,41 @@ async def publish(spec: JobSpec, job_id: str, artifact: Path, metrics: dict[str,
     return "SUCCEEDED", result, None
 
 
+def json_cases(path: str, limit: int) -> list[tuple[str, list[dict], object]]:
+    """(prompt, chat messages before the answer, reference JSON) for the first `limit` rows."""
+    cases = []
+    for r in data.load_examples(path)[:limit]:
+        ref = r["completion"] if "prompt" in r else r["messages"][-1]["content"]
+        cases.append((r.get("prompt", ""), r.get("messages", [])[:-1], json.loads(ref)))
+    return cases
+
+
+def score_cases(tuned: list[str], base: list[str], cases, schema) -> dict[str, float]:
+    refs = [c[2] for c in cases]
+    t, b = evals.score_json(tuned, refs, schema), evals.score_json(base, refs, schema)
+    return {**{f"json_{k}": v for k, v in t.items()}, **{f"base_json_{k}": v for k, v in b.items()}}
+
+
+def describe(metrics: dict[str, float], n: int, how: str) -> str:
+    return (f"JSON eval on {n} held-out examples ({how}): valid JSON {metrics['json_valid_json_rate']:.0%} "
+            f"(base {metrics['base_json_valid_json_rate']:.0%}), field accuracy "
+            f"{metrics['json_field_accuracy']:.0%} (base {metrics['base_json_field_accuracy']:.0%})")
+
+
 async def json_eval(spec: JobSpec, handoff: Handoff, emit: Callable, limit: int = 50) -> dict[str, float]:
     """Base model vs the new adapter on the validation set, through serving (greedy, free text):
     JSON parse rate, schema-valid rate, field accuracy, exact match."""
     try:
-        rows = (await asyncio.to_thread(data.load_examples, spec.validation_data))[:limit]
-        cases = []
-        for r in rows:
-            ref = r["completion"] if "prompt" in r else r["messages"][-1]["content"]
-            cases.append((r.get("prompt", ""), r.get("messages", [])[:-1], json.loads(ref)))
+        cases = await asyncio.to_thread(json_cases, spec.validation_data, limit)
         schema = json.loads(spec.json_schema)
 
         async def answers(adapter: str) -> list[str]:
             return await asyncio.gather(*(handoff.generate(adapter=adapter, prompt=p, messages=m,
                                                            max_tokens=256) for p, m, _ in cases))
 
-        refs = [c[2] for c in cases]
-        tuned = evals.score_json(await answers(spec.adapter_name), refs, schema)
-        base = evals.score_json(await answers(""), refs, schema)
+        metrics = score_cases(await answers(spec.adapter_name), await answers(""), cases, schema)
     except (HandoffError, ValueError, KeyError, JobFailure) as e:
         emit("EVAL_COMPLETED", f"JSON eval skipped: {e}")
         return {}
-    metrics = {**{f"json_{k}": v for k, v in tuned.items()}, **{f"base_json_{k}": v for k, v in base.items()}}
-    emit("EVAL_COMPLETED", f"JSON eval on {len(cases)} held-out examples: valid JSON "
-         f"{tuned['valid_json_rate']:.0%} (base {base['valid_json_rate']:.0%}), field accuracy "
-         f"{tuned['field_accuracy']:.0%} (base {base['field_accuracy']:.0%})", {}, metrics)
+    emit("EVAL_COMPLETED", describe(metrics, len(cases), "through serving"), {}, metrics)
     return metrics

@@ -140,6 +140,42 @@ def train(spec: JobSpec, job_dir: Path, reporter, should_stop) -> tuple[dict[str
     return recipe_lora.run(spec, job_dir, reporter, should_stop), job_dir / "adapter"
 
 
+def json_eval_in_process(spec: JobSpec, job_dir: Path, reporter, limit: int = 20) -> dict[str, float]:
+    """JSON evals when no serving endpoint is configured: HF greedy generation of the base model
+    and of the trained adapter on the first `limit` validation rows (slower than serving)."""
+    import torch
+    from peft import PeftModel
+
+    from trainer_service import common, publisher
+
+    try:
+        cases = publisher.json_cases(spec.validation_data, limit)
+    except (ValueError, KeyError, JobFailure) as e:  # references that are not JSON: nothing to score
+        reporter.event("EVAL_COMPLETED", f"JSON eval skipped: {e}", {})
+        return {}
+    tokenizer = common.load_tokenizer(spec.base_model)
+    stop = list(common.stop_ids(spec.base_model, tokenizer))
+
+    def answers(model) -> list[str]:
+        out = []
+        for prompt, messages, _ in cases:
+            text = prompt or tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=bool(prompt)).input_ids
+            with torch.no_grad():
+                gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=256,
+                                     do_sample=False, eos_token_id=stop, pad_token_id=stop[0])
+            out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+        return out
+
+    model = common.load_model(spec.base_model).eval()
+    base = answers(model)
+    tuned = answers(PeftModel.from_pretrained(model, job_dir / "adapter").eval())
+    metrics = publisher.score_cases(tuned, base, cases, json.loads(spec.json_schema))
+    reporter.event("EVAL_COMPLETED", publisher.describe(metrics, len(cases), "in the worker, HF generate"),
+                   {}, metrics)
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--job-id", required=True)
@@ -163,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             preflight(spec, reporter)
         metrics, artifact = train(spec, args.job_dir, reporter, should_stop)
+        serving = json.loads((args.job_dir / "worker.json").read_text()).get("serving", False) \
+            if (args.job_dir / "worker.json").is_file() else False
+        if (spec.method == "lora" and spec.json_schema and spec.validation_data and not serving
+                and distributed.rank() == 0):
+            metrics = {**metrics, **json_eval_in_process(spec, args.job_dir, reporter)}
     except recipe_lora.Cancelled:
         log.info("cancelled", extra={"job": args.job_id, "rank": rank})
         return 0
