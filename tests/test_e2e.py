@@ -179,8 +179,9 @@ def test_training_job_runs_publishes_and_hands_off(stack, trained, dataset):
     for key in ("json_valid_json_rate", "json_schema_valid_rate", "json_field_accuracy",
                 "base_json_valid_json_rate", "base_json_field_accuracy"):
         assert 0.0 <= final.result.metrics[key] <= 1.0, key
-    assert any(e.event.type == tpb.JobEvent.TYPE_EVAL_COMPLETED and "json_field_accuracy" in e.event.metrics
-               for e in entries if e.WhichOneof("payload") == "event")
+    evals_seen = [e.event for e in entries if e.WhichOneof("payload") == "event"
+                  and e.event.type == tpb.JobEvent.TYPE_EVAL_COMPLETED]
+    assert any("json_field_accuracy" in ev.metrics for ev in evals_seen), [ev.message for ev in evals_seen]
     # idempotent create: same request id → same job; a different spec under it is refused
     again = stack.jobs.CreateTrainingJob(tpb.CreateTrainingJobRequest(
         training_job=job, request_id="e2e-1")).training_job

@@ -110,9 +110,13 @@ async def json_eval(spec: JobSpec, handoff: Handoff, emit: Callable, limit: int 
         cases = await asyncio.to_thread(json_cases, spec.validation_data, limit)
         schema = json.loads(spec.json_schema)
 
+        # Room for twice the longest reference (a token is at least a character, mostly more):
+        # enough to see a right answer end, without running into a small serving context.
+        max_tokens = min(256, 2 * max((len(json.dumps(c[2])) for c in cases), default=64) + 16)
+
         async def answers(adapter: str) -> list[str]:
             return await asyncio.gather(*(handoff.generate(adapter=adapter, prompt=p, messages=m,
-                                                           max_tokens=256) for p, m, _ in cases))
+                                                           max_tokens=max_tokens) for p, m, _ in cases))
 
         metrics = score_cases(await answers(spec.adapter_name), await answers(""), cases, schema)
     except (HandoffError, ValueError, KeyError, JobFailure) as e:

@@ -19,6 +19,10 @@ slice of every global batch; DDP averages the gradients. Rank 0 alone reports (t
 reporter that drops everything), evaluates, checkpoints and saves; a stop request or rank 0's
 early stopping reaches every rank through `distributed.any_rank`, so no rank waits alone in a
 collective. The threads are shared out: TUNEWIRE_TRAIN_THREADS / num_processes per rank.
+
+Packing (`packing`, single process only): the training rows are packed into max_seq_length rows
+once (trainer_service.packing) and the steps train on those; evaluation, the probe batch and the
+warm-up use the unpacked rows.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Protocol
 
 import torch
 
-from trainer_service import common, data, distributed, evaluation, resume
+from trainer_service import common, data, distributed, evaluation, packing, resume
 from trainer_service.resume import TrainState
 from trainer_service.spec import JobSpec
 from tunewire.errors import JobFailure
@@ -69,6 +73,9 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
 
     set_seed(hp.seed)  # python, numpy and torch: LoRA init, dropout and shuffling repeat
     rank, world = distributed.rank(), distributed.world_size()  # 0 and 1 without torchrun
+    if hp.packing and max(world, hp.num_processes) > 1:
+        raise JobFailure("PACKING_UNSUPPORTED", "packing is not supported with num_processes > 1",
+                         user_error=True)
     threads = int(os.environ.get("TUNEWIRE_TRAIN_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(max(1, threads // world))
 
@@ -82,6 +89,10 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
                                             hp.max_seq_length, eos_ids=eos_ids)
     else:
         rows, val_rows = evaluation.split_validation(rows, spec.eval, hp.seed)
+    # What the steps train on: the rows, or with packing the packed rows (evaluation, the probe
+    # and the warm-up keep the rows).
+    train_rows = packing.pack(rows, hp.max_seq_length) if hp.packing else rows
+    packed = {"packed_rows": str(len(train_rows))} if hp.packing else {}
     reporter.event("DATASET_LOADED", f"{len(rows)} training and {len(val_rows)} validation examples, "
                    f"{stats.tokens} tokens "
                    f"({stats.truncated} truncated to max_seq_length, {stats.dropped} dropped with no "
@@ -89,7 +100,7 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
                    {"examples": str(stats.examples), "tokens": str(stats.tokens),
                     "label_tokens": str(stats.label_tokens), "truncated": str(stats.truncated),
                     "dropped": str(stats.dropped), "max_seq_length": str(hp.max_seq_length),
-                    "validation_examples": str(len(val_rows))})
+                    "validation_examples": str(len(val_rows)), **packed})
 
     model = common.load_model(spec.base_model)
     reporter.event("MODEL_LOADED", f"loaded {spec.base_model}",
@@ -98,7 +109,7 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     model = _add_lora(model, spec)
     trainable, total = model.get_nb_trainable_parameters()  # what print_trainable_parameters shows
 
-    steps_per_epoch = math.ceil(len(rows) / hp.batch_size)
+    steps_per_epoch = math.ceil(len(train_rows) / hp.batch_size)
     total_steps = hp.max_steps if hp.max_steps > 0 else steps_per_epoch * hp.num_epochs
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
@@ -133,21 +144,27 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     t_start = time.perf_counter()
     while st.step < total_steps and not st.stopped_early:
         if st.pos >= len(st.order):  # a new epoch; with max_steps the data repeats as needed
-            st.order, st.pos = torch.randperm(len(rows), generator=shuffle).tolist(), 0
+            st.order, st.pos = torch.randperm(len(train_rows), generator=shuffle).tolist(), 0
         if distributed.any_rank(should_stop()):
             raise Cancelled(f"stopped before step {st.step + 1} of {total_steps}")
         st.step += 1
         step = st.step
         t0 = time.perf_counter()
         ids, counts = distributed.shard(st.order[st.pos:st.pos + hp.batch_size])  # this rank's slice
-        batch = data.collate([rows[i] for i in ids], pad_id)
+        chosen = [train_rows[i] for i in ids]
         st.pos += hp.batch_size
         lr = common.learning_rate(step, total_steps, hp.learning_rate, hp.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
         # With DDP: the global batch's loss and real tokens, the same on every rank.
-        loss, loss_value, real_tokens = distributed.batch_loss(train_model, batch, counts)
+        if hp.packing:  # single process only (refused above with DDP)
+            batch = packing.collate_packed(chosen, pad_id)
+            loss = packing.packed_loss(train_model, batch)
+            loss_value, real_tokens = loss.item(), batch["num_tokens"]
+        else:
+            loss, loss_value, real_tokens = distributed.batch_loss(
+                train_model, data.collate(chosen, pad_id), counts)
         if not math.isfinite(loss_value):
             raise JobFailure("TRAINING_DIVERGED", f"loss is {loss_value} at step {step}; "
                              f"try a lower learning_rate", user_error=True)
