@@ -96,7 +96,7 @@ def test_loss_falls_and_events_match_the_lora_recipe(trained):
     assert len(losses) == 15 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
     assert result["final_loss"] < result["train_loss"]
-    assert rep.events == ["DATASET_LOADED", "MODEL_LOADED", "ADAPTER_SAVED"]
+    assert rep.events == ["DATASET_LOADED", "MODEL_LOADED", "FIT_ESTIMATED", "ADAPTER_SAVED"]
     assert dict(rep.event_data)["ADAPTER_SAVED"]["path"] == str(trained[0])
 
 
@@ -165,6 +165,38 @@ def test_tied_embeddings_count_and_stay_tied(tiny_model_dir, tmp_path):
     tuned = load(tmp_path / "out" / "model")
     assert torch.equal(tuned.lm_head.weight, tuned.model.embed_tokens.weight)
     assert not torch.equal(tuned.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tiny_model_dir, tmp_path):
+    """Like the LoRA recipe's: a run cancelled after step 6 (resume state every 4 steps), started
+    again on the same directory, resumes at step 4 and ends where one unbroken run does."""
+    from safetensors.torch import load_file
+
+    train = write_jsonl(tmp_path / "t.jsonl", person_rows() * 4)  # 32 rows: 24 train, 8 validation
+    s = spec_for(tiny_model_dir, train, max_steps=14, seed=0,
+                 ev={"validation_fraction": 0.25, "eval_every_steps": 4, "early_stopping_patience": 0})
+    whole = Reporter()
+    run(s, tmp_path / "whole", whole, lambda: False)
+
+    first = Reporter()
+    with pytest.raises(Cancelled):  # "crash" after step 6: the last resume state is step 4's
+        run(s, tmp_path / "split", first, lambda: len(first.metrics) >= 6)
+    assert (tmp_path / "split" / "resume" / "state.pt").is_file()
+    second = Reporter()
+    run(s, tmp_path / "split", second, lambda: False)
+    assert "RESUMED" in second.events
+    assert dict(second.event_data)["RESUMED"]["from_step"] == "4"
+    assert [m["step"] for m in second.metrics] == list(range(5, 15))
+    assert [m["loss"] for m in second.metrics] == pytest.approx([m["loss"] for m in whole.metrics[4:]], rel=1e-5)
+    assert [e["eval_loss"] for _, e in second.evaluations] == pytest.approx(
+        [e["eval_loss"] for _, e in whole.evaluations[1:]], rel=1e-5)
+    # only the best and the latest checkpoint on disk, across the resume too
+    best = min(whole.evaluations, key=lambda e: e[1]["eval_loss"])[0]
+    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == \
+        sorted({f"step-{best:06d}", "step-000014"})
+    a, b = (load_file(next((tmp_path / d / "model").glob("*.safetensors"))) for d in ("whole", "split"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
 def test_should_stop_cancels_without_saving(tiny_model_dir, tmp_path):

@@ -1,0 +1,256 @@
+"""The training loop every causal-LM recipe shares: steps, metrics, evaluation, checkpoints, early
+stopping, crash-safe resume and the final best-checkpoint selection.
+
+A recipe sets up (data, model, optimizer), calls `train(...)` once and reports its artifact; what
+differs between recipes is passed in explicitly:
+
+* `save_dir(path)`: writes a loadable directory from the current weights (a peft adapter, or a
+  full model + tokenizer). Used for every checkpoint and for the result when there is no
+  validation (no best checkpoint).
+* `place_best(checkpoint_dir, final_dir)`: puts the best checkpoint in place as the result
+  (a copy, or hard links for full models).
+* `keep_best_and_latest`: deletes every other checkpoint after each one is written (full models,
+  where each checkpoint is a copy of the weights).
+* `step_loss(model, rows, counts, pad_id) -> (loss, loss value, real tokens)`: `plain_loss`, or
+  `packed_loss` when the training rows are packed.
+
+Per step: a new epoch draws a shuffled order from a generator seeded with hp.seed; linear warm-up
+then decay (common.learning_rate), AdamW, gradient clipping. Every `eval.eval_every` steps (and at
+the last) rank 0 evaluates on the validation rows, writes a checkpoint, lets the EvalTracker pick
+the best / stop early / notice overfitting, and writes the resume state (resume.py) with the
+probe loss of a fixed batch. A run started on a directory with resume state restores it, checks
+the probe loss and reports RESUMED, then continues exactly where the state was written.
+
+Data parallel (torchrun, see distributed.py): every rank runs this; rank 0 alone evaluates, writes
+and saves; stop and early-stop decisions reach every rank through `distributed.any_rank`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from trainer_service import common, data, distributed, evaluation, packing, resume
+from trainer_service.resume import TrainState
+from trainer_service.spec import JobSpec
+from tunewire.errors import JobFailure
+
+
+class Reporter(Protocol):
+    def started(self, trainable_params: int, total_params: int, total_steps: int) -> None: ...
+    def event(self, kind: str, message: str, data: dict[str, str],
+              metrics: dict[str, float] | None = None) -> None: ...
+    def metric(self, *, step: int, epoch: float, loss: float, learning_rate: float,
+               grad_norm: float, tokens_per_second: float, tokens_seen: int,
+               total_steps: int, step_seconds: float = 0.0) -> None: ...
+    def evaluation(self, *, step: int, metrics: dict[str, float]) -> None: ...
+
+
+class Cancelled(Exception):
+    """should_stop() turned true; nothing was saved."""
+
+
+StepLoss = Callable[..., tuple[torch.Tensor, float, int]]
+
+
+def plain_loss(model, rows: list[dict], counts: bool, pad_id: int) -> tuple[torch.Tensor, float, int]:
+    """(loss to backpropagate, the global batch's loss, its real tokens); with DDP the loss and
+    tokens of the global batch, the same on every rank (distributed.batch_loss)."""
+    return distributed.batch_loss(model, data.collate(rows, pad_id), counts)
+
+
+def packed_loss(model, rows: list[dict], counts: bool, pad_id: int) -> tuple[torch.Tensor, float, int]:
+    """The same for packed rows (single process only)."""
+    batch = packing.collate_packed(rows, pad_id)
+    loss = packing.packed_loss(model, batch)
+    return loss, loss.item(), batch["num_tokens"]
+
+
+def copy_dir(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+@dataclass
+class Outcome:
+    state: TrainState
+    tracker: evaluation.EvalTracker
+    train_seconds: float
+    ranks: list[dict] = field(default_factory=list)  # every rank's {"pid", "checksum"} after training
+    result: dict[str, float] = field(default_factory=dict)  # best_step ... when a best was selected
+    saved: bool = False  # this rank wrote the artifact (rank 0)
+
+    def metrics(self) -> dict[str, float]:
+        losses = self.state.losses
+        tail = losses[-min(10, len(losses)):]
+        return {**self.result, "train_loss": sum(losses) / len(losses),
+                "final_loss": sum(tail) / len(tail), "steps": float(self.state.step),
+                "train_tokens": float(self.state.tokens_seen), "train_seconds": self.train_seconds}
+
+
+def estimate_fit(model, rows: list[dict], pad_id: int, total_steps: int, reporter: Reporter) -> None:
+    """Reports FIT_ESTIMATED from a timed forward + backward on one full batch of `rows`."""
+    warm = _warmup_seconds(model, rows, pad_id)
+    reporter.event("FIT_ESTIMATED", f"~{warm:.2f} s per step, ~{warm * total_steps / 60:.1f} min for "
+                   f"{total_steps} steps", {}, {"warmup_step_seconds": warm, "steps": float(total_steps),
+                                                "estimated_seconds": warm * total_steps / distributed.world_size()})
+
+
+def train(spec: JobSpec, model, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, *,
+          rows: list[dict], train_rows: list[dict], val_rows: list[dict], pad_id: int,
+          total_steps: int, steps_per_epoch: int, out_dir: Path, final_dir: Path,
+          save_dir: Callable[[Path], Path], place_best: Callable[[Path, Path], None] = copy_dir,
+          keep_best_and_latest: bool = False, step_loss: StepLoss = plain_loss,
+          reporter: Reporter, should_stop: Callable[[], bool]) -> Outcome:
+    """Trains `params` of `model` for total_steps (or until early stopping) and, on rank 0, writes
+    the result to final_dir: the best checkpoint (place_best) when there was validation, else the
+    last weights (save_dir). `rows` are the unpacked training rows (the probe batch falls back on
+    them), `train_rows` what the steps draw from (packed or not).
+
+    Raises Cancelled when should_stop() is true (before every step and before saving),
+    JobFailure for a diverged loss or a resume state that does not continue the run.
+    """
+    hp = spec.hyperparameters
+    rank = distributed.rank()
+    every = evaluation.eval_every(spec.eval, total_steps)
+    tracker = evaluation.EvalTracker(spec.eval.early_stopping_patience, spec.eval.early_stopping_min_delta)
+    checkpoints = Path(out_dir) / "checkpoints"
+
+    model.train()  # dropout on
+    train_model = distributed.wrap(model)  # DDP around the model; evaluation uses the model
+    shuffle = torch.Generator().manual_seed(hp.seed)
+    probe = (val_rows or rows)[:hp.batch_size]  # a fixed batch: resume continuity is checked on it
+    st = TrainState()
+    restored = resume.load(out_dir, model, optimizer, shuffle)
+    if restored:
+        st, tracker = restored
+        after = evaluation.evaluate(model, probe, hp.batch_size, pad_id)
+        m = {"step": float(st.step), "loss_before": st.probe_loss, "loss_after": after,
+             "abs_diff": abs(after - st.probe_loss)}
+        if not resume.continuous(st.probe_loss, after):
+            raise JobFailure("RESUME_MISMATCH", f"the checkpoint at step {st.step} gives probe loss "
+                             f"{after:.6f}, not the {st.probe_loss:.6f} it was saved with")
+        reporter.event("RESUMED", f"resumed at step {st.step}: probe loss {st.probe_loss:.6f} before, "
+                       f"{after:.6f} after", {"from_step": str(st.step)}, m)
+    t_start = time.perf_counter()
+    while st.step < total_steps and not st.stopped_early:
+        if st.pos >= len(st.order):  # a new epoch; with max_steps the data repeats as needed
+            st.order, st.pos = torch.randperm(len(train_rows), generator=shuffle).tolist(), 0
+        if distributed.any_rank(should_stop()):
+            raise Cancelled(f"stopped before step {st.step + 1} of {total_steps}")
+        st.step += 1
+        step = st.step
+        t0 = time.perf_counter()
+        ids, counts = distributed.shard(st.order[st.pos:st.pos + hp.batch_size])  # this rank's slice
+        chosen = [train_rows[i] for i in ids]
+        st.pos += hp.batch_size
+        lr = common.learning_rate(step, total_steps, hp.learning_rate, hp.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        loss, loss_value, real_tokens = step_loss(train_model, chosen, counts, pad_id)
+        if not math.isfinite(loss_value):
+            raise JobFailure("TRAINING_DIVERGED", f"loss is {loss_value} at step {step}; "
+                             f"try a lower learning_rate", user_error=True)
+        with distributed.collective():  # DDP all-reduces the gradients during backward
+            loss.backward()
+        # Infinite max norm computes the norm without clipping (max_grad_norm 0 = no clip).
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm or math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        st.tokens_seen += real_tokens
+        st.losses.append(loss_value)
+        st.since_eval.append(st.losses[-1])
+        seconds = time.perf_counter() - t0
+        reporter.metric(step=step, epoch=step / steps_per_epoch, loss=st.losses[-1],
+                        learning_rate=lr, grad_norm=float(grad_norm),
+                        tokens_per_second=real_tokens / max(seconds, 1e-9),
+                        tokens_seen=st.tokens_seen, total_steps=total_steps, step_seconds=seconds)
+
+        if step % every and step != total_steps:
+            continue
+        if rank:  # only rank 0 evaluates and writes; the others wait for its early-stop decision
+            st.stopped_early = distributed.any_rank(False)
+            continue
+        if val_rows:  # evaluate, checkpoint, and let the tracker pick the best / stop early
+            _evaluate_and_checkpoint(model, val_rows, hp.batch_size, pad_id, st, tracker, checkpoints,
+                                     save_dir, keep_best_and_latest, reporter)
+        # Resume state at every interval, validation or not: a crash loses at most `every` steps.
+        st.probe_loss = evaluation.evaluate(model, probe, hp.batch_size, pad_id)
+        resume.save(out_dir, st, model, optimizer, shuffle, tracker)
+        st.stopped_early = distributed.any_rank(st.stopped_early)
+    out = Outcome(st, tracker, time.perf_counter() - t_start)
+
+    # ---- the result ----------------------------------------------------------------------
+    if distributed.any_rank(should_stop()):
+        raise Cancelled("stopped after training, before saving")
+    # Each rank's weights after the last step (with DDP they must be equal), reported on the save.
+    out.ranks = distributed.gather({"pid": os.getpid(), "checksum": distributed.checksum(params)})
+    if rank:
+        return out  # rank 0 saves the result
+    if tracker.best_step:
+        # The best checkpoint by eval_loss is the result, not the last weights.
+        place_best(checkpoints / f"step-{tracker.best_step:06d}", final_dir)
+        out.result = {"best_step": float(tracker.best_step), "best_eval_loss": tracker.best_loss,
+                      "early_stopped": float(st.stopped_early)}
+        reporter.event("BEST_CHECKPOINT_SELECTED", f"step {tracker.best_step} "
+                       f"(eval_loss {tracker.best_loss:.4f}) of {st.step}", {"path": str(final_dir)},
+                       out.result)
+    else:
+        save_dir(final_dir)
+    out.saved = True
+    return out
+
+
+def _evaluate_and_checkpoint(model, val_rows, batch_size, pad_id, st: TrainState,
+                             tracker: evaluation.EvalTracker, checkpoints: Path,
+                             save_dir: Callable[[Path], Path], keep_best_and_latest: bool,
+                             reporter: Reporter) -> None:
+    step = st.step
+    train_loss = sum(st.since_eval) / len(st.since_eval)
+    st.since_eval = []
+    eval_loss = evaluation.evaluate(model, val_rows, batch_size, pad_id)
+    decision = tracker.update(step, eval_loss, train_loss)
+    m = {"eval_loss": eval_loss, "train_loss": train_loss, "step": float(step)}
+    reporter.evaluation(step=step, metrics=m)
+    ckpt = save_dir(checkpoints / f"step-{step:06d}")
+    reporter.event("CHECKPOINT_SAVED", f"checkpoint at step {step} "
+                   f"(eval_loss {eval_loss:.4f})", {"path": str(ckpt)}, m)
+    if keep_best_and_latest:
+        # Decided from the directory, not from memory, so it holds across a resume too (a crash
+        # can also leave a checkpoint newer than the resume state: it is rewritten or deleted).
+        keep = {f"step-{tracker.best_step:06d}", ckpt.name}
+        for old in checkpoints.glob("step-*"):
+            if old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+    if decision.overfitting:
+        reporter.event("OVERFITTING", f"validation loss rose to {eval_loss:.4f} while "
+                       f"training loss fell to {train_loss:.4f}", {}, m)
+    if decision.stop:
+        st.stopped_early = True
+        reporter.event("EARLY_STOPPED", f"no eval_loss improvement in "
+                       f"{tracker.stale} evaluations; best was step {tracker.best_step}",
+                       {}, {"best_step": float(tracker.best_step),
+                            "best_eval_loss": tracker.best_loss, "step": float(step)})
+
+
+def _warmup_seconds(model, batch_rows: list[dict], pad_id: int) -> float:
+    """Times a forward + backward on one full batch, twice (the first pays one-time costs), and
+    leaves no trace: gradients are dropped and the RNG state is restored, so training is the
+    same with or without it."""
+    times = []
+    with torch.random.fork_rng():
+        for _ in range(2):
+            t0 = time.perf_counter()
+            common.completion_loss(model, data.collate(batch_rows, pad_id)).backward()
+            times.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    return times[-1]
