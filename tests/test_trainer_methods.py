@@ -155,6 +155,11 @@ def test_upload_is_content_addressed_limited_and_validates(svc, tiny_model_dir):
     assert report.ok and report.format == "prompt_completion" and report.num_examples == 12
     assert report.eos_untrained == 0 and 0 < report.coverage_min <= report.coverage_mean <= 1
     assert report.steps == 5 and report.lengths.max >= report.lengths.min > 0
+    assert report.estimated_seconds == 0.0  # not asked to time a step
+    timed = stub.ValidateDataset(tpb.ValidateDatasetRequest(
+        base_model=str(tiny_model_dir), training_data=tpb.DatasetRef(path=first.path), max_steps=5,
+        measure_step_time=True), timeout=300).report
+    assert timed.step_seconds > 0 and timed.estimated_seconds == pytest.approx(5 * timed.step_seconds)
 
     bad = _upload(stub, "bad.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": 1}\n')
     report = stub.ValidateDataset(tpb.ValidateDatasetRequest(

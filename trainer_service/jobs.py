@@ -21,6 +21,8 @@ import math
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from trainer_service.launcher import Launcher, WorkerHandle
 from trainer_service import artifacts, data, publisher
 from trainer_service.publisher import Handoff, HandoffError, error as _error
-from trainer_service.spec import METHOD_FORMATS, JobSpec
+from trainer_service.spec import METHOD_FORMATS, Hyperparameters, JobSpec
 from trainer_service.uploads import Upload
 from trainer_service.store import STATES, TERMINAL, Entry, Job, JobStore
 from tunewire.errors import (FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
@@ -176,8 +178,10 @@ class JobService:
         return Upload(self.data_root, filename, self.max_upload_bytes)
 
     def validate_dataset(self, base_model: str, training_data: str, validation_data: str, *,
-                         max_seq_length: int, batch_size: int, num_epochs: int, max_steps: int):
-        """The pre-flight report (blocking: run it in a thread). Paths are confined to the data root."""
+                         max_seq_length: int, batch_size: int, num_epochs: int, max_steps: int,
+                         measure_step_time: bool = False):
+        """The pre-flight report (blocking: run it in a thread). Paths are confined to the data root.
+        With measure_step_time a warm-up step is timed in a subprocess (this process loads no model)."""
         from trainer_service import common, preflight  # tokenizers: loaded only when asked
 
         if not (Path(base_model) / "config.json").is_file():
@@ -185,9 +189,20 @@ class JobService:
         train = data.resolve_data_path(training_data, self.data_root, "training_data.path")
         val = data.resolve_data_path(validation_data, self.data_root, "validation_data.path") if validation_data else None
         tokenizer = common.load_tokenizer(base_model)
-        return preflight.validate_dataset(train, tokenizer, max_seq_length, validation_path=val,
-                                          eos_ids=common.stop_ids(base_model, tokenizer),
-                                          batch_size=batch_size, num_epochs=num_epochs, max_steps=max_steps)
+        eos = common.stop_ids(base_model, tokenizer)
+        args = dict(validation_path=val, eos_ids=eos, batch_size=batch_size, num_epochs=num_epochs,
+                    max_steps=max_steps)
+        report = preflight.validate_dataset(train, tokenizer, max_seq_length, **args)
+        if not (measure_step_time and report.ok and report.format in METHOD_FORMATS["lora"]):
+            return report
+        spec = JobSpec(base_model=base_model, training_data=str(train), adapter_name="warmup",
+                       hyperparameters=Hyperparameters(batch_size=batch_size, max_seq_length=max_seq_length))
+        done = subprocess.run([sys.executable, "-m", "trainer_service.warmup"], input=spec.to_json(),
+                              capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            raise FailedPrecondition("WARMUP_FAILED", f"the warm-up step failed: {done.stderr.strip()[-500:]}")
+        seconds = json.loads(done.stdout.strip().splitlines()[-1])["step_seconds"]
+        return preflight.validate_dataset(train, tokenizer, max_seq_length, step_seconds=seconds, **args)
 
     def get(self, job_id: str) -> Job:
         job = self.store.get(job_id)

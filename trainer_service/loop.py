@@ -97,7 +97,7 @@ class Outcome:
 
 def estimate_fit(model, rows: list[dict], pad_id: int, total_steps: int, reporter: Reporter) -> None:
     """Reports FIT_ESTIMATED from a timed forward + backward on one full batch of `rows`."""
-    warm = _warmup_seconds(model, rows, pad_id)
+    warm = warmup_seconds(model, rows, pad_id)
     reporter.event("FIT_ESTIMATED", f"~{warm:.2f} s per step, ~{warm * total_steps / 60:.1f} min for "
                    f"{total_steps} steps", {}, {"warmup_step_seconds": warm, "steps": float(total_steps),
                                                 "estimated_seconds": warm * total_steps / distributed.world_size()})
@@ -242,7 +242,7 @@ def _evaluate_and_checkpoint(model, val_rows, batch_size, pad_id, st: TrainState
                             "best_eval_loss": tracker.best_loss, "step": float(step)})
 
 
-def _warmup_seconds(model, batch_rows: list[dict], pad_id: int) -> float:
+def warmup_seconds(model, batch_rows: list[dict], pad_id: int) -> float:
     """Times a forward + backward on one full batch, twice (the first pays one-time costs), and
     leaves no trace: gradients are dropped and the RNG state is restored, so training is the
     same with or without it."""

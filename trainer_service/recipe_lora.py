@@ -94,7 +94,7 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     reporter.event("MODEL_LOADED", f"loaded {spec.base_model}",
                    {"base_model": spec.base_model,
                     "parameters": str(sum(p.numel() for p in model.parameters()))})
-    model = _add_lora(model, spec)
+    model = add_lora(model, spec)
     trainable, total = model.get_nb_trainable_parameters()  # what print_trainable_parameters shows
 
     steps_per_epoch = math.ceil(len(train_rows) / hp.batch_size)
@@ -131,7 +131,7 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
             "validation_examples": float(len(val_rows))}
 
 
-def _add_lora(model, spec: JobSpec):
+def add_lora(model, spec: JobSpec):
     from peft import LoraConfig, get_peft_model
 
     lora = spec.lora

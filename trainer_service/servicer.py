@@ -134,7 +134,9 @@ def report_to_proto(r) -> pb.DatasetReport:
         eos_untrained=r.eos_untrained or 0, label_counts={str(k): v for k, v in (r.label_counts or {}).items()},
         steps=r.fit.steps if r.fit else 0, tokens_per_epoch=r.fit.tokens_per_epoch if r.fit else 0,
         trained_tokens_per_epoch=(r.fit.trained_tokens_per_epoch or 0) if r.fit else 0,
-        details_json=json.dumps(r.to_dict()))
+        details_json=json.dumps(r.to_dict()),
+        estimated_seconds=(r.fit.estimated_seconds or 0.0) if r.fit else 0.0,
+        step_seconds=((r.fit.estimated_seconds or 0.0) / r.fit.steps) if r.fit and r.fit.steps else 0.0)
 
 
 def _job_id(name: str) -> str:
@@ -190,7 +192,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             self.jobs.validate_dataset, request.base_model, request.training_data.path,
             request.validation_data.path, max_seq_length=request.max_seq_length or 512,
             batch_size=request.batch_size or 8, num_epochs=request.num_epochs or 1,
-            max_steps=request.max_steps)
+            max_steps=request.max_steps, measure_step_time=request.measure_step_time)
         return pb.ValidateDatasetResponse(report=report_to_proto(r))
 
     async def UploadDataset(self, request_iterator, context):

@@ -195,7 +195,8 @@ def cmd_datasets(args) -> int:
     report = stub.ValidateDataset(pb.ValidateDatasetRequest(
         base_model=os.path.abspath(args.base_model), training_data=pb.DatasetRef(path=args.data),
         validation_data=pb.DatasetRef(path=args.validation_data) if args.validation_data else None,
-        max_seq_length=args.max_seq_length, batch_size=args.batch_size, max_steps=args.max_steps)).report
+        max_seq_length=args.max_seq_length, batch_size=args.batch_size, max_steps=args.max_steps,
+        measure_step_time=args.time)).report
     d = MessageToDict(report, preserving_proto_field_name=True)
     d.pop("details_json", None)
     print(json.dumps(d, indent=2))
@@ -326,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--max-seq-length", type=int, default=0)
     va.add_argument("--batch-size", type=int, default=0)
     va.add_argument("--max-steps", type=int, default=0)
+    va.add_argument("--time", action="store_true", help="time a warm-up step for an estimate")
     ds.set_defaults(func=cmd_datasets)
 
     a = sub.add_parser("adapters", help="adapters in serving")
