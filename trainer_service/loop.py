@@ -95,6 +95,33 @@ class Outcome:
                 "train_tokens": float(self.state.tokens_seen), "train_seconds": self.train_seconds}
 
 
+def prepare_data(spec: JobSpec, tokenizer, reporter: Reporter):
+    """Loads and tokenizes the data: (training rows, validation rows, what the steps draw from —
+    the training rows, or packed rows with packing —, token stats). Reports DATASET_LOADED."""
+    hp = spec.hyperparameters
+    examples = data.load_examples(spec.training_data)
+    eos_ids = common.stop_ids(spec.base_model, tokenizer)
+    rows, stats = data.tokenize_dataset(examples, tokenizer, hp.max_seq_length, eos_ids=eos_ids)
+    if spec.validation_data:
+        val_rows, _ = data.tokenize_dataset(data.load_examples(spec.validation_data), tokenizer,
+                                            hp.max_seq_length, eos_ids=eos_ids)
+    else:
+        rows, val_rows = evaluation.split_validation(rows, spec.eval, hp.seed)
+    # What the steps train on: the rows, or with packing the packed rows (evaluation, the probe
+    # and the warm-up keep the rows).
+    train_rows = packing.pack(rows, hp.max_seq_length) if hp.packing else rows
+    packed = {"packed_rows": str(len(train_rows))} if hp.packing else {}
+    reporter.event("DATASET_LOADED", f"{len(rows)} training and {len(val_rows)} validation examples, "
+                   f"{stats.tokens} tokens "
+                   f"({stats.truncated} truncated to max_seq_length, {stats.dropped} dropped with no "
+                   "completion tokens left)",
+                   {"examples": str(stats.examples), "tokens": str(stats.tokens),
+                    "label_tokens": str(stats.label_tokens), "truncated": str(stats.truncated),
+                    "dropped": str(stats.dropped), "max_seq_length": str(hp.max_seq_length),
+                    "validation_examples": str(len(val_rows)), **packed})
+    return rows, val_rows, train_rows, stats
+
+
 def estimate_fit(model, rows: list[dict], pad_id: int, total_steps: int, reporter: Reporter) -> None:
     """Reports FIT_ESTIMATED from a timed forward + backward on one full batch of `rows`."""
     warm = warmup_seconds(model, rows, pad_id)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from trainer_service import common, data, distributed, evaluation, loop, packing
+from trainer_service import common, distributed, loop
 from trainer_service.loop import Cancelled, Reporter
 from trainer_service.spec import JobSpec
 from tunewire.errors import JobFailure
@@ -69,26 +69,7 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
 
     tokenizer = common.load_tokenizer(spec.base_model)
     # Data before the model: a bad file fails in seconds instead of after loading the weights.
-    examples = data.load_examples(spec.training_data)
-    eos_ids = common.stop_ids(spec.base_model, tokenizer)
-    rows, stats = data.tokenize_dataset(examples, tokenizer, hp.max_seq_length, eos_ids=eos_ids)
-    if spec.validation_data:
-        val_rows, _ = data.tokenize_dataset(data.load_examples(spec.validation_data), tokenizer,
-                                            hp.max_seq_length, eos_ids=eos_ids)
-    else:
-        rows, val_rows = evaluation.split_validation(rows, spec.eval, hp.seed)
-    # What the steps train on: the rows, or with packing the packed rows (evaluation, the probe
-    # and the warm-up keep the rows).
-    train_rows = packing.pack(rows, hp.max_seq_length) if hp.packing else rows
-    packed = {"packed_rows": str(len(train_rows))} if hp.packing else {}
-    reporter.event("DATASET_LOADED", f"{len(rows)} training and {len(val_rows)} validation examples, "
-                   f"{stats.tokens} tokens "
-                   f"({stats.truncated} truncated to max_seq_length, {stats.dropped} dropped with no "
-                   "completion tokens left)",
-                   {"examples": str(stats.examples), "tokens": str(stats.tokens),
-                    "label_tokens": str(stats.label_tokens), "truncated": str(stats.truncated),
-                    "dropped": str(stats.dropped), "max_seq_length": str(hp.max_seq_length),
-                    "validation_examples": str(len(val_rows)), **packed})
+    rows, val_rows, train_rows, stats = loop.prepare_data(spec, tokenizer, reporter)
 
     model = common.load_model(spec.base_model)
     reporter.event("MODEL_LOADED", f"loaded {spec.base_model}",
