@@ -385,8 +385,12 @@ def _metrics(port: int) -> str:
 
 def test_metrics_endpoints_expose_named_metrics(stack, trained):
     t = _metrics(stack.trainer.metrics_port)
-    for name in ("tunewire_trainer_jobs{", "tunewire_trainer_steps_total", "tunewire_trainer_loss",
-                 "tunewire_trainer_tokens_per_second", 'grpc_server_handled_total{grpc_code="OK",'
+    for name in ("tunewire_trainer_jobs{", 'tunewire_trainer_jobs{state="QUEUED"}',
+                 "tunewire_trainer_steps_total", "tunewire_trainer_loss",
+                 "tunewire_trainer_tokens_per_second", "tunewire_trainer_step_seconds_bucket",
+                 "tunewire_trainer_checkpoints_total", "tunewire_trainer_resumes_total",
+                 "tunewire_trainer_publish_seconds_bucket", "tunewire_trainer_dataset_failures_total",
+                 "tunewire_trainer_worker_retries_total", 'grpc_server_handled_total{grpc_code="OK",'
                  'grpc_method="CreateTrainingJob"', "grpc_server_handling_seconds_bucket"):
         assert name in t, name
     s = _metrics(stack.serving.metrics_port)
