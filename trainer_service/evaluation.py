@@ -70,7 +70,9 @@ class EvalTracker:
             self.best_loss, self.best_step, self.stale = eval_loss, step, 0
         else:
             self.stale += 1
-        rising = bool(self.history) and eval_loss > self.history[-1][1] and train_loss < self.history[-1][2]
+        # "Rose" means by more than 1% (and min_delta): equal-looking losses are not a trend.
+        rising = (bool(self.history) and eval_loss > self.history[-1][1] * 1.01 + self.min_delta
+                  and train_loss < self.history[-1][2])
         newly = rising and not self._overfitting
         self._overfitting = rising
         self.history.append((step, eval_loss, train_loss))
