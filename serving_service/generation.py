@@ -127,6 +127,15 @@ class Generator:
                          json_schema=schema if isinstance(schema, dict) else None,
                          json_object=req.response_format == "json_object"), schema
 
+    def tokenize(self, adapter: str, text: str) -> list[tuple[int, str, int, int]]:
+        """(id, token text, start, end) for each token of `text`, offsets into `text`."""
+        if not self.engine.ready:
+            raise Unavailable("ENGINE_NOT_READY", "the engine is still starting")
+        if adapter:
+            self.registry.resolve(adapter)  # NOT_FOUND like Generate; adapters share the tokenizer
+        enc = self.engine.tokenizer()(text, return_offsets_mapping=True)
+        return [(i, text[a:b], a, b) for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
+
     async def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
         if not self.engine.ready:
             raise Unavailable("ENGINE_NOT_READY", "the engine is still starting")

