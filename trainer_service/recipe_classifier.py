@@ -3,24 +3,18 @@
 One job, read top to bottom: setup, extract features, train the head, save, clean up.
 
 `run(settings, out_dir, reporter, should_stop)` reads JSONL rows `{"text": str, "label": str|int}`,
-runs the base model's body (AutoModel: the transformer without its LM head, fp32, eval mode, no
-gradients) ONCE over every training and validation text, pools the last hidden states ("mean" over
-the real tokens or the "last" real token) and caches them. Only a `torch.nn.Linear(hidden,
+runs the base model's frozen body ONCE over every training and validation text, pools the last
+hidden states ("mean" over the real tokens or the "last" real token) and caches them. Only a `torch.nn.Linear(hidden,
 num_classes)` then trains, over the cached features, with AdamW and a learning rate that decays
 linearly to 0. The body's weights never change, so that is the whole job; on a CPU the head's
 steps take microseconds and the one pass through the body is what costs.
 
 The head trains on standardized features (per-dimension mean and standard deviation of the
 training features), which keeps Adam well conditioned when a model has a few huge hidden
-dimensions. The standardization is folded into the head before it is saved, so the artifact is a
-plain linear layer over the raw pooled hidden state:
-
-    out_dir/classifier/head.safetensors   weight [num_classes, hidden], bias [num_classes], fp32
-    out_dir/classifier/classifier.json    id2label, pooling, hidden_size, max_seq_length,
-                                          base_model_fingerprint, method "feature_extraction"
-
-`predict(classifier_dir, base_model, texts)` loads both and classifies. Texts are tokenized as
-the tokenizer does by default (its special tokens included), truncated to max_seq_length.
+dimensions. The standardization is folded into the head before it is saved, so the artifact in
+out_dir/classifier (head.safetensors, classifier.json) is a plain linear layer over the raw pooled
+hidden state. Tokenizing, the body, pooling, the head's files and `predict` are
+tunewire/features.py, shared with serving, so a served prediction equals the one evaluated here.
 
 Validation: `validation_data`, or else a stratified `validation_fraction` of the training rows
 (every class keeps at least one training row). Evaluations (eval_loss, accuracy, macro_f1) run
@@ -55,15 +49,12 @@ import torch.nn.functional as F
 from tunewire.adapters import base_model_fingerprint
 from trainer_service.recipe_lora import Cancelled, Reporter  # one protocol for every recipe
 from tunewire.errors import FailedPrecondition, JobFailure
+# The loaders are this module's attributes so that tests can replace them; predict was defined here.
+from tunewire.features import (POOLINGS, Label, encode, load_body as _load_body,
+                               load_tokenizer as _load_tokenizer, pad_id, pooled_features, predict,
+                               write_head)
 
-POOLINGS = ("mean", "last")
-METHOD = "feature_extraction"
-HEAD_FILE = "head.safetensors"
-CONFIG_FILE = "classifier.json"
-# Padded tokens per forward pass of the body when extracting features (texts sorted by length).
-FEATURE_TOKEN_BUDGET = 8192
-
-Label = str | int
+__all__ = ["ClassifierSettings", "run", "predict", "macro_f1"]
 
 
 @dataclass(frozen=True)
@@ -130,7 +121,8 @@ def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
     set_seed(s.seed)  # python, numpy and torch: head init and shuffling repeat
     torch.set_num_threads(int(os.environ.get("TUNEWIRE_TRAIN_THREADS", os.cpu_count() or 1)))
 
-    tokenizer = _load_tokenizer(s.base_model)
+    with _user_error():
+        tokenizer = _load_tokenizer(s.base_model)
     # Data before the model: a bad file fails in seconds instead of after loading the weights.
     train_rows = _read_rows(s.training_data, "training")
     if s.validation_data is not None:
@@ -152,7 +144,8 @@ def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
                     "labels": str(len(labels)), "tokens": str(sum(train_tokens)),
                     "truncated": str(truncated), "max_seq_length": str(s.max_seq_length)})
 
-    body = _load_body(s.base_model)
+    with _user_error():
+        body = _load_body(s.base_model)
     body_params = sum(p.numel() for p in body.parameters())
     hidden = int(body.config.hidden_size)
     reporter.event("MODEL_LOADED", f"loaded {s.base_model}",
@@ -160,10 +153,14 @@ def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
 
     # ---- extract features ----------------------------------------------------------------
     # The frozen body maps a text to the same vector in every epoch: compute it once.
+    def before_batch():
+        if should_stop():
+            raise Cancelled("stopped while extracting features")
+
     t0 = time.perf_counter()
-    pad_id = _pad_id(tokenizer)
-    train_x = _features(body, train_ids, pad_id, s.pooling, should_stop)
-    val_x = _features(body, val_ids, pad_id, s.pooling, should_stop)
+    pad = pad_id(tokenizer)
+    train_x = pooled_features(body, train_ids, pad, s.pooling, before_batch)
+    val_x = pooled_features(body, val_ids, pad, s.pooling, before_batch)
     feature_seconds = time.perf_counter() - t0
     feature_tokens = sum(train_tokens) + sum(len(ids) for ids in val_ids)
     train_y = torch.tensor([label_index[r.label] for r in train_rows])
@@ -242,16 +239,9 @@ def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
     # ---- save ----------------------------------------------------------------------------
     if should_stop():
         raise Cancelled("stopped after training, before saving")
-    from safetensors.torch import save_file
-
-    classifier_dir = Path(out_dir) / "classifier"
-    classifier_dir.mkdir(parents=True, exist_ok=True)
-    save_file({"weight": weight, "bias": bias}, str(classifier_dir / HEAD_FILE))
-    config = {"method": METHOD, "id2label": {str(i): label for i, label in enumerate(labels)},
-              "num_labels": len(labels), "pooling": s.pooling, "hidden_size": hidden,
-              "max_seq_length": s.max_seq_length,
-              "base_model_fingerprint": base_model_fingerprint(s.base_model)}
-    (classifier_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    classifier_dir = write_head(Path(out_dir) / "classifier", weight=weight, bias=bias,
+                                labels=labels, pooling=s.pooling, max_seq_length=s.max_seq_length,
+                                base_fingerprint=base_model_fingerprint(s.base_model))
     reporter.event("ADAPTER_SAVED", f"classifier head saved to {classifier_dir}",
                    {"path": str(classifier_dir), "trainable_params": str(trainable)})
 
@@ -266,41 +256,6 @@ def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
             "feature_tokens": float(feature_tokens), "examples": float(len(train_rows)),
             "validation_examples": float(len(val_rows)), "truncated_examples": float(truncated),
             "num_labels": float(len(labels))}
-
-
-def predict(classifier_dir: str | Path, base_model: str | Path,
-            texts: Sequence[str]) -> list[tuple[Label, list[float]]]:
-    """Classifies `texts` with a saved head on `base_model`: (label, probabilities by index).
-
-    Raises FailedPrecondition when the head was trained on another base model (fingerprint or
-    hidden size differ), ValueError for a text that has no tokens.
-    """
-    from safetensors.torch import load_file
-    from transformers import AutoModel, AutoTokenizer
-
-    if not texts:
-        return []
-    d = Path(classifier_dir)
-    config = json.loads((d / CONFIG_FILE).read_text())
-    if config.get("method") != METHOD:
-        raise FailedPrecondition("CLASSIFIER_INVALID", f"{d}: method is not {METHOD}")
-    if config["base_model_fingerprint"] != base_model_fingerprint(base_model):
-        raise FailedPrecondition("CLASSIFIER_BASE_MODEL_MISMATCH",
-                                 f"{d} was trained on another base model than {base_model}")
-    labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
-    tensors = load_file(str(d / HEAD_FILE))
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
-    body = AutoModel.from_pretrained(base_model, dtype=torch.float32).eval().requires_grad_(False)
-    if int(body.config.hidden_size) != config["hidden_size"]:
-        raise FailedPrecondition("CLASSIFIER_BASE_MODEL_MISMATCH",
-                                 f"{d} expects hidden size {config['hidden_size']}")
-    ids, _ = _encode(tokenizer, list(texts), config["max_seq_length"])
-    for i, row in enumerate(ids):
-        if not row:
-            raise ValueError(f"text {i} has no tokens")
-    x = _features(body, ids, _pad_id(tokenizer), config["pooling"], lambda: False)
-    probs = torch.softmax(x @ tensors["weight"].T + tensors["bias"], dim=-1)
-    return [(labels[int(p.argmax())], p.tolist()) for p in probs]
 
 
 def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
@@ -417,58 +372,19 @@ def _label_list(train: list[_Row], val: list[_Row], val_is_file: bool) -> list[L
     return labels
 
 
-def _encode(tokenizer, texts: list[str], max_seq_length: int) -> tuple[list[list[int]], int]:
-    """Token ids of each text, truncated to max_seq_length; and how many were truncated."""
-    ids = tokenizer(texts, verbose=False).input_ids
-    long = [i for i, row in enumerate(ids) if len(row) > max_seq_length]
-    if long:  # the tokenizer truncates, so special tokens it adds at the end stay
-        cut = tokenizer([texts[i] for i in long], truncation=True, max_length=max_seq_length,
-                        verbose=False).input_ids
-        for i, row in zip(long, cut):
-            ids[i] = row
-    return ids, len(long)
-
-
 def _tokenize(tokenizer, rows: list[_Row], max_seq_length: int,
               what: str) -> tuple[list[list[int]], int]:
-    ids, truncated = _encode(tokenizer, [r.text for r in rows], max_seq_length)
-    for r, row_ids in zip(rows, ids):
-        if not row_ids:
-            raise _invalid(what, r.line, "field text: the tokenizer makes no tokens of it")
-    return ids, truncated
+    return encode(tokenizer, [r.text for r in rows], max_seq_length, no_tokens=lambda i: _invalid(
+        what, rows[i].line, "field text: the tokenizer makes no tokens of it"))
 
 
-def _pad_id(tokenizer) -> int:
-    # Padding never reaches the pooled features (right padding, masked), so any id works.
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return tid
-    return 0
-
-
-def _load_tokenizer(base_model: str):
-    from transformers import AutoTokenizer
-
-    if not (Path(base_model) / "config.json").is_file():
-        raise JobFailure("BASE_MODEL_INVALID", f"no model directory (config.json) at {base_model}",
-                         user_error=True)
+@contextmanager
+def _user_error() -> Iterator[None]:
+    """The shared loaders raise FailedPrecondition; in a job that is the input's fault."""
     try:
-        return AutoTokenizer.from_pretrained(base_model)
-    except Exception as e:  # noqa: BLE001 - any loader error means the directory is unusable
-        raise JobFailure("BASE_MODEL_INVALID", f"cannot load the tokenizer from {base_model}: "
-                         f"{type(e).__name__}: {e}", user_error=True) from None
-
-
-def _load_body(base_model: str):
-    """The model without its LM head, fp32, frozen and in eval mode (no dropout)."""
-    from transformers import AutoModel
-
-    try:
-        body = AutoModel.from_pretrained(base_model, dtype=torch.float32)
-    except Exception as e:  # noqa: BLE001 - any loader error means the directory is unusable
-        raise JobFailure("BASE_MODEL_INVALID", f"cannot load the model from {base_model}: "
-                         f"{type(e).__name__}: {e}", user_error=True) from None
-    return body.eval().requires_grad_(False)
+        yield
+    except FailedPrecondition as e:
+        raise JobFailure(e.reason, e.message, user_error=True) from None
 
 
 @contextmanager
@@ -479,43 +395,6 @@ def _threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _length_batches(lengths: list[int], budget: int) -> Iterator[list[int]]:
-    """Indices, longest first, in batches of at most `budget` padded tokens (at least one text)."""
-    batch: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        if batch and (len(batch) + 1) * lengths[batch[0]] > budget:
-            yield batch
-            batch = []
-        batch.append(i)
-    if batch:
-        yield batch
-
-
-@torch.inference_mode()
-def _features(body, ids: list[list[int]], pad_id: int, pooling: str,
-              should_stop: Callable[[], bool]) -> torch.Tensor:
-    """Pooled last hidden state of every text, [len(ids), hidden] fp32, in the order of `ids`."""
-    out = torch.empty(len(ids), int(body.config.hidden_size))
-    for batch in _length_batches([len(x) for x in ids], FEATURE_TOKEN_BUDGET):
-        if should_stop():
-            raise Cancelled("stopped while extracting features")
-        width = len(ids[batch[0]])
-        # Right padding: causal attention keeps pads out of every real token's state.
-        input_ids = torch.full((len(batch), width), pad_id)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
-            mask[row, :len(ids[i])] = 1
-        hidden = body(input_ids=input_ids, attention_mask=mask,
-                      use_cache=False).last_hidden_state.float()
-        if pooling == "mean":
-            pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
-        else:  # "last": the last real token, which has attended to the whole text
-            pooled = hidden[torch.arange(len(batch)), mask.sum(1) - 1]
-        out[batch] = pooled
-    return out
 
 
 @torch.no_grad()
