@@ -23,6 +23,14 @@ class ServingConfig:
     kv_cache_gib: int = 1              # VLLM_CPU_KVCACHE_SPACE when unset (CPU only)
     enforce_eager: bool = False        # skip torch.compile/graphs: faster start, slower decode
     default_max_tokens: int = 256      # when a request leaves max_tokens at 0
+    max_concurrent_requests: int = 64  # requests admitted to the engine at once
+    max_queued_requests: int = 256     # more wait in our queue; past that RESOURCE_EXHAUSTED
+    max_concurrent_per_adapter: int = 0  # cap per adapter so a hot one cannot starve others (0 = off)
+    retry_after_s: float = 1.0         # RetryInfo hint sent with RESOURCE_EXHAUSTED
+    lazy_load: bool = True             # a request for a store adapter that is not resident loads it
+    max_schema_bytes: int = 65536      # larger response-format schemas are refused
+    schema_compile_timeout_s: float = 2.0  # grammar compile budget per schema (cached afterwards)
+    metrics_top_adapters: int = 20     # adapters with their own metric label; the rest are "other"
     drain_seconds: float = 2.0         # NOT_SERVING period on SIGTERM before the server stops
     log_level: str = "INFO"            # Python logging level
 
@@ -34,10 +42,15 @@ class ServingConfig:
         if self.max_lora_rank not in (1, 8, 16, 32, 64, 128, 256, 320, 512):
             raise ValueError("max_lora_rank must be one of vLLM's sizes: 1, 8, 16, 32, 64, ...")
         for name in ("max_model_len", "max_loras", "max_cpu_loras", "max_num_seqs", "kv_cache_gib",
-                     "default_max_tokens"):
+                     "default_max_tokens", "max_concurrent_requests", "max_schema_bytes",
+                     "metrics_top_adapters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_cpu_loras < self.max_loras:
             raise ValueError("max_cpu_loras must be >= max_loras")
+        if self.max_queued_requests < 0 or self.max_concurrent_per_adapter < 0:
+            raise ValueError("max_queued_requests and max_concurrent_per_adapter must be >= 0")
+        if self.schema_compile_timeout_s <= 0 or self.retry_after_s < 0:
+            raise ValueError("schema_compile_timeout_s must be > 0 and retry_after_s >= 0")
         if self.default_max_tokens > self.max_model_len:
             raise ValueError("default_max_tokens must be <= max_model_len")

@@ -82,6 +82,8 @@ class GenParams:
     stop: tuple[str, ...] = ()       # stop strings (not included in the output)
     json_schema: dict | None = None  # constrain the output to this JSON schema
     json_object: bool = False        # constrain the output to any JSON object
+    regex: str = ""                  # constrain the whole output to this regular expression
+    choices: tuple[str, ...] = ()    # constrain the output to exactly one of these strings
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -92,8 +94,8 @@ class GenParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
-        if self.json_schema is not None and self.json_object:
-            raise ValueError("json_schema and json_object are exclusive")
+        if sum([self.json_schema is not None, self.json_object, bool(self.regex), bool(self.choices)]) > 1:
+            raise ValueError("json_schema, json_object, regex and choices are exclusive")
 
 
 @dataclass
@@ -209,6 +211,10 @@ class VllmEngine:
             structured = StructuredOutputsParams(json=params.json_schema)
         elif params.json_object:
             structured = StructuredOutputsParams(json_object=True)
+        elif params.regex:
+            structured = StructuredOutputsParams(regex=params.regex)
+        elif params.choices:
+            structured = StructuredOutputsParams(choice=list(params.choices))
         sampling = SamplingParams(
             max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
             top_k=params.top_k, seed=params.seed, stop=list(params.stop) or None,
@@ -240,6 +246,13 @@ class VllmEngine:
                 with contextlib.suppress(Exception):
                     await engine.abort(request_id)
                 await stream.aclose()
+
+    def unfinished_requests(self) -> int:
+        """Requests the engine still tracks (queued or running); 0 when idle. Aborts and
+        deadlines must bring this back to 0: a leak here is a leaked KV-cache slot."""
+        if self._engine is None:
+            return 0
+        return self._engine.output_processor.get_num_unfinished_requests()
 
     async def abort(self, request_id: str) -> None:
         if self._engine is not None:

@@ -1,27 +1,34 @@
-"""Generation on the engine: request checks, adapter routing, constrained output, accounting.
+"""Generation on the engine: request checks, admission, adapter routing, constrained output,
+deadlines and per-adapter accounting.
 
-`Generator.stream` is the one path for both `Generate` and `StreamGenerate`: it validates the
-request (prompt or chat messages, sampling ranges, the JSON schema against its meta-schema),
-resolves the adapter through the registry (unknown → NOT_FOUND, never an engine request), runs
-the engine, and on the last chunk reports timings and whether a JSON answer parsed and validated.
-Per-adapter metrics are kept here because vLLM's own metrics have no adapter label.
+`Generator.stream` is the one path for `Generate`, `BatchGenerate` and `StreamGenerate`:
+  1. validate the request (prompt or chat messages, sampling ranges) and prepare its output
+     constraint (schema checked and compiled with a timeout; see structured.py);
+  2. wait for an admission slot (bounded queue, per-adapter fairness; see admission.py);
+  3. resolve the adapter through the registry (loading it if it is only in the store);
+  4. run the engine, with a watchdog that aborts the engine request at the deadline (the gRPC
+     deadline or `time_limit_ms`, the earlier); a client that goes away cancels this coroutine,
+     and the engine wrapper aborts the request on the way out;
+  5. on the last chunk report timings, the version used, and whether structured output validated.
+Per-adapter metrics live here because vLLM's own metrics have no adapter label; label values are
+bounded (`LabelLimiter`) so a thousand adapters cannot blow up Prometheus.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import jsonschema
 from prometheus_client import Counter, Histogram
 
-from serving_service.registry import AdapterRegistry
-from tunewire.errors import InvalidArgument, Unavailable, invalid
+from serving_service.admission import Admission
+from serving_service.registry import AdapterRegistry, parse_ref
+from serving_service.structured import STRUCTURED, StructuredOutputs, check_output
+from tunewire.errors import DeadlineExceeded, InvalidArgument, TunewireError, Unavailable, invalid
 
 REQUESTS = Counter("tunewire_serving_requests_total", "Generation requests by adapter and outcome.",
                    ["adapter", "outcome"])
@@ -30,14 +37,30 @@ TTFT = Histogram("tunewire_serving_ttft_seconds", "Time to first token.", ["adap
 LATENCY = Histogram("tunewire_serving_e2e_latency_seconds", "End-to-end generation latency.", ["adapter"],
                     buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
 TOKENS = Counter("tunewire_serving_tokens_total", "Prompt and completion tokens.", ["adapter", "kind"])
-STRUCTURED = Counter("tunewire_serving_structured_output_total",
-                     "JSON responses by whether they parsed and validated.", ["valid"])
 ROLES = {"system", "user", "assistant"}
+
+
+class LabelLimiter:
+    """Bounded metric labels: the first `k` adapter names keep their own label, later ones
+    share "other" (base requests are always "base")."""
+
+    def __init__(self, k: int):
+        self.k, self._names = k, set()
+
+    def __call__(self, name: str) -> str:
+        if not name:
+            return "base"
+        if name in self._names:
+            return name
+        if len(self._names) < self.k:
+            self._names.add(name)
+            return name
+        return "other"
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    adapter: str = ""                             # "" = base model
+    adapter: str = ""                             # "" = base model; "name" or "name@version"
     prompt: str = ""                              # raw prompt, or:
     messages: tuple[tuple[str, str], ...] = ()    # (role, content) rendered by the chat template
     max_tokens: int = 0                           # 0 = the server default
@@ -46,9 +69,14 @@ class GenerationRequest:
     top_k: int = 0                                # 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    response_format: str = "text"                 # text | json_object | json_schema
+    response_format: str = "text"                 # text | json_object | json_schema | regex | choice
     json_schema: str = ""                         # schema text for json_schema
+    strict: bool = False                          # json_schema: reject keywords the backend cannot enforce
+    regex: str = ""
+    choices: tuple[str, ...] = ()
     request_id: str = ""
+    time_limit_ms: int = 0                        # 0 = none
+    deadline: float | None = None                 # time.monotonic() of the gRPC deadline, if any
 
 
 @dataclass
@@ -63,48 +91,20 @@ class Chunk:
     timings: dict[str, float] = field(default_factory=dict)
     structured_output_valid: bool = False
     structured_output_error: str = ""
-
-
-def parse_schema(text: str) -> dict | bool:
-    try:
-        schema = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InvalidArgument("JSON_SCHEMA_INVALID", f"json_schema is not valid JSON: {e}",
-                              field_violations={"response_format.json_schema.schema": "not valid JSON"}) from e
-    if not isinstance(schema, (dict, bool)):
-        raise invalid("response_format.json_schema.schema", "must be a JSON object", "JSON_SCHEMA_INVALID")
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as e:
-        raise InvalidArgument("JSON_SCHEMA_INVALID", f"json_schema is not a valid JSON schema: {e.message}",
-                              field_violations={"response_format.json_schema.schema": e.message}) from e
-    return schema
-
-
-def check_structured(text: str, schema, finish_reason: str | None) -> tuple[bool, str]:
-    """(valid, why not) for a JSON answer, checked server-side."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        why = "truncated at max_tokens" if finish_reason == "length" else f"not valid JSON: {e}"
-        return False, why
-    if schema is None:
-        return (True, "") if isinstance(value, dict) else (False, "not a JSON object")
-    try:
-        jsonschema.validate(value, schema)
-    except jsonschema.ValidationError as e:
-        return False, f"does not match the schema: {e.message}"
-    return True, ""
+    warnings: tuple[str, ...] = ()                # first chunk only
 
 
 class Generator:
-    def __init__(self, engine, registry: AdapterRegistry, *, default_max_tokens: int, max_model_len: int):
+    def __init__(self, engine, registry: AdapterRegistry, structured: StructuredOutputs,
+                 admission: Admission, *, default_max_tokens: int, max_model_len: int,
+                 top_adapters: int = 20):
         self.engine, self.registry = engine, registry
+        self.structured, self.admission = structured, admission
         self.default_max_tokens, self.max_model_len = default_max_tokens, max_model_len
+        self.label = LabelLimiter(top_adapters)
 
-    def _params(self, req: GenerationRequest):
-        from serving_service.engine import GenParams  # engine imports vllm; keep it lazy
-
+    def _check(self, req: GenerationRequest) -> int:
+        """Validates the sampling fields; returns max_tokens."""
         if bool(req.prompt) == bool(req.messages):
             raise invalid("prompt", "exactly one of prompt and messages is required")
         for i, (role, _) in enumerate(req.messages):
@@ -121,70 +121,138 @@ class Generator:
             raise invalid("sampling.top_k", "must be >= 0")
         if len(req.stop) > 16 or any(not s for s in req.stop):
             raise invalid("sampling.stop", "at most 16 non-empty strings")
-        schema = parse_schema(req.json_schema) if req.response_format == "json_schema" else None
-        return GenParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                         top_k=req.top_k, seed=req.seed, stop=tuple(req.stop),
-                         json_schema=schema if isinstance(schema, dict) else None,
-                         json_object=req.response_format == "json_object"), schema
+        if req.time_limit_ms < 0:
+            raise invalid("time_limit_ms", "must be >= 0")
+        if req.adapter:
+            parse_ref(req.adapter)
+        return max_tokens
 
     def tokenize(self, adapter: str, text: str) -> list[tuple[int, str, int, int]]:
         """(id, token text, start, end) for each token of `text`, offsets into `text`."""
         if not self.engine.ready:
             raise Unavailable("ENGINE_NOT_READY", "the engine is still starting")
-        if adapter:
-            self.registry.resolve(adapter)  # NOT_FOUND like Generate; adapters share the tokenizer
+        if adapter:  # adapters share the base tokenizer; an unknown one is NOT_FOUND like Generate
+            self.registry.check_known(adapter)
         enc = self.engine.tokenizer()(text, return_offsets_mapping=True)
         return [(i, text[a:b], a, b) for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
 
+    async def complete(self, req: GenerationRequest) -> Chunk:
+        """The whole completion as one Chunk (Generate / BatchGenerate)."""
+        parts, last = [], None
+        async for c in self.stream(req):
+            parts.append(c.text)
+            last = c if last is None else _merge(last, c)
+        last.text = "".join(parts)
+        return last
+
     async def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
+        from serving_service.engine import GenParams  # engine imports vllm; keep it lazy
+
         if not self.engine.ready:
             raise Unavailable("ENGINE_NOT_READY", "the engine is still starting")
-        params, schema = self._params(req)
-        adapter = self.registry.resolve(req.adapter) if req.adapter else None
-        label = adapter.name if adapter else "base"
-        prompt = req.prompt or self.engine.render_chat([{"role": r, "content": c} for r, c in req.messages])
-        n_prompt = len(self.engine.tokenizer().encode(prompt))
-        if n_prompt + params.max_tokens > self.max_model_len:
-            raise InvalidArgument("PROMPT_TOO_LONG",
-                                  f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                                  f"the context length {self.max_model_len}",
-                                  field_violations={"prompt": "too long for max_model_len"})
-        rid = req.request_id or uuid.uuid4().hex
-        structured = req.response_format != "text"
+        # Metric label: "base", or the adapter's name once it resolved (bounded by LabelLimiter);
+        # names that never resolve are "unknown", so random names cannot mint labels.
+        label = "unknown" if req.adapter else "base"
         started = time.perf_counter()
-        first = None
-        text_parts: list[str] = []
         outcome = "error"
-        lora = (adapter.engine_name, adapter.lora_id, str(adapter.path)) if adapter else None
         try:
-            with (self.registry.use(adapter) if adapter else contextlib.nullcontext()):
-                async for d in self.engine.generate(rid, prompt, params, lora):
-                    if first is None and (d.text or d.completion_tokens):
-                        first = time.perf_counter()
-                        TTFT.labels(label).observe(first - started)
-                    chunk = Chunk(text=d.text, prompt_tokens=d.prompt_tokens,
-                                  completion_tokens=d.completion_tokens, request_id=rid,
-                                  adapter=adapter.name if adapter else "",
-                                  adapter_version=adapter.version if adapter else "")
-                    if structured:
-                        text_parts.append(d.text)
-                    if d.finish_reason is not None:
-                        end = time.perf_counter()
-                        chunk.finish_reason = d.finish_reason
-                        chunk.timings = {"ttft_ms": 1000 * ((first or end) - started),
-                                         "total_ms": 1000 * (end - started),
-                                         "queue_ms": d.queue_ms or 0.0}
-                        if structured:
-                            ok, why = check_structured("".join(text_parts), schema, d.finish_reason)
-                            chunk.structured_output_valid, chunk.structured_output_error = ok, why
-                            STRUCTURED.labels(str(ok).lower()).inc()
-                        LATENCY.labels(label).observe(end - started)
-                        TOKENS.labels(label, "prompt").inc(d.prompt_tokens)
-                        TOKENS.labels(label, "completion").inc(d.completion_tokens)
-                        outcome = "ok" if d.finish_reason != "abort" else "aborted"
-                    yield chunk
+            max_tokens = self._check(req)
+            c = await self.structured.prepare(req.response_format, schema=req.json_schema,
+                                              strict=req.strict, regex=req.regex, choices=req.choices)
+            params = GenParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                               top_k=req.top_k, seed=req.seed, stop=tuple(req.stop),
+                               json_schema=c.engine_schema if c.kind == "json_schema" else None,
+                               json_object=c.kind == "json_object", regex=c.regex, choices=c.choices)
+            deadline = req.deadline
+            if req.time_limit_ms:
+                limit = time.monotonic() + req.time_limit_ms / 1000
+                deadline = limit if deadline is None else min(deadline, limit)
+            prompt = req.prompt or self.engine.render_chat([{"role": r, "content": t} for r, t in req.messages])
+            n_prompt = len(self.engine.tokenizer().encode(prompt))
+            if n_prompt + max_tokens > self.max_model_len:
+                raise InvalidArgument("PROMPT_TOO_LONG",
+                                      f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds "
+                                      f"the context length {self.max_model_len}",
+                                      field_violations={"prompt": "too long for max_model_len"})
+            rid = req.request_id or uuid.uuid4().hex
+            async with self.admission.slot(req.adapter.partition("@")[0], deadline) as queued_ms:
+                adapter_ctx = self.registry.using(req.adapter) if req.adapter else _no_adapter()
+                async with adapter_ctx as (adapter, load_ms):
+                    if adapter:
+                        label = self.label(adapter.name)
+                    lora = (adapter.key, adapter.lora_id, str(adapter.path)) if adapter else None
+                    first, parts = None, []
+                    watchdog = _Watchdog(self.engine, rid, deadline)
+                    try:
+                        async for d in self.engine.generate(rid, prompt, params, lora):
+                            if d.finish_reason == "abort" and watchdog.fired:
+                                raise DeadlineExceeded("DEADLINE_EXCEEDED",
+                                                       "the deadline passed while generating; the engine "
+                                                       "request was aborted")
+                            if first is None and (d.text or d.completion_tokens):
+                                first = time.perf_counter()
+                                TTFT.labels(label).observe(first - started)
+                            chunk = Chunk(text=d.text, prompt_tokens=d.prompt_tokens,
+                                          completion_tokens=d.completion_tokens, request_id=rid,
+                                          adapter=adapter.name if adapter else "",
+                                          adapter_version=adapter.version if adapter else "",
+                                          warnings=c.warnings if not parts else ())
+                            parts.append(d.text)
+                            if d.finish_reason is not None:
+                                end = time.perf_counter()
+                                chunk.finish_reason = d.finish_reason
+                                chunk.timings = {"ttft_ms": 1000 * ((first or end) - started),
+                                                 "total_ms": 1000 * (end - started),
+                                                 "queue_ms": queued_ms + (d.queue_ms or 0.0),
+                                                 "adapter_load_ms": load_ms}
+                                if c.kind != "text":
+                                    ok, why = check_output(c, "".join(parts), d.finish_reason)
+                                    chunk.structured_output_valid, chunk.structured_output_error = ok, why
+                                    STRUCTURED.labels(c.kind, str(ok).lower()).inc()
+                                LATENCY.labels(label).observe(end - started)
+                                TOKENS.labels(label, "prompt").inc(d.prompt_tokens)
+                                TOKENS.labels(label, "completion").inc(d.completion_tokens)
+                                outcome = "ok" if d.finish_reason != "abort" else "aborted"
+                            yield chunk
+                    finally:
+                        watchdog.cancel()
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"  # the client went away; the engine request was aborted
             raise
+        except TunewireError as e:
+            outcome = {"INVALID_ARGUMENT": "invalid", "NOT_FOUND": "not_found",
+                       "FAILED_PRECONDITION": "failed_precondition", "RESOURCE_EXHAUSTED": "rejected",
+                       "DEADLINE_EXCEEDED": "deadline"}.get(e.code, "error")
+            raise
         finally:
             REQUESTS.labels(label, outcome).inc()
+
+
+class _Watchdog:
+    """Aborts the engine request when the deadline passes (queued or running alike)."""
+
+    def __init__(self, engine, rid: str, deadline: float | None):
+        self.fired, self._task = False, None
+        if deadline is not None:
+            self._task = asyncio.create_task(self._run(engine, rid, deadline))
+
+    async def _run(self, engine, rid, deadline):
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+        self.fired = True
+        while True:  # again until cancelled: the first abort may precede the engine's add_request
+            await engine.abort(rid)
+            await asyncio.sleep(0.05)
+
+    def cancel(self):
+        if self._task is not None:
+            self._task.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _no_adapter():
+    yield None, 0.0
+
+
+def _merge(prev: Chunk, new: Chunk) -> Chunk:
+    new.warnings = prev.warnings or new.warnings
+    return new

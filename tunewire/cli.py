@@ -3,8 +3,9 @@
     tunewire serve trainer|serving [--config FILE] [flags]     start a service
     tunewire jobs create|get|list|watch|cancel|checkpoints ... training jobs
     tunewire datasets upload FILE | validate ...               training data
-    tunewire adapters list|load|unload ...                     adapters loaded in serving
-    tunewire generate --prompt TEXT [--adapter A] [--json-schema FILE]
+    tunewire adapters list|load|unload|pin|unpin|watch ...     adapters in serving
+    tunewire generate --prompt TEXT [--adapter A[@vN]] [--json-schema FILE | --regex R | --choice a,b]
+    tunewire classify HEAD TEXT...                             feature-extraction heads
     tunewire model info | tokenize TEXT                        the served model
     tunewire demo                                              the end-to-end demo
 
@@ -211,15 +212,35 @@ def cmd_adapters(args) -> int:
 
     stub = _serving(args)
     if args.action == "list":
-        for a in stub.ListAdapters(pb.ListAdaptersRequest()).adapters:
-            print(f"{a.name}@{a.version}  rank {a.rank}  {','.join(a.target_modules)}  "
-                  f"requests {a.request_count}  {a.uri}")
+        for a in stub.ListAdapters(pb.ListAdaptersRequest(include_store=args.all)).adapters:
+            state = pb.Adapter.State.Name(a.state)[6:].lower()
+            flags = "".join([" active" if a.active else "", " pinned" if a.pinned else ""])
+            print(f"{a.name}@{a.version}  {state}{flags}  rank {a.rank}  {','.join(a.target_modules)}  "
+                  f"requests {a.request_count}  load {a.load_ms:.0f} ms  {a.uri}")
     elif args.action == "load":
         _print(stub.LoadAdapter(pb.LoadAdapterRequest(name=args.name, version=args.version or "",
-                                                       uri=args.uri)).adapter)
+                                                       uri=args.uri or "", pin=args.pin)).adapter)
+    elif args.action in ("pin", "unpin"):
+        _print(stub.PinAdapter(pb.PinAdapterRequest(name=args.name, pinned=args.action == "pin")).adapter)
+    elif args.action == "watch":
+        for ev in stub.WatchAdapters(pb.WatchAdaptersRequest(name=args.name or "")):
+            a = ev.adapter
+            print(f"{a.name}@{a.version}  {pb.Adapter.State.Name(a.state)[6:].lower()}"
+                  f"{'  active' if a.active else ''}  {a.failure_reason}", flush=True)
     else:
         stub.UnloadAdapter(pb.UnloadAdapterRequest(name=args.name))
         print(f"unloaded {args.name}")
+    return 0
+
+
+@_client_errors
+def cmd_classify(args) -> int:
+    from tunewire.serving.v1 import serving_pb2 as pb
+
+    r = _serving(args).Classify(pb.ClassifyRequest(head=args.head, texts=args.texts))
+    for text, c in zip(args.texts, r.results):
+        best = max(s.probability for s in c.scores)
+        print(f"{c.label}\t{best:.3f}\t{text}")
     return 0
 
 
@@ -230,19 +251,23 @@ def cmd_generate(args) -> int:
     fmt = pb.ResponseFormat(text=pb.TextFormat())
     if args.json_schema:
         with open(args.json_schema) as f:
-            fmt = pb.ResponseFormat(json_schema=pb.JsonSchemaFormat(schema=f.read()))
+            fmt = pb.ResponseFormat(json_schema=pb.JsonSchemaFormat(schema=f.read(), strict=args.strict))
     elif args.json_object:
         fmt = pb.ResponseFormat(json_object=pb.JsonObjectFormat())
+    elif args.regex:
+        fmt = pb.ResponseFormat(regex=pb.RegexFormat(pattern=args.regex))
+    elif args.choice:
+        fmt = pb.ResponseFormat(choice=pb.ChoiceFormat(choices=args.choice.split(",")))
     sampling = pb.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    common = dict(adapter=args.adapter, prompt=args.prompt, sampling=sampling, response_format=fmt,
+                  time_limit_ms=args.time_limit_ms)
     stub = _serving(args)
     if args.stream:
-        for r in stub.StreamGenerate(pb.StreamGenerateRequest(
-                adapter=args.adapter, prompt=args.prompt, sampling=sampling, response_format=fmt)):
+        for r in stub.StreamGenerate(pb.StreamGenerateRequest(**common)):
             print(r.text, end="", flush=True)
         print()
         return 0
-    _print(stub.Generate(pb.GenerateRequest(adapter=args.adapter, prompt=args.prompt,
-                                            sampling=sampling, response_format=fmt)))
+    _print(stub.Generate(pb.GenerateRequest(**common)))
     return 0
 
 
@@ -281,9 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
                       ("max-concurrent-jobs", int), ("max-queued-jobs", int),
                       ("max-worker-retries", int), ("max-upload-bytes", int),
                       ("max-loras", int), ("max-lora-rank", int), ("max-cpu-loras", int),
-                      ("max-model-len", int), ("drain-seconds", float), ("log-level", str)]:
+                      ("max-model-len", int), ("drain-seconds", float), ("log-level", str),
+                      ("max-concurrent-requests", int), ("max-queued-requests", int),
+                      ("max-concurrent-per-adapter", int), ("schema-compile-timeout-s", float),
+                      ("metrics-top-adapters", int)]:
         s.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"))
     s.add_argument("--enforce-eager", action="store_const", const=True, dest="enforce_eager")
+    s.add_argument("--no-lazy-load", action="store_const", const=False, dest="lazy_load")
     s.set_defaults(func=cmd_serve)
 
     j = sub.add_parser("jobs", help="training jobs")
@@ -348,20 +377,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("adapters", help="adapters in serving")
     as_ = a.add_subparsers(dest="action", required=True)
-    as_.add_parser("list")
+    ls = as_.add_parser("list")
+    ls.add_argument("--all", action="store_true", help="also versions only in the store")
     ld = as_.add_parser("load")
     ld.add_argument("name")
-    ld.add_argument("--uri", required=True)
-    ld.add_argument("--version", default="")
-    ul = as_.add_parser("unload")
-    ul.add_argument("name")
+    ld.add_argument("--uri", default="", help="store directory (default: name/version in the store)")
+    ld.add_argument("--version", default="", help="default: the newest in the store")
+    ld.add_argument("--pin", action="store_true")
+    for action in ("unload", "pin", "unpin"):
+        as_.add_parser(action).add_argument("name", help="name or name@version")
+    w = as_.add_parser("watch")
+    w.add_argument("name", nargs="?", default="")
     a.set_defaults(func=cmd_adapters)
+
+    cl = sub.add_parser("classify", help="classify texts with a feature-extraction head")
+    cl.add_argument("head", help="name or name@version of a published head")
+    cl.add_argument("texts", nargs="+")
+    cl.set_defaults(func=cmd_classify)
 
     g = sub.add_parser("generate", help="generate with the base model or an adapter")
     g.add_argument("--prompt", required=True)
     g.add_argument("--adapter", default="")
     g.add_argument("--json-schema", help="file with a JSON schema to constrain the output")
     g.add_argument("--json-object", action="store_true")
+    g.add_argument("--strict", action="store_true", help="with --json-schema: refuse unenforceable keywords")
+    g.add_argument("--regex", default="", help="constrain the output to this regular expression")
+    g.add_argument("--choice", default="", help="comma-separated strings; the output is one of them")
+    g.add_argument("--time-limit-ms", type=int, default=0)
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--stream", action="store_true")

@@ -14,12 +14,13 @@ class TunewireError(Exception):
     code = "INTERNAL"
 
     def __init__(self, reason: str, message: str, *, field_violations: dict[str, str] | None = None,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, retry_after_s: float | None = None):
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.field_violations = dict(field_violations or {})
         self.metadata = dict(metadata or {})
+        self.retry_after_s = retry_after_s  # becomes a google.rpc.RetryInfo hint
 
 
 class InvalidArgument(TunewireError):
@@ -40,6 +41,10 @@ class AlreadyExists(TunewireError):
 
 class ResourceExhausted(TunewireError):
     code = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceeded(TunewireError):
+    code = "DEADLINE_EXCEEDED"
 
 
 class Unavailable(TunewireError):

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -54,6 +54,12 @@ def status_of(err: TunewireError) -> tuple[grpc.StatusCode, str, tuple]:
         any_br = any_pb2.Any()
         any_br.Pack(br)
         st.details.append(any_br)
+    if err.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(err.retry_after_s * 1e9))
+        any_retry = any_pb2.Any()
+        any_retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        st.details.append(any_retry)
     return code, err.message, (("grpc-status-details-bin", st.SerializeToString()),)
 
 
