@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tunewire.security import check_settings
+
 
 @dataclass(frozen=True)
 class ServingConfig:
@@ -33,6 +35,12 @@ class ServingConfig:
     metrics_top_adapters: int = 20     # adapters with their own metric label; the rest are "other"
     drain_seconds: float = 2.0         # NOT_SERVING period on SIGTERM before the server stops
     log_level: str = "INFO"            # Python logging level
+    # Security (README "Security"); "" = off. Files, so Kubernetes Secrets can be mounted.
+    auth_token_file: str = ""          # clients must send `authorization: Bearer <this file's text>`
+    tls_cert_file: str = ""            # PEM server certificate (chain): serve TLS instead of plaintext
+    tls_key_file: str = ""             # PEM private key of tls_cert_file
+    tls_client_ca_file: str = ""       # PEM CA: clients need a certificate it signed (mTLS)
+    health_port: int = 0               # extra plaintext port with only grpc.health.v1 (0 = off)
 
     def __post_init__(self):
         if not self.model:
@@ -54,3 +62,6 @@ class ServingConfig:
             raise ValueError("schema_compile_timeout_s must be > 0 and retry_after_s >= 0")
         if self.default_max_tokens > self.max_model_len:
             raise ValueError("default_max_tokens must be <= max_model_len")
+        if not 0 <= self.health_port <= 65535 or (self.health_port and self.health_port == self.port):
+            raise ValueError("health_port must be in [0, 65535] and differ from port")
+        check_settings(self)

@@ -22,6 +22,7 @@ from serving_service.structured import StructuredOutputs
 from tunewire.adapters import base_model_fingerprint
 from tunewire.grpc_util import run_server
 from tunewire.logs import setup_logging
+from tunewire.security import ServerSecurity
 from tunewire.serving.v1 import serving_pb2, serving_pb2_grpc
 
 ENGINE_UNFINISHED = Gauge("tunewire_serving_engine_unfinished_requests",
@@ -74,7 +75,8 @@ async def serve(cfg: ServingConfig) -> None:
 
     await run_server(name="serving", host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
                      add_servicers=add, startup=engine.start, drain=drain, shutdown=shutdown,
-                     drain_seconds=cfg.drain_seconds)
+                     drain_seconds=cfg.drain_seconds, security=ServerSecurity.from_config(cfg),
+                     health_port=cfg.health_port)
 
 
 def _version(dist: str) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunewire.security import check_settings
+
 
 @dataclass(frozen=True)
 class TrainerConfig:
@@ -23,10 +25,24 @@ class TrainerConfig:
     max_worker_retries: int = 2        # a job whose worker dies is resumed this often, then FAILED
     max_upload_bytes: int = 256 << 20  # UploadDataset size limit
     worker_threads: int = 0            # torch threads per worker; 0 = all cores
+    launcher: str = "local"            # "local" subprocesses, or "kubernetes" Jobs / PyTorchJobs
+    k8s_namespace: str = "tunewire"    # kubernetes launcher: where job pods run
+    k8s_image: str = "tunewire:cpu"    # kubernetes launcher: worker image
+    k8s_gpus_per_pod: int = 0          # kubernetes launcher: nvidia.com/gpu per worker pod
     cancel_grace_seconds: float = 10.0  # SIGTERM → SIGKILL delay for a worker being stopped
     drain_seconds: float = 2.0         # NOT_SERVING period on SIGTERM before the server stops
     handoff_timeout_seconds: float = 300.0  # deadline of the LoadAdapter call to serving
     log_level: str = "INFO"            # Python logging level
+    # Security (README "Security"); "" = off. Files, so Kubernetes Secrets can be mounted.
+    auth_token_file: str = ""          # clients must send `authorization: Bearer <this file's text>`
+    tls_cert_file: str = ""            # PEM server certificate (chain): serve TLS instead of plaintext
+    tls_key_file: str = ""             # PEM private key of tls_cert_file
+    tls_client_ca_file: str = ""       # PEM CA: clients need a certificate it signed (mTLS)
+    health_port: int = 0               # extra plaintext port with only grpc.health.v1 (0 = off)
+    serving_tls_ca_file: str = ""      # handoff to serving over TLS, trusting this CA
+    serving_tls_cert_file: str = ""    # client certificate for serving's mTLS
+    serving_tls_key_file: str = ""     # its private key
+    serving_token_file: str = ""       # bearer token sent to serving
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
@@ -35,10 +51,16 @@ class TrainerConfig:
             raise ValueError("max_concurrent_jobs and max_queued_jobs must be >= 1")
         if self.max_worker_retries < 0:
             raise ValueError("max_worker_retries must be >= 0")
+        if self.launcher not in ("local", "kubernetes"):
+            raise ValueError('launcher must be "local" or "kubernetes"')
         if self.worker_threads < 0:
             raise ValueError("worker_threads must be >= 0")
         if self.cancel_grace_seconds < 0 or self.drain_seconds < 0 or self.handoff_timeout_seconds <= 0:
             raise ValueError("grace, drain and handoff timeouts must be positive")
+        if not 0 <= self.health_port <= 65535 or (self.health_port and self.health_port == self.port):
+            raise ValueError("health_port must be in [0, 65535] and differ from port")
+        check_settings(self)
+        check_settings(self, "serving_")
 
     @property
     def db_path(self) -> Path:

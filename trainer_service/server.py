@@ -18,8 +18,9 @@ from trainer_service.jobs import HandoffError, JobService
 from trainer_service.launcher import LocalLauncher
 from trainer_service.servicer import TrainerServicer, WorkerServicer
 from trainer_service.store import JobStore
-from tunewire.grpc_util import error_info, run_server
+from tunewire.grpc_util import ServerInterceptor, error_info, run_server
 from tunewire.logs import setup_logging
+from tunewire.security import ServerSecurity, channel
 from tunewire.serving.v1 import serving_pb2, serving_pb2_grpc
 from tunewire.trainer.v1 import trainer_pb2, trainer_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -27,10 +28,16 @@ log = logging.getLogger("tunewire.trainer")
 
 
 class ServingHandoff:
-    """Hands a published adapter to serving with `ServingService.LoadAdapter`."""
+    """Hands a published adapter to serving with `ServingService.LoadAdapter`. `tls` holds
+    `channel`'s ca_file/cert_file/key_file/token_file (empty = plaintext, no token)."""
 
-    def __init__(self, address: str, timeout: float):
-        self.address, self.timeout = address, timeout
+    def __init__(self, address: str, timeout: float, **tls: str):
+        self.address, self.timeout, self.tls = address, timeout, tls
+        # replicas are dialled by IP: the certificate is checked against the Service's name
+        self.server_name = address.rpartition(":")[0].strip("[]")
+
+    def _channel(self, target: str) -> grpc.aio.Channel:
+        return channel(target, server_name=self.server_name, **self.tls)
 
     async def load_adapter(self, *, name: str, version: str, uri: str, manifest_sha256: str) -> str:
         """LoadAdapter on every serving replica: the alias flip is per replica, so all of them
@@ -47,8 +54,8 @@ class ServingHandoff:
         return f"serving loaded {a.name}@{a.version} (rank {a.rank}){where} in {a.load_ms:.0f} ms"
 
     async def _load_one(self, target: str, **request):
-        async with grpc.aio.insecure_channel(target) as channel:
-            stub = serving_pb2_grpc.ServingServiceStub(channel)
+        async with self._channel(target) as ch:
+            stub = serving_pb2_grpc.ServingServiceStub(ch)
             try:
                 resp = await stub.LoadAdapter(serving_pb2.LoadAdapterRequest(**request),
                                               timeout=self.timeout, wait_for_ready=True)
@@ -58,9 +65,9 @@ class ServingHandoff:
         return resp.adapter
 
     async def generate(self, *, adapter: str, prompt: str, messages: list[dict], max_tokens: int) -> str:
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        async with self._channel(self.address) as ch:
             try:
-                resp = await serving_pb2_grpc.ServingServiceStub(channel).Generate(serving_pb2.GenerateRequest(
+                resp = await serving_pb2_grpc.ServingServiceStub(ch).Generate(serving_pb2.GenerateRequest(
                     adapter=adapter, prompt=prompt,
                     messages=[serving_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
                     sampling=serving_pb2.SamplingParams(max_tokens=max_tokens)), timeout=self.timeout)
@@ -84,38 +91,66 @@ def serving_endpoints(address: str) -> list[str]:
     return [address]
 
 
+def make_launcher(cfg: TrainerConfig):
+    """The configured launcher: local subprocesses, or Kubernetes objects (see k8s_launcher)."""
+    if cfg.launcher == "kubernetes":
+        from trainer_service.k8s_launcher import K8sSettings, KubernetesLauncher
+
+        return KubernetesLauncher(K8sSettings(namespace=cfg.k8s_namespace, image=cfg.k8s_image,
+                                              gpus_per_pod=cfg.k8s_gpus_per_pod, data_mount=cfg.data_dir))
+    return LocalLauncher(threads=cfg.worker_threads)
+
+
 async def serve(cfg: TrainerConfig) -> None:
     store = JobStore(cfg.db_path)
-    handoff = ServingHandoff(cfg.serving_address, cfg.handoff_timeout_seconds) if cfg.serving_address else None
+    handoff = ServingHandoff(cfg.serving_address, cfg.handoff_timeout_seconds,
+                             ca_file=cfg.serving_tls_ca_file, cert_file=cfg.serving_tls_cert_file,
+                             key_file=cfg.serving_tls_key_file,
+                             token_file=cfg.serving_token_file) if cfg.serving_address else None
+    security = ServerSecurity.from_config(cfg)
     holder: dict[str, JobService] = {}
+    # With TLS on, workers (local subprocesses) report on a plaintext port bound to loopback
+    # that serves only TrainerWorkerService, so they need no CA or client certificate: nothing
+    # outside this pod/host can reach it, and each report still carries its per-job token.
+    reports = grpc.aio.server(interceptors=[ServerInterceptor()]) if security.tls else None
 
     def add(server: grpc.aio.Server, port: int):
         # Workers report to the bound port (known only after binding when cfg.port is 0).
-        jobs = JobService(store, LocalLauncher(threads=cfg.worker_threads),
+        report_address = f"{cfg.host}:{port}"
+        if reports:
+            report_address = f"127.0.0.1:{reports.add_insecure_port('127.0.0.1:0')}"
+        log.info("worker reports", extra={"report_address": report_address})
+        jobs = JobService(store, make_launcher(cfg),
                           data_dir=Path(cfg.data_dir), adapter_store=Path(cfg.adapter_store),
                           data_root=Path(cfg.data_root),
-                          report_address=f"{cfg.host}:{port}", handoff=handoff,
+                          report_address=report_address, handoff=handoff,
                           max_concurrent=cfg.max_concurrent_jobs, max_queued=cfg.max_queued_jobs,
                           max_retries=cfg.max_worker_retries, max_upload_bytes=cfg.max_upload_bytes,
                           cancel_grace_seconds=cfg.cancel_grace_seconds)
         holder["jobs"] = jobs
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(jobs), server)
         worker_pb2_grpc.add_TrainerWorkerServiceServicer_to_server(WorkerServicer(jobs), server)
+        if reports:
+            worker_pb2_grpc.add_TrainerWorkerServiceServicer_to_server(WorkerServicer(jobs), reports)
         return [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name,
                 worker_pb2.DESCRIPTOR.services_by_name["TrainerWorkerService"].full_name]
 
     async def startup():
+        if reports:
+            await reports.start()
         await holder["jobs"].start()
 
     async def drain():
         await holder["jobs"].drain()
 
     async def shutdown():
+        if reports:
+            await reports.stop(0)
         store.close()
 
     await run_server(name="trainer", host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
                      add_servicers=add, startup=startup, drain=drain, shutdown=shutdown,
-                     drain_seconds=cfg.drain_seconds)
+                     drain_seconds=cfg.drain_seconds, security=security, health_port=cfg.health_port)
 
 
 def main(cfg: TrainerConfig) -> None:

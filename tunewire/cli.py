@@ -10,7 +10,9 @@
     tunewire demo                                              the end-to-end demo
 
 Clients talk to $TUNEWIRE_TRAINER (default 127.0.0.1:50051) and $TUNEWIRE_SERVING
-(default 127.0.0.1:50052), or --trainer / --serving.
+(default 127.0.0.1:50052), or --trainer / --serving. With TLS or a token on the services (README
+"Security"): --tls-ca FILE [--tls-cert FILE --tls-key FILE] --token-file FILE, or
+$TUNEWIRE_TLS_CA, $TUNEWIRE_TLS_CERT, $TUNEWIRE_TLS_KEY, $TUNEWIRE_TOKEN_FILE.
 """
 
 from __future__ import annotations
@@ -43,22 +45,30 @@ def _print(msg) -> None:
     print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True), indent=2))
 
 
+def _channel(args, address: str) -> grpc.Channel:
+    from tunewire.security import sync_channel
+
+    return sync_channel(address, ca_file=args.client_tls_ca, cert_file=args.client_tls_cert,
+                        key_file=args.client_tls_key, token_file=args.client_token_file)
+
+
 def _trainer(args):
     from tunewire.trainer.v1 import trainer_pb2_grpc
 
-    return trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(args.trainer))
+    return trainer_pb2_grpc.TrainerServiceStub(_channel(args, args.trainer))
 
 
 def _serving(args):
     from tunewire.serving.v1 import serving_pb2_grpc
 
-    return serving_pb2_grpc.ServingServiceStub(grpc.insecure_channel(args.serving))
+    return serving_pb2_grpc.ServingServiceStub(_channel(args, args.serving))
 
 
 # -- serve ------------------------------------------------------------------------------------
 def cmd_serve(args) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("cmd", "service", "config", "func",
-                                                                   "trainer", "serving")}
+                                                                   "trainer", "serving")
+                 and not k.startswith("client_")}
     from tunewire.config import load_config
 
     if args.service == "trainer":
@@ -296,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunewire", description="Fine-tune LoRA adapters and serve them.")
     p.add_argument("--trainer", default=os.environ.get("TUNEWIRE_TRAINER", "127.0.0.1:50051"))
     p.add_argument("--serving", default=os.environ.get("TUNEWIRE_SERVING", "127.0.0.1:50052"))
+    # client side of README "Security" (dest client_*: never mistaken for a serve setting)
+    for flag, env, what in [("tls-ca", "TLS_CA", "CA of the services' TLS certificates"),
+                            ("tls-cert", "TLS_CERT", "client certificate (mTLS)"),
+                            ("tls-key", "TLS_KEY", "its private key"),
+                            ("token-file", "TOKEN_FILE", "file with the bearer token")]:
+        p.add_argument(f"--{flag}", dest="client_" + flag.replace("-", "_"),
+                       default=os.environ.get(f"TUNEWIRE_{env}", ""), help=f"{what} [$TUNEWIRE_{env}]")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="start a service")
@@ -309,7 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
                       ("max-model-len", int), ("drain-seconds", float), ("log-level", str),
                       ("max-concurrent-requests", int), ("max-queued-requests", int),
                       ("max-concurrent-per-adapter", int), ("schema-compile-timeout-s", float),
-                      ("metrics-top-adapters", int)]:
+                      ("metrics-top-adapters", int), ("auth-token-file", str), ("tls-cert-file", str),
+                      ("tls-key-file", str), ("tls-client-ca-file", str), ("health-port", int),
+                      ("serving-tls-ca-file", str), ("serving-tls-cert-file", str),
+                      ("serving-tls-key-file", str), ("serving-token-file", str)]:
         s.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"))
     s.add_argument("--enforce-eager", action="store_const", const=True, dest="enforce_eager")
     s.add_argument("--no-lazy-load", action="store_const", const=False, dest="lazy_load")

@@ -7,6 +7,8 @@
   `grpc_server_handling_seconds`) and logs one structured line per RPC with its request id.
 - `run_server` wires health (NOT_SERVING until `startup` finishes and again while draining),
   reflection and the Prometheus HTTP endpoint, and turns SIGTERM/SIGINT into a graceful drain.
+  With a `ServerSecurity` (tunewire/security.py) it binds with TLS/mTLS and checks the bearer
+  token; `health_port` adds a plaintext, health-only listener for probes that cannot speak TLS.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 
 from tunewire.errors import TunewireError
 from tunewire.logs import request_id_var
+from tunewire.security import ServerSecurity
 
 log = logging.getLogger("tunewire.grpc")
 DOMAIN = "tunewire"
@@ -168,17 +171,25 @@ async def run_server(*, name: str, host: str, port: int, metrics_port: int,
                      drain: Callable[[], Awaitable[None]] | None = None,
                      shutdown: Callable[[], Awaitable[None]] | None = None,
                      drain_seconds: float = 5.0, stop_grace_seconds: float = 30.0,
-                     max_message_bytes: int = 64 << 20) -> None:
+                     max_message_bytes: int = 64 << 20,
+                     security: ServerSecurity | None = None, health_port: int = 0) -> None:
     """Serves until SIGTERM/SIGINT, then drains: health NOT_SERVING for `drain_seconds` (load
     balancers notice while requests are still answered), then stop with `stop_grace_seconds`
     for in-flight RPCs, then `shutdown`."""
-    server = grpc.aio.server(interceptors=[ServerInterceptor()], options=[
+    security = security or ServerSecurity()
+    # the token check sits inside ServerInterceptor, so refusals are counted and logged too
+    server = grpc.aio.server(interceptors=[ServerInterceptor(), *security.interceptors()], options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes)])
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = security.add_port(server, f"{host}:{port}")
     services = list(add_servicers(server, bound))  # they may need the bound port (port 0)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    probes = None
+    if health_port:  # plaintext, health only: the same HealthServicer, so the same statuses
+        probes = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health, probes)
+        probes.add_insecure_port(f"{host}:{health_port}")
     for svc in ["", *services]:  # NOT_SERVING until startup() finishes
         await health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(
@@ -187,7 +198,11 @@ async def run_server(*, name: str, host: str, port: int, metrics_port: int,
     if metrics_port:
         start_http_server(metrics_port, addr=host)
     await server.start()
-    log.info("listening", extra={"service": name, "port": bound, "metrics_port": metrics_port})
+    if probes:
+        await probes.start()
+    log.info("listening", extra={"service": name, "port": bound, "metrics_port": metrics_port,
+                                 "tls": security.tls, "mtls": bool(security.client_ca_file),
+                                 "token_auth": bool(security.token_file), "health_port": health_port})
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -215,6 +230,8 @@ async def run_server(*, name: str, host: str, port: int, metrics_port: int,
         await drain()
     await asyncio.sleep(drain_seconds)
     await server.stop(stop_grace_seconds)
+    if probes:
+        await probes.stop(0)
     if shutdown:
         await shutdown()
     log.info("stopped", extra={"service": name})
