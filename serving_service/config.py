@@ -33,6 +33,8 @@ class ServingConfig:
     max_schema_bytes: int = 65536      # larger response-format schemas are refused
     schema_compile_timeout_s: float = 2.0  # grammar compile budget per schema (cached afterwards)
     metrics_top_adapters: int = 20     # adapters with their own metric label; the rest are "other"
+    max_prompt_chars: int = 200_000    # longer prompts are refused before tokenizing
+    max_message_bytes: int = 4 << 20   # gRPC message size limit
     drain_seconds: float = 2.0         # NOT_SERVING period on SIGTERM before the server stops
     log_level: str = "INFO"            # Python logging level
     # Security (README "Security"); "" = off. Files, so Kubernetes Secrets can be mounted.

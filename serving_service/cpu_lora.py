@@ -1,29 +1,41 @@
-"""vLLM general plugin that fixes multi-LoRA batches on the CPU backend.
+"""vLLM general plugin: a correct, fast LoRA path for vLLM's CPU backend.
 
 What: on CPU, vLLM runs LoRA through the pure-torch punica ops in
-`vllm.lora.ops.torch_ops.lora_ops`. They gather the adapter weights with the
-per-row slot index (`lora_b_weights[lora_indices_tensor]`), and a row without an
-adapter carries the index -1, which torch reads as "the last slot". So in a batch
-that mixes base-model rows with LoRA rows, the base rows get the delta of whatever
-adapter sits in the last slot (the GPU kernels skip -1). Upstream: vllm#48421,
-vllm#49656. The fix here: zero the input rows whose index is negative before the
-op runs, so those rows contribute exactly 0 (0 @ W == 0).
+`vllm.lora.ops.torch_ops.lora_ops`. They gather a copy of the adapter weights for every row
+(`lora_b_weights[lora_indices_tensor]`, then a batched einsum), which made adapter requests ~2.6x
+slower than base ones. Worse, a row without an adapter carries the index -1, which torch reads as
+"the last slot", so in a batch that mixes base rows with LoRA rows the base rows got the delta of
+whatever adapter sits in the last slot (the GPU kernels skip -1; upstream vllm#48421, vllm#49656).
+
+The fix here replaces those ops with grouped ones: rows are grouped by adapter slot, each active
+adapter does one plain matmul over its rows, and rows with a negative index are skipped (they
+contribute exactly 0; never multiplied by anything). Semantics otherwise as upstream: weights are
+[num_loras, out, in] or [num_loras, 1, out, in]; inputs and weights are cast to the output dtype;
+shrink writes `output[:, :out] = scaling * x @ A.T` (rows without an adapter get 0), expand
+writes/adds `x @ B.T` into `output[:, :min(out, output width)]`, expand_slice into
+`output[:, slice_offset:slice_offset + slice_size]`, `add_inputs` choosing += or = (rows without
+an adapter: += 0, or = 0). Shapes the grouped code does not handle (row counts that differ,
+i.e. upstream's broadcast/truncation corner cases) go to the upstream op with the no-adapter rows'
+inputs zeroed, which is the same result computed the slow way.
 
 Replaced functions (vllm 0.32.0):
     vllm.lora.ops.torch_ops.lora_ops.bgmv_shrink / bgmv_expand / bgmv_expand_slice
-The sgmv_* ops in that module call the bgmv_* ones through module globals, so they
-are covered too. `vllm.lora.ops.torch_ops` and `vllm.lora.punica_wrapper.punica_cpu`
-import the names directly (`from ... import bgmv_shrink`), so they are rebound there.
+The sgmv_* ops in that module call the bgmv_* ones through module globals, so they are covered
+too. `vllm.lora.ops.torch_ops` and `vllm.lora.punica_wrapper.punica_cpu` import the names
+directly (`from ... import bgmv_shrink`), so they are rebound there. The GPU path (triton punica
+ops) is never touched: on non-CPU platforms `register()` returns without doing anything.
 
 How it runs: pyproject declares the entry point `vllm.general_plugins:
-tunewire_cpu_lora = serving_service.cpu_lora:register`, and vLLM calls `register()`
-in every process it starts (front end, engine core, workers). On non-CPU platforms
-it does nothing. On CPU it checks the vLLM version it was written against and
-raises at start-up if it differs (re-check the upstream ops, then bump
-`VLLM_VERSION`). Calling it twice is harmless.
+tunewire_cpu_lora = serving_service.cpu_lora:register`, and vLLM calls `register()` in every
+process it starts (front end, engine core, workers). On CPU it checks the vLLM version it was
+written against and raises at start-up if it differs (re-check the upstream ops, then bump
+`VLLM_VERSION`). Calling it twice is harmless. (vLLM turns torch.compile off on CPU when LoRA is
+enabled, so the data-dependent grouping here always runs eagerly.)
 
-Set TUNEWIRE_DISABLE_CPU_LORA_FIX=1 to skip the patch (used to show the bug in
-tests/test_engine_lora.py).
+Switches (environment, read by `register()` in each vLLM process):
+    TUNEWIRE_DISABLE_CPU_LORA_FIX=1   upstream ops untouched (shows the mixed-batch bug)
+    TUNEWIRE_CPU_LORA_OPS=masked      the slow correct path: upstream ops with no-adapter rows
+                                      zeroed (the previous fix; for benchmarks). Default: grouped.
 """
 
 from __future__ import annotations
@@ -34,14 +46,13 @@ import os
 
 VLLM_VERSION = "0.32.0"  # the vLLM whose torch LoRA ops this patch was checked against
 PATCHED = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
-_MARK = "_tunewire_skips_negative_rows"
+_MARK = "_tunewire_cpu_lora"  # set on our replacements; its value is the upstream op
 
 log = logging.getLogger(__name__)
 
 
-def _skip_negative_rows(op):
-    """Wrap a bgmv op (inputs, weights, output, lora_indices, ...) so rows whose
-    lora index is negative (no adapter) feed zeros, hence add exactly zero."""
+def _masked(op):
+    """Upstream `op` with the inputs of rows whose lora index is negative zeroed (correct, slow)."""
 
     @functools.wraps(op)
     def wrapper(inputs, lora_weights, output_tensor, lora_indices_tensor, *args, **kwargs):
@@ -51,33 +62,141 @@ def _skip_negative_rows(op):
         inputs = torch.where(has_lora, inputs, torch.zeros((), dtype=inputs.dtype))
         return op(inputs, lora_weights, output_tensor, lora_indices_tensor, *args, **kwargs)
 
-    setattr(wrapper, _MARK, True)
     return wrapper
 
 
+def _groups(idx):
+    """[(slot, rows)] for the non-negative slots in `idx`; rows is None when it is every row."""
+    import torch
+
+    if idx.numel() == 0:
+        return []
+    lo, hi = (int(v) for v in torch.aminmax(idx))
+    if hi < 0:
+        return []
+    if lo == hi:
+        return [(hi, None)]
+    slots = torch.unique(idx).tolist()
+    return [(s, (idx == s).nonzero().squeeze(1)) for s in slots if s >= 0]
+
+
+def _apply(x, weights, out, idx, scale, add, out_rows=None):
+    """out[rows] (+)= scale * x[rows] @ weights[slot][:out_rows].T for each slot's rows; rows
+    with a negative slot: untouched if `add`, else set to 0. `out` is a [rows, n] view."""
+    groups = _groups(idx)
+    if not add and not (len(groups) == 1 and groups[0][1] is None):
+        out.zero_()  # assignment semantics: rows without an adapter get exactly 0
+    for slot, rows in groups:
+        w = weights[slot]
+        if w.dim() == 3:  # [1, out, in]
+            w = w[0]
+        if out_rows is not None:
+            w = w[:out_rows]
+        w = w.to(dtype=out.dtype)
+        xs = (x if rows is None else x.index_select(0, rows)).to(dtype=out.dtype)
+        delta = xs @ w.t()
+        if scale is not None:
+            delta = scale * delta
+        if rows is None:
+            if add:
+                out += delta
+            else:
+                out.copy_(delta)
+        elif add:
+            out.index_add_(0, rows, delta)
+        else:
+            out.index_copy_(0, rows, delta)
+
+
+def _shapes_ok(inputs, weights, output_tensor, idx, out_cols):
+    n = inputs.shape[0]
+    return (inputs.dim() == 2 and idx.dim() == 1 and idx.shape[0] == n
+            and output_tensor.shape[0] == n and weights.dim() in (3, 4)
+            and (weights.dim() == 3 or weights.shape[1] == 1)
+            and weights.shape[-1] == inputs.shape[1] and out_cols is not None)
+
+
+def _grouped_ops(upstream):
+    """The three grouped ops; `upstream` maps name -> upstream op (used, masked, as fallback)."""
+    slow = {name: _masked(op) for name, op in upstream.items()}
+
+    @functools.wraps(upstream["bgmv_shrink"])
+    def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling=1.0):
+        n_out = lora_b_weights.shape[-2]
+        if not _shapes_ok(inputs, lora_b_weights, output_tensor, lora_indices_tensor,
+                          n_out if output_tensor.shape[1] >= n_out else None):
+            return slow["bgmv_shrink"](inputs, lora_b_weights, output_tensor,
+                                       lora_indices_tensor, scaling)
+        _apply(inputs, lora_b_weights, output_tensor[:, :n_out], lora_indices_tensor,
+               scaling, add=False)
+
+    @functools.wraps(upstream["bgmv_expand"])
+    def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):
+        # upstream: the adapter and the model may pad the output differently -> common width
+        common = min(lora_b_weights.shape[-2], output_tensor.shape[1])
+        if not _shapes_ok(inputs, lora_b_weights, output_tensor, lora_indices_tensor, common):
+            return slow["bgmv_expand"](inputs, lora_b_weights, output_tensor,
+                                       lora_indices_tensor, add_inputs)
+        _apply(inputs, lora_b_weights, output_tensor[:, :common], lora_indices_tensor,
+               None, add=add_inputs, out_rows=common)
+
+    @functools.wraps(upstream["bgmv_expand_slice"])
+    def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor,
+                          slice_offset, slice_size, add_inputs=True):
+        fits = (lora_b_weights.shape[-2] == slice_size
+                and slice_offset >= 0 and slice_offset + slice_size <= output_tensor.shape[1])
+        if not _shapes_ok(inputs, lora_b_weights, output_tensor, lora_indices_tensor,
+                          slice_size if fits else None):
+            return slow["bgmv_expand_slice"](inputs, lora_b_weights, output_tensor,
+                                             lora_indices_tensor, slice_offset, slice_size,
+                                             add_inputs)
+        _apply(inputs, lora_b_weights, output_tensor[:, slice_offset:slice_offset + slice_size],
+               lora_indices_tensor, None, add=add_inputs)
+
+    return {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand,
+            "bgmv_expand_slice": bgmv_expand_slice}
+
+
+def build_ops(upstream: dict, mode: str = "grouped") -> dict:
+    """Replacement ops for `upstream` ({name: upstream op}): "grouped" (fast) or "masked"."""
+    if mode == "grouped":
+        ops = _grouped_ops(upstream)
+    elif mode == "masked":
+        ops = {name: _masked(op) for name, op in upstream.items()}
+    else:
+        raise ValueError(f"TUNEWIRE_CPU_LORA_OPS must be 'grouped' or 'masked', not {mode!r}")
+    for name, op in ops.items():
+        setattr(op, _MARK, upstream[name])
+    return ops
+
+
 def register() -> None:
-    """vLLM general-plugin entry point: patch the CPU LoRA ops (idempotent)."""
+    """vLLM general-plugin entry point: replace the CPU LoRA ops (idempotent)."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return
     if os.environ.get("TUNEWIRE_DISABLE_CPU_LORA_FIX") == "1":
-        log.warning("TUNEWIRE_DISABLE_CPU_LORA_FIX=1: CPU mixed-batch LoRA fix NOT applied")
+        log.warning("TUNEWIRE_DISABLE_CPU_LORA_FIX=1: CPU LoRA ops NOT replaced (mixed batches "
+                    "are wrong, adapters slow)")
         return
     import vllm
 
     if vllm.__version__ != VLLM_VERSION:
         raise RuntimeError(
-            f"serving_service.cpu_lora patches vLLM {VLLM_VERSION}'s torch LoRA ops, but vLLM "
-            f"{vllm.__version__} is installed: check vllm/lora/ops/torch_ops/lora_ops.py still "
-            f"indexes weights with the -1 'no adapter' sentinel, then update VLLM_VERSION")
+            f"serving_service.cpu_lora replaces vLLM {VLLM_VERSION}'s torch LoRA ops, but vLLM "
+            f"{vllm.__version__} is installed: check vllm/lora/ops/torch_ops/lora_ops.py "
+            f"(bgmv_shrink/bgmv_expand/bgmv_expand_slice signatures and semantics, the -1 'no "
+            f"adapter' sentinel), then update VLLM_VERSION")
 
     import vllm.lora.ops.torch_ops as torch_ops
     import vllm.lora.ops.torch_ops.lora_ops as lora_ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 
+    current = {name: getattr(lora_ops, name) for name in PATCHED}
+    upstream = {name: getattr(op, _MARK, op) for name, op in current.items()}
+    mode = os.environ.get("TUNEWIRE_CPU_LORA_OPS", "grouped")
+    ops = build_ops(upstream, mode)
     for name in PATCHED:
-        original = getattr(lora_ops, name)
-        fixed = original if getattr(original, _MARK, False) else _skip_negative_rows(original)
         for module in (lora_ops, torch_ops, punica_cpu):
-            setattr(module, name, fixed)
+            setattr(module, name, ops[name])

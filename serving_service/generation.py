@@ -97,16 +97,20 @@ class Chunk:
 class Generator:
     def __init__(self, engine, registry: AdapterRegistry, structured: StructuredOutputs,
                  admission: Admission, *, default_max_tokens: int, max_model_len: int,
-                 top_adapters: int = 20):
+                 top_adapters: int = 20, max_prompt_chars: int = 200_000):
         self.engine, self.registry = engine, registry
         self.structured, self.admission = structured, admission
         self.default_max_tokens, self.max_model_len = default_max_tokens, max_model_len
         self.label = LabelLimiter(top_adapters)
+        self.max_prompt_chars = max_prompt_chars
 
     def _check(self, req: GenerationRequest) -> int:
         """Validates the sampling fields; returns max_tokens."""
         if bool(req.prompt) == bool(req.messages):
             raise invalid("prompt", "exactly one of prompt and messages is required")
+        if len(req.prompt) + sum(len(c) for _, c in req.messages) > self.max_prompt_chars:
+            raise InvalidArgument("PROMPT_TOO_LONG", f"the prompt is over {self.max_prompt_chars} characters",
+                                  field_violations={"prompt": "longer than max_prompt_chars"})
         for i, (role, _) in enumerate(req.messages):
             if role not in ROLES:
                 raise invalid(f"messages[{i}].role", f"must be one of {sorted(ROLES)}")

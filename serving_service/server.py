@@ -48,7 +48,7 @@ async def serve(cfg: ServingConfig) -> None:
                           per_adapter=cfg.max_concurrent_per_adapter, retry_after_s=cfg.retry_after_s)
     generator = Generator(engine, registry, structured, admission,
                           default_max_tokens=cfg.default_max_tokens, max_model_len=cfg.max_model_len,
-                          top_adapters=cfg.metrics_top_adapters)
+                          top_adapters=cfg.metrics_top_adapters, max_prompt_chars=cfg.max_prompt_chars)
     classifier = HeadClassifier(model)
     # Requests the engine still tracks: after aborts and deadlines this must return to 0.
     ENGINE_UNFINISHED.set_function(engine.unfinished_requests)
@@ -76,7 +76,7 @@ async def serve(cfg: ServingConfig) -> None:
     await run_server(name="serving", host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
                      add_servicers=add, startup=engine.start, drain=drain, shutdown=shutdown,
                      drain_seconds=cfg.drain_seconds, security=ServerSecurity.from_config(cfg),
-                     health_port=cfg.health_port)
+                     health_port=cfg.health_port, max_message_bytes=cfg.max_message_bytes)
 
 
 def _version(dist: str) -> str:

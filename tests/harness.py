@@ -68,6 +68,9 @@ class Service:
 def start_service(kind: str, log_dir: Path, *flags: str, env: dict | None = None) -> Service:
     port, metrics_port = free_port(), free_port()
     log_path = Path(log_dir) / f"{kind}-{port}.log"
+    if kind == "trainer" and "--model-root" not in flags:
+        # test models live under pytest's base temp dir: confine base models to it
+        flags = ("--model-root", str(Path(log_dir).resolve().parent), *flags)
     cmd = [sys.executable, "-m", "tunewire.cli", "serve", kind, "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", str(metrics_port), *flags]
     with open(log_path, "wb") as log:

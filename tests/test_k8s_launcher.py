@@ -58,7 +58,8 @@ def test_every_pod_is_restricted_and_gets_gpus_and_storage(tmp_path):
             assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"} and pod["tolerations"]
             claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
             assert claims["data"] == "trainer-data" and claims["adapters"] == "adapters"
-            assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/data", "/adapters", "/models", "/tmp"}
+            assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/data", "/adapters", "/models", "/tmp", "/cache"}
+            assert pod["securityContext"]["runAsUser"] == 10001  # the images' user
 
 
 def test_several_processes_or_nodes_are_a_pytorchjob(tmp_path):

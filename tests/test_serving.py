@@ -170,6 +170,11 @@ def test_lazy_load_from_the_store(srv):
     expect_error(lambda: gen(srv.stub, adapter="lazy@v9"), grpc.StatusCode.NOT_FOUND, "ADAPTER_NOT_FOUND")
     expect_error(lambda: gen(srv.stub, adapter="../etc"), grpc.StatusCode.INVALID_ARGUMENT,
                  "ADAPTER_NAME_INVALID")
+    # size limits: characters before tokenizing (200k default), bytes per gRPC message (4 MiB)
+    expect_error(lambda: gen(srv.stub, "x" * 200_001), grpc.StatusCode.INVALID_ARGUMENT, "PROMPT_TOO_LONG")
+    with pytest.raises(grpc.RpcError) as e:
+        gen(srv.stub, "x" * (5 << 20))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     srv.stub.UnloadAdapter(spb.UnloadAdapterRequest(name="lazy"))
     wait_state(srv, "lazy@v1", spb.Adapter.STATE_UNLOADED)
 

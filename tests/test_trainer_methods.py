@@ -23,7 +23,7 @@ def svc(tmp_path_factory):
     (root / "data").mkdir()
     trainer = start_service("trainer", root, "--data-root", str(root / "data"), "--data-dir",
                             str(root / "t"), "--adapter-store", str(root / "store"), "--drain-seconds", "0.2",
-                            "--max-upload-bytes", "4096")
+                            "--max-upload-bytes", "4096", "--max-dataset-bytes", "20000")
     trainer.wait_serving(60)
     yield root, trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(trainer.address))
     trainer.stop()
@@ -62,6 +62,14 @@ def test_method_and_data_must_fit_at_create_time(svc, tiny_model_dir):
     expect_error(lambda: create(tpb.TrainingJob(base_model=str(tiny_model_dir), adapter_name="x",
                                                 training_data=tpb.DatasetRef(path=str(pc)))),
                  grpc.StatusCode.INVALID_ARGUMENT)  # no method
+    # base models only from under the model root (the harness sets pytest's base temp dir)
+    for model in ("/usr/lib", "../../../../etc"):
+        _, fields = expect_error(lambda: create(_job(model, pc, "x", "lora", method_msg=tpb.LoraMethod(r=4))),
+                                 grpc.StatusCode.INVALID_ARGUMENT, "MODEL_PATH_INVALID")
+        assert "training_job.base_model" in fields
+    big = _write(root, "big.jsonl", PC * 100)  # ~30 kB, over --max-dataset-bytes 20000
+    expect_error(lambda: create(_job(tiny_model_dir, big, "x", "lora", method_msg=tpb.LoraMethod(r=4))),
+                 grpc.StatusCode.INVALID_ARGUMENT, "DATASET_TOO_LARGE")
 
 
 def test_a_dataset_with_errors_fails_before_training(svc, tiny_model_dir):

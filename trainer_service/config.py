@@ -18,14 +18,19 @@ class TrainerConfig:
     metrics_port: int = 9091           # Prometheus /metrics HTTP port (0 = off)
     data_dir: str = "var/trainer"      # job store (SQLite) and per-job directories
     data_root: str = "var/data"        # training data may only be read from under here
+    model_root: str = "~/.cache/tunewire/models"  # base models may only be read from under here
     adapter_store: str = "var/adapters"  # published adapters: <name>/<version>/ (shared with serving)
     serving_address: str = ""          # host:port of serving for the handoff; "" = publish only
     max_concurrent_jobs: int = 1       # workers running at once (1 suits a CPU machine)
     max_queued_jobs: int = 100         # queued jobs beyond this are refused (RESOURCE_EXHAUSTED)
     max_worker_retries: int = 2        # a job whose worker dies is resumed this often, then FAILED
     max_upload_bytes: int = 256 << 20  # UploadDataset size limit
+    max_dataset_bytes: int = 1 << 30   # larger training/validation files are refused at create
+    max_message_bytes: int = 4 << 20   # gRPC message size limit (uploads arrive in chunks)
     worker_threads: int = 0            # torch threads per worker; 0 = all cores
     launcher: str = "local"            # "local" subprocesses, or "kubernetes" Jobs / PyTorchJobs
+    worker_report_address: str = ""    # address workers report to ("" = this host); pods: "trainer:50051"
+    worker_port: int = 0               # with TLS: plaintext worker-report port (0 = loopback, random)
     k8s_namespace: str = "tunewire"    # kubernetes launcher: where job pods run
     k8s_image: str = "tunewire:cpu"    # kubernetes launcher: worker image
     k8s_gpus_per_pod: int = 0          # kubernetes launcher: nvidia.com/gpu per worker pod

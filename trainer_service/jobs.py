@@ -90,12 +90,15 @@ def _hash(token: str) -> str:
 class JobService:
     def __init__(self, store: JobStore, launcher: Launcher, *, data_dir: Path, adapter_store: Path,
                  data_root: Path,
+                 model_root: Path = Path("~/.cache/tunewire/models"),
                  report_address: str, handoff: Handoff | None, max_concurrent: int = 1,
                  max_queued: int = 100, max_retries: int = 2, cancel_grace_seconds: float = 10.0,
-                 max_upload_bytes: int = 256 << 20):
+                 max_upload_bytes: int = 256 << 20, max_dataset_bytes: int = 1 << 30):
         self.store, self.launcher, self.handoff = store, launcher, handoff
         self.data_dir, self.adapter_store = Path(data_dir).resolve(), Path(adapter_store).resolve()
         self.data_root = Path(data_root).resolve()  # datasets may only be read from under here
+        self.model_root = Path(model_root).expanduser().resolve()  # and base models from under here
+        self.max_dataset_bytes = max_dataset_bytes
         self.report_address = report_address
         self.max_concurrent, self.max_queued, self.max_retries = max_concurrent, max_queued, max_retries
         self.max_upload_bytes = max_upload_bytes
@@ -161,11 +164,15 @@ class JobService:
         """Create-time checks that need the disk: the base model exists, the data files lie under
         the data root, and the method can learn from the data's format. Returns the spec with the
         data paths resolved."""
-        if not (Path(spec.base_model) / "config.json").is_file():
-            raise invalid("training_job.base_model", f"no model directory at {spec.base_model}")
+        base = self.resolve_model(spec.base_model, "training_job.base_model")
+        spec = dataclasses.replace(spec, base_model=str(base))
         train = data.resolve_data_path(spec.training_data, self.data_root, "training_job.training_data.path")
         val = (data.resolve_data_path(spec.validation_data, self.data_root, "training_job.validation_data.path")
                if spec.validation_data else "")
+        for f, path in (("training_job.training_data.path", train), ("training_job.validation_data.path", val)):
+            if path and path.stat().st_size > self.max_dataset_bytes:
+                raise InvalidArgument("DATASET_TOO_LARGE", f"{path.name} is over {self.max_dataset_bytes} bytes",
+                                      field_violations={f: f"larger than max_dataset_bytes ({self.max_dataset_bytes})"})
         fmt = data.scan_file(train).format
         if fmt and fmt not in METHOD_FORMATS[spec.method]:
             raise InvalidArgument(
@@ -173,6 +180,21 @@ class JobService:
                 f"{' or '.join(METHOD_FORMATS[spec.method])}",
                 field_violations={"training_job.training_data.path": f"{fmt} data does not fit {spec.method}"})
         return dataclasses.replace(spec, training_data=str(train), validation_data=str(val) if val else "")
+
+    def resolve_model(self, path: str, field: str) -> Path:
+        """A base model directory named in a request, confined to the model root (absolute, or
+        relative to the root; symlinks resolved before the check)."""
+        if not path:
+            raise invalid(field, "is required")
+        try:
+            real = (self.model_root / Path(path).expanduser()).resolve()
+        except (OSError, ValueError, RuntimeError):
+            raise invalid(field, f"{path!r} is not a usable path", "MODEL_PATH_INVALID") from None
+        if not real.is_relative_to(self.model_root):
+            raise invalid(field, f"{path!r} is outside the model directory", "MODEL_PATH_INVALID")
+        if not (real / "config.json").is_file():
+            raise invalid(field, f"no model directory at {path}")
+        return real
 
     def upload(self, filename: str) -> Upload:
         return Upload(self.data_root, filename, self.max_upload_bytes)
@@ -184,8 +206,7 @@ class JobService:
         With measure_step_time a warm-up step is timed in a subprocess (this process loads no model)."""
         from trainer_service import common, preflight  # tokenizers: loaded only when asked
 
-        if not (Path(base_model) / "config.json").is_file():
-            raise invalid("base_model", f"no model directory at {base_model}")
+        base_model = str(self.resolve_model(base_model, "base_model"))
         train = data.resolve_data_path(training_data, self.data_root, "training_data.path")
         val = data.resolve_data_path(validation_data, self.data_root, "validation_data.path") if validation_data else None
         tokenizer = common.load_tokenizer(base_model)

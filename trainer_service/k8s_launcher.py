@@ -28,6 +28,7 @@ from trainer_service.launcher import num_processes
 
 log = logging.getLogger("tunewire.trainer.k8s")
 LABEL = "tunewire.dev/job"
+UID = 10001  # the images' user (docker/Dockerfile.*)
 RESTRICTED = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
               "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 
@@ -78,25 +79,25 @@ def _pod_spec(job_id: str, command: list[str], s: K8sSettings, restart: str) -> 
         "name": "worker", "image": s.image, "command": command,
         "env": [{"name": "TUNEWIRE_JOB_TOKEN", "valueFrom": {"secretKeyRef": {
                     "name": object_name(job_id), "key": "token"}}},
-                {"name": "PYTHONUNBUFFERED", "value": "1"},
-                {"name": "HOME", "value": "/tmp"}],
+                {"name": "PYTHONUNBUFFERED", "value": "1"}],
         "resources": {"requests": resources, "limits": resources},
         "securityContext": RESTRICTED,
         "volumeMounts": [{"name": "data", "mountPath": s.data_mount},
                          {"name": "adapters", "mountPath": s.adapters_mount},
                          {"name": "models", "mountPath": s.models_mount, "readOnly": True},
-                         {"name": "tmp", "mountPath": "/tmp"}],
+                         {"name": "tmp", "mountPath": "/tmp"},
+                         {"name": "cache", "mountPath": "/cache"}],  # HOME and caches (images)
     }
     spec = {
         "restartPolicy": restart, "serviceAccountName": s.service_account,
         "automountServiceAccountToken": False,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
         "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": s.data_pvc}},
                     {"name": "adapters", "persistentVolumeClaim": {"claimName": s.adapters_pvc}},
                     {"name": "models", "persistentVolumeClaim": {"claimName": s.models_pvc, "readOnly": True}},
-                    {"name": "tmp", "emptyDir": {}}],
+                    {"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}],
     }
     if s.node_selector:
         spec["nodeSelector"] = dict(s.node_selector)

@@ -118,14 +118,20 @@ async def serve(cfg: TrainerConfig) -> None:
         # Workers report to the bound port (known only after binding when cfg.port is 0).
         report_address = f"{cfg.host}:{port}"
         if reports:
-            report_address = f"127.0.0.1:{reports.add_insecure_port('127.0.0.1:0')}"
+            # Kubernetes job pods cannot reach loopback: with worker_port set, the report server
+            # listens on every interface (a NetworkPolicy admits only job pods to it).
+            bind = f"{cfg.host}:{cfg.worker_port}" if cfg.worker_port else "127.0.0.1:0"
+            report_address = f"127.0.0.1:{reports.add_insecure_port(bind)}"
+        # Where workers dial: this host for local subprocesses; the trainer's Service for pods.
+        report_address = cfg.worker_report_address or report_address
         log.info("worker reports", extra={"report_address": report_address})
         jobs = JobService(store, make_launcher(cfg),
                           data_dir=Path(cfg.data_dir), adapter_store=Path(cfg.adapter_store),
-                          data_root=Path(cfg.data_root),
+                          data_root=Path(cfg.data_root), model_root=Path(cfg.model_root),
                           report_address=report_address, handoff=handoff,
                           max_concurrent=cfg.max_concurrent_jobs, max_queued=cfg.max_queued_jobs,
                           max_retries=cfg.max_worker_retries, max_upload_bytes=cfg.max_upload_bytes,
+                          max_dataset_bytes=cfg.max_dataset_bytes,
                           cancel_grace_seconds=cfg.cancel_grace_seconds)
         holder["jobs"] = jobs
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(jobs), server)
@@ -150,7 +156,8 @@ async def serve(cfg: TrainerConfig) -> None:
 
     await run_server(name="trainer", host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
                      add_servicers=add, startup=startup, drain=drain, shutdown=shutdown,
-                     drain_seconds=cfg.drain_seconds, security=security, health_port=cfg.health_port)
+                     drain_seconds=cfg.drain_seconds, security=security, health_port=cfg.health_port,
+                     max_message_bytes=cfg.max_message_bytes)
 
 
 def main(cfg: TrainerConfig) -> None:

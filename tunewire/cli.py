@@ -319,9 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("service", choices=["trainer", "serving"])
     s.add_argument("--config", help="TOML file with settings (see configs/)")
     for flag, typ in [("host", str), ("port", int), ("metrics-port", int), ("adapter-store", str),
-                      ("data-dir", str), ("data-root", str), ("serving-address", str), ("model", str),
+                      ("data-dir", str), ("data-root", str), ("model-root", str), ("serving-address", str), ("model", str),
                       ("max-concurrent-jobs", int), ("max-queued-jobs", int),
                       ("max-worker-retries", int), ("max-upload-bytes", int),
+                      ("max-dataset-bytes", int), ("max-prompt-chars", int), ("max-message-bytes", int),
                       ("max-loras", int), ("max-lora-rank", int), ("max-cpu-loras", int),
                       ("max-model-len", int), ("drain-seconds", float), ("log-level", str),
                       ("max-concurrent-requests", int), ("max-queued-requests", int),

@@ -98,7 +98,7 @@ def run_demo(args) -> int:
         procs.append(serving)
         train_file = demo_data.data_path("extract_train.jsonl")
         trainer, trainer_addr = _start("trainer", workdir, "--data-dir", str(workdir / "trainer"),
-                                       "--data-root", str(train_file.parent),
+                                       "--data-root", str(train_file.parent), "--model-root", str(model.parent),
                                        "--adapter-store", str(store), "--serving-address", serving_addr)
         procs.append(trainer)
         _wait_serving(trainer_addr, trainer, 60)

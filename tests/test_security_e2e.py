@@ -1,0 +1,162 @@
+"""End to end with security on: serving (real vLLM engine) and trainer (real training workers) as
+subprocesses, both with mTLS + bearer token, and the trainer's handoff to serving over mTLS + token.
+
+One engine start and one short LoRA job for the whole module:
+- the job reaches SUCCEEDED with a metric per step, so the workers' progress reports reach a
+  trainer whose main port speaks only TLS (they use its plaintext loopback report port);
+- its result says serving loaded the adapter: the handoff dialled serving by IP over mTLS with the
+  token, checking serving's certificate (DNS name `localhost` only) against `serving_address`;
+- Generate on the adapter works over mTLS + token; without the token it is UNAUTHENTICATED
+  (TOKEN_MISSING); a plaintext channel to serving's main port gets nowhere;
+- both services are waited on through their plaintext `--health-port`.
+
+    .venv/bin/python -m pytest -q tests/test_security_e2e.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from harness import expect_error, free_port, health_status, start_service, states, watch_all
+from test_security import pki  # noqa: F401  (module-scoped fixture: throwaway CA, certs, token)
+from tunewire.security import sync_channel
+from tunewire.serving.v1 import serving_pb2 as spb
+from tunewire.serving.v1 import serving_pb2_grpc
+from tunewire.trainer.v1 import trainer_pb2 as tpb
+from tunewire.trainer.v1 import trainer_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+UNAUTH = grpc.StatusCode.UNAUTHENTICATED
+ADAPTER = "secure-lora"
+STEPS = 8
+
+
+def _port(svc) -> str:
+    return svc.proc.args[svc.proc.args.index("--port") + 1]
+
+
+def _wait_on_health_port(svc, health_port: int, timeout: float) -> None:
+    """harness.Service.wait_serving probes `svc.address` in plaintext: point it at the health port."""
+    main = svc.address
+    svc.address = f"127.0.0.1:{health_port}"
+    try:
+        svc.wait_serving(timeout)
+    finally:
+        svc.address = main
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("secdata") / "train.jsonl"
+    with open(path, "w") as f:
+        for i in range(16):
+            n, age = ["alice", "bob", "carol", "dave"][i % 4], 20 + i
+            f.write(json.dumps({"prompt": f"{n} is {age} years old.\nJSON: ",
+                                "completion": json.dumps({"name": n, "age": age})}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model_dir, pki):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("sec-e2e")
+    store = tmp / "adapters"
+    client_cert, client_key = pki["client@ca"]
+    serving_health, trainer_health = free_port(), free_port()
+    # serving's certificate names only `localhost`: the handoff, which dials 127.0.0.1, must
+    # check it against the host name in --serving-address
+    serving = start_service(
+        "serving", tmp, "--model", str(tiny_model_dir), "--adapter-store", str(store),
+        "--max-model-len", "256", "--enforce-eager", "--drain-seconds", "0.1",
+        "--tls-cert-file", pki["server-by-name"][0], "--tls-key-file", pki["server-by-name"][1],
+        "--tls-client-ca-file", pki["ca"], "--auth-token-file", pki["token"],
+        "--health-port", str(serving_health))
+    serving_address = f"localhost:{_port(serving)}"
+    trainer = start_service(
+        "trainer", tmp, "--data-dir", str(tmp / "trainer"), "--data-root", str(tmp.parent),
+        "--adapter-store", str(store), "--drain-seconds", "0.1",
+        "--tls-cert-file", pki["server"][0], "--tls-key-file", pki["server"][1],
+        "--tls-client-ca-file", pki["ca"], "--auth-token-file", pki["token"],
+        "--health-port", str(trainer_health),
+        "--serving-address", serving_address, "--serving-tls-ca-file", pki["ca"],
+        "--serving-tls-cert-file", client_cert, "--serving-tls-key-file", client_key,
+        "--serving-token-file", pki["token"])
+    try:
+        _wait_on_health_port(trainer, trainer_health, 60)
+        _wait_on_health_port(serving, serving_health, 300)
+        tls = dict(ca_file=pki["ca"], cert_file=client_cert, key_file=client_key)
+        channels = {
+            "trainer": sync_channel(f"localhost:{_port(trainer)}", token_file=pki["token"], **tls),
+            "serving": sync_channel(serving_address, token_file=pki["token"], **tls),
+            "serving_no_token": sync_channel(serving_address, **tls),
+        }
+        yield dict(
+            tmp=tmp, model=Path(tiny_model_dir), serving=serving, trainer=trainer,
+            serving_port=_port(serving), serving_health=serving_health,
+            jobs=trainer_pb2_grpc.TrainerServiceStub(channels["trainer"]),
+            gen=serving_pb2_grpc.ServingServiceStub(channels["serving"]),
+            gen_no_token=serving_pb2_grpc.ServingServiceStub(channels["serving_no_token"]))
+        for ch in channels.values():
+            ch.close()
+    finally:
+        serving_rc, trainer_rc = serving.stop(), trainer.stop()
+    assert (serving_rc, trainer_rc) == (0, 0), (serving.log()[-2000:], trainer.log()[-2000:])
+
+
+@pytest.fixture(scope="module")
+def trained(stack, dataset):
+    spec = tpb.TrainingJob(
+        base_model=str(stack["model"]), adapter_name=ADAPTER,
+        training_data=tpb.DatasetRef(path=str(dataset)),
+        lora=tpb.LoraMethod(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+        hyperparameters=tpb.Hyperparameters(learning_rate=1e-2, max_steps=STEPS, batch_size=4,
+                                            max_seq_length=64, seed=1))
+    job = stack["jobs"].CreateTrainingJob(tpb.CreateTrainingJobRequest(
+        training_job=spec, request_id="sec-e2e-1"), timeout=30).training_job
+    entries = watch_all(stack["jobs"], job.id, timeout=300)
+    final = stack["jobs"].GetTrainingJob(tpb.GetTrainingJobRequest(name=job.name), timeout=30).training_job
+    return entries, final
+
+
+def _generate(stub, **kw):
+    return stub.Generate(spb.GenerateRequest(
+        adapter=ADAPTER, prompt="alice is 21 years old.\nJSON: ",
+        sampling=spb.SamplingParams(max_tokens=8)), timeout=120, **kw)
+
+
+def test_job_over_tls_succeeds_and_hands_off_over_mtls_with_token(stack, trained):
+    entries, final = trained
+    assert states(entries) == ["QUEUED", "RUNNING", "PUBLISHING", "SUCCEEDED"], \
+        (final.error, stack["trainer"].log()[-3000:])
+    # every step's metric came back: worker → trainer progress reports work with TLS on
+    metrics = [e.metric for e in entries if e.WhichOneof("payload") == "metric"]
+    assert [m.step for m in metrics] == list(range(1, STEPS + 1))
+    assert final.state == tpb.TrainingJob.STATE_SUCCEEDED
+    assert final.result.serving_loaded, final.result.serving_message
+    assert f"{ADAPTER}@{final.result.version}" in final.result.serving_message
+    listed = stack["gen"].ListAdapters(spb.ListAdaptersRequest(), timeout=30).adapters
+    assert (ADAPTER, final.result.version) in [(a.name, a.version) for a in listed]
+
+
+def test_generate_needs_tls_and_the_token(stack, trained):
+    _, final = trained
+    r = _generate(stack["gen"])
+    assert r.completion_tokens > 0 and r.finish_reason != spb.FINISH_REASON_UNSPECIFIED
+    assert (r.adapter, r.adapter_version) == (ADAPTER, final.result.version)
+    # the same call over the same mTLS, without the token
+    expect_error(lambda: _generate(stack["gen_no_token"]), UNAUTH, "TOKEN_MISSING")
+    # plaintext to serving's main (TLS) port gets no answer at all
+    with grpc.insecure_channel(f"127.0.0.1:{stack['serving_port']}") as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            serving_pb2_grpc.ServingServiceStub(ch).Generate(spb.GenerateRequest(
+                adapter=ADAPTER, prompt="x", sampling=spb.SamplingParams(max_tokens=1)), timeout=5)
+        assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        with pytest.raises(grpc.RpcError):  # nor does a plaintext health probe there
+            health_status(f"127.0.0.1:{stack['serving_port']}")
+    # the plaintext health port still answers, without a token
+    assert health_status(f"127.0.0.1:{stack['serving_health']}") == health_pb2.HealthCheckResponse.SERVING
