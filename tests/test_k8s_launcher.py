@@ -15,9 +15,10 @@ S = K8sSettings(namespace="ml", image="registry.example/tunewire:1.0", gpus_per_
                 tolerations=({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},))
 
 
-def job_dir(tmp_path, nproc=1):
+def job_dir(tmp_path, nproc=1, nodes=1):
     spec = JobSpec(base_model="/models/m", training_data="d.jsonl", adapter_name="a",
-                   hyperparameters=Hyperparameters(num_processes=nproc, batch_size=2 * nproc))
+                   hyperparameters=Hyperparameters(num_processes=nproc, num_nodes=nodes,
+                                                   batch_size=2 * nproc * nodes))
     (tmp_path / "spec.json").write_text(spec.to_json())
     return tmp_path
 
@@ -75,6 +76,9 @@ def test_several_processes_or_nodes_are_a_pytorchjob(tmp_path):
     assert all(r["template"]["spec"]["containers"][0]["name"] == "pytorch" for r in specs.values())
     _, single_node = manifests("j", d, "t:1", "x", S)
     assert "Worker" not in single_node["spec"]["pytorchReplicaSpecs"]
+    # by default the node count comes from the job's spec
+    _, from_spec = manifests("j", job_dir(tmp_path, nproc=2, nodes=4), "t:1", "x", S)
+    assert from_spec["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
 
 
 def test_settings_are_checked():

@@ -67,6 +67,9 @@ def test_method_and_data_must_fit_at_create_time(svc, tiny_model_dir):
         _, fields = expect_error(lambda: create(_job(model, pc, "x", "lora", method_msg=tpb.LoraMethod(r=4))),
                                  grpc.StatusCode.INVALID_ARGUMENT, "MODEL_PATH_INVALID")
         assert "training_job.base_model" in fields
+    multi = _job(tiny_model_dir, pc, "x", "lora", method_msg=tpb.LoraMethod(r=4))
+    multi.hyperparameters.num_nodes = 2
+    expect_error(lambda: create(multi), grpc.StatusCode.FAILED_PRECONDITION, "MULTI_NODE_UNSUPPORTED")
     big = _write(root, "big.jsonl", PC * 100)  # ~30 kB, over --max-dataset-bytes 20000
     expect_error(lambda: create(_job(tiny_model_dir, big, "x", "lora", method_msg=tpb.LoraMethod(r=4))),
                  grpc.StatusCode.INVALID_ARGUMENT, "DATASET_TOO_LARGE")

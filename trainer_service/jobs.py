@@ -164,6 +164,10 @@ class JobService:
         """Create-time checks that need the disk: the base model exists, the data files lie under
         the data root, and the method can learn from the data's format. Returns the spec with the
         data paths resolved."""
+        if spec.hyperparameters.num_nodes > 1 and not getattr(self.launcher, "multi_node", False):
+            raise FailedPrecondition("MULTI_NODE_UNSUPPORTED",
+                                     "num_nodes > 1 needs the Kubernetes launcher (launcher = \"kubernetes\")",
+                                     metadata={"num_nodes": str(spec.hyperparameters.num_nodes)})
         base = self.resolve_model(spec.base_model, "training_job.base_model")
         spec = dataclasses.replace(spec, base_model=str(base))
         train = data.resolve_data_path(spec.training_data, self.data_root, "training_job.training_data.path")

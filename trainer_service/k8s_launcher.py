@@ -150,14 +150,26 @@ def pytorch_job(job_id: str, job_dir: Path, report_address: str, s: K8sSettings,
 
 
 def manifests(job_id: str, job_dir: Path, report_address: str, token: str, s: K8sSettings,
-              *, num_nodes: int = 1) -> list[dict]:
-    """Everything the job needs, in creation order: its token Secret, then the Job or PyTorchJob."""
+              *, num_nodes: int | None = None) -> list[dict]:
+    """Everything the job needs, in creation order: its token Secret, then the Job or PyTorchJob.
+    `num_nodes` defaults to the job spec's `hyperparameters.num_nodes`."""
     nproc = num_processes(job_dir)
+    if num_nodes is None:
+        num_nodes = _num_nodes(job_dir)
     if num_nodes == 1 and nproc == 1:
         work = batch_job(job_id, job_dir, report_address, s)
     else:
         work = pytorch_job(job_id, job_dir, report_address, s, num_nodes=num_nodes, nproc_per_node=nproc)
     return [token_secret(job_id, token, s), work]
+
+
+def _num_nodes(job_dir: Path) -> int:
+    from trainer_service.spec import JobSpec
+
+    try:
+        return JobSpec.from_json((Path(job_dir) / "spec.json").read_text()).hyperparameters.num_nodes
+    except Exception:  # noqa: BLE001 - a bad spec is the worker's to report
+        return 1
 
 
 class _K8sWorker:
@@ -184,6 +196,8 @@ class _K8sWorker:
 
 class KubernetesLauncher:
     """Launcher protocol on a cluster (in-cluster config, else ~/.kube/config)."""
+
+    multi_node = True  # num_nodes > 1 becomes a PyTorchJob across pods
 
     def __init__(self, settings: K8sSettings, *, poll_seconds: float = 5.0):
         self.s, self.poll_seconds = settings, poll_seconds

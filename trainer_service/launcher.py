@@ -63,6 +63,8 @@ class _LocalWorker:
 class LocalLauncher:
     """One subprocess per job on this machine."""
 
+    multi_node = False  # torchrun --standalone: every process on this machine
+
     def __init__(self, *, threads: int = 0):
         self.threads = threads  # torch threads per worker; 0 = all cores
 

@@ -47,7 +47,7 @@ def spec_from_proto(job: pb.TrainingJob) -> JobSpec:
         max_steps=h.max_steps, batch_size=h.batch_size or d.batch_size,
         max_seq_length=h.max_seq_length or d.max_seq_length, warmup_steps=h.warmup_steps,
         weight_decay=h.weight_decay, max_grad_norm=h.max_grad_norm or d.max_grad_norm, seed=h.seed,
-        num_processes=h.num_processes or 1, packing=h.packing)
+        num_processes=h.num_processes or 1, packing=h.packing, num_nodes=h.num_nodes or 1)
     e = job.eval
     ev = EvalSpec(
         validation_fraction=e.validation_fraction if e.HasField("validation_fraction") else None,
@@ -74,7 +74,7 @@ def job_to_proto(job: Job) -> pb.TrainingJob:
             learning_rate=h.learning_rate, num_epochs=h.num_epochs, max_steps=h.max_steps,
             batch_size=h.batch_size, max_seq_length=h.max_seq_length, warmup_steps=h.warmup_steps,
             weight_decay=h.weight_decay, max_grad_norm=h.max_grad_norm, seed=h.seed,
-            num_processes=h.num_processes, packing=h.packing),
+            num_processes=h.num_processes, packing=h.packing, num_nodes=h.num_nodes),
         json_schema=spec.json_schema,
         validation_data=pb.DatasetRef(path=spec.validation_data) if spec.validation_data else None,
         eval=pb.EvalSettings(validation_fraction=spec.eval.validation_fraction,

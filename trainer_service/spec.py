@@ -65,6 +65,7 @@ class Hyperparameters:
     seed: int = 0                             # shuffling, dropout and LoRA init
     num_processes: int = 1                    # DDP worker processes (torchrun) splitting each batch
     packing: bool = False                     # pack examples into max_seq_length rows
+    num_nodes: int = 1                        # pods of a multi-node run (Kubernetes launcher only)
 
     def __post_init__(self):
         p = "training_job.hyperparameters."
@@ -86,8 +87,10 @@ class Hyperparameters:
             raise invalid(p + "max_grad_norm", "must be >= 0")
         if not 1 <= self.num_processes <= 64:
             raise invalid(p + "num_processes", "must be in [1, 64]")
-        if self.batch_size % self.num_processes:
-            raise invalid(p + "batch_size", "must be a multiple of num_processes")
+        if not 1 <= self.num_nodes <= 64:
+            raise invalid(p + "num_nodes", "must be in [1, 64]")
+        if self.batch_size % (self.num_processes * self.num_nodes):
+            raise invalid(p + "batch_size", "must be a multiple of num_nodes x num_processes")
 
 
 @dataclass(frozen=True)
