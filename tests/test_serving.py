@@ -456,3 +456,37 @@ def test_classify_with_a_published_head(srv):
     # a head is not a LoRA adapter: generation refuses it without touching the engine
     expect_error(lambda: gen(srv.stub, adapter="region"), grpc.StatusCode.FAILED_PRECONDITION,
                  "ADAPTER_KIND_UNSUPPORTED")
+
+
+def test_loadtest_smoke_within_and_past_capacity(srv):
+    """`run_load` on loopback: a base/adapter/JSON mix within capacity (6 <= 4 running + 4 queued)
+    has no error; a burst of 16 long generations is refused only with ADMISSION_QUEUE_FULL."""
+    import asyncio
+
+    from tunewire.loadtest import DEFAULT_SCHEMA, run_load
+
+    srv.publish("load-a", seed=60)
+    assert gen(srv.stub, adapter="load-a", max_tokens=2).adapter == "load-a"  # loaded before the clock starts
+    schema = spb.ResponseFormat(json_schema=spb.JsonSchemaFormat(schema=DEFAULT_SCHEMA))
+    for _ in range(3):  # compile (and cache) the schema; the service allows only 0.5 s per compile
+        try:
+            gen(srv.stub, fmt=schema, max_tokens=2)
+            break
+        except grpc.RpcError:
+            time.sleep(0.5)
+    within = asyncio.run(run_load(srv.svc.address, concurrency=6, duration=5, max_tokens=8,
+                                  mix={"base": 2, "adapter": 1, "json": 1}, adapters=["load-a"]))
+    assert within.count > 0 and within.ok == within.count, within.text()
+    assert within.status == {"OK": within.count} and not within.errors
+    assert set(within.kinds) == {"base", "adapter", "json"} and within.tokens > 0
+    assert within.latency_ms["min"] <= within.latency_ms["p50"] <= within.latency_ms["p99"] <= within.latency_ms["max"]
+
+    burst = asyncio.run(run_load(srv.svc.address, concurrency=16, duration=3, max_tokens=96,
+                                 response_format=LONG, timeout=120))
+    print(within.text(), burst.text())  # the reports, with -s
+    refused = burst.status.get("RESOURCE_EXHAUSTED", 0)
+    assert refused > 0 and burst.ok >= 8, burst.text()
+    assert set(burst.status) == {"OK", "RESOURCE_EXHAUSTED"}, burst.text()
+    assert [(e["code"], e["reason"]) for e in burst.errors] == [("RESOURCE_EXHAUSTED", "ADMISSION_QUEUE_FULL")]
+    srv.wait_engine_idle()
+    assert srv.metrics()["tunewire_serving_admission_queue_depth"] == 0

@@ -6,6 +6,7 @@
     tunewire adapters list|load|unload|pin|unpin|watch ...     adapters in serving
     tunewire generate --prompt TEXT [--adapter A[@vN]] [--json-schema FILE | --regex R | --choice a,b]
     tunewire classify HEAD TEXT...                             feature-extraction heads
+    tunewire loadtest --concurrency N | --rps R --duration S    load test (ghz-style report)
     tunewire model info | tokenize TEXT                        the served model
     tunewire demo                                              the end-to-end demo
 
@@ -302,6 +303,47 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+@_client_errors
+def cmd_loadtest(args) -> int:
+    import asyncio
+
+    from tunewire import loadtest as lt
+
+    kinds = lt.SERVING_KINDS if args.target == "serving" else lt.TRAINER_KINDS
+    try:
+        mix = lt.parse_mix(args.mix, kinds) if args.mix else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    kw = {}
+    if args.target == "serving":
+        from tunewire.serving.v1 import serving_pb2 as pb
+
+        if args.regex:
+            kw["response_format"] = pb.ResponseFormat(regex=pb.RegexFormat(pattern=args.regex))
+        if args.json_schema:
+            with open(args.json_schema) as f:
+                kw["json_schema"] = f.read()
+        if args.prompt:
+            kw["prompt"] = args.prompt
+    secure = dict(ca_file=args.client_tls_ca, cert_file=args.client_tls_cert, key_file=args.client_tls_key,
+                  token_file=args.client_token_file)
+    try:
+        report = asyncio.run(lt.run_load(
+            args.trainer if args.target == "trainer" else args.serving, target=args.target,
+            concurrency=args.concurrency, rps=args.rps, duration=args.duration, mix=mix,
+            adapters=args.adapter, max_tokens=args.max_tokens, timeout=args.timeout, seed=args.seed,
+            progress=not args.no_progress, channel_kwargs=secure, **kw))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.text())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunewire", description="Fine-tune LoRA adapters and serve them.")
     p.add_argument("--trainer", default=os.environ.get("TUNEWIRE_TRAINER", "127.0.0.1:50051"))
@@ -437,6 +479,24 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("text")
     tk.add_argument("--adapter", default="")
     m.set_defaults(func=cmd_model)
+
+    lt = sub.add_parser("loadtest", help="load-test serving (or the trainer's read RPCs); ghz-style report")
+    lt.add_argument("--target", default="serving", choices=["serving", "trainer"])
+    lt.add_argument("--concurrency", type=int, default=0,
+                    help="closed loop: N requests in flight (with --rps: the most in flight)")
+    lt.add_argument("--rps", type=float, default=0.0, help="open loop: this many requests per second")
+    lt.add_argument("--duration", type=float, default=10.0, help="seconds of load")
+    lt.add_argument("--mix", default="", help="weights, e.g. base=2,adapter=1,json=1 (trainer: get=3,list=1)")
+    lt.add_argument("--adapter", action="append", default=[], help="adapter for 'adapter' requests (repeatable)")
+    lt.add_argument("--prompt", default="")
+    lt.add_argument("--max-tokens", type=int, default=16)
+    lt.add_argument("--json-schema", default="", help="file: schema of the 'json' requests (default: built in)")
+    lt.add_argument("--regex", default="", help="constrain base/adapter outputs to this regex (long generations)")
+    lt.add_argument("--timeout", type=float, default=60.0, help="deadline of each request, seconds")
+    lt.add_argument("--seed", type=int, default=0)
+    lt.add_argument("--json", default="", help="also write the report to this file")
+    lt.add_argument("--no-progress", action="store_true")
+    lt.set_defaults(func=cmd_loadtest)
 
     d = sub.add_parser("demo", help="fine-tune SmolLM2 for JSON extraction and serve it")
     d.add_argument("--steps", type=int, default=0, help="training steps (0 = the demo default)")
