@@ -1,12 +1,14 @@
-"""End-to-end checks of serving_service.engine on a real vLLM CPU engine with two LoRA adapters.
+"""End-to-end checks of serving_service.engine on a real vLLM CPU engine with four LoRA adapters.
 
 One engine is started for the module (~30-90 s) in a dedicated event-loop thread: AsyncLLM's
 output handler is bound to the loop it was created in, so every coroutine goes through `run`.
 
 The mixed-batch test is the regression test for the CPU LoRA bug fixed by serving_service.cpu_lora
-(base rows batched with LoRA rows got the last slot's adapter delta). It fails when the engine is
-started with TUNEWIRE_DISABLE_CPU_LORA_FIX=1. max_loras=2 so the two adapters fill every slot and
-the "last slot" is always a real adapter.
+(base rows batched with LoRA rows got the last slot's adapter delta) and the check of its grouped
+ops on real layers: four adapters of ranks 8/16/4/12 (q/v, every projection, `all-linear`, a
+mixed subset) plus base rows in one batch. It fails when the engine is started with
+TUNEWIRE_DISABLE_CPU_LORA_FIX=1. max_loras=4 so the adapters fill every slot and the "last slot"
+is always a real adapter.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = ["alice is 20 years old", '{"name": "bob", "age":', "Extract the person as JSON:\n"]
 MAX_NEW = 16
+ADAPTERS = ("A", "B", "C", "D")
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +52,9 @@ def adapters(vllm_model_dir, tmp_path_factory):
         "B": _make_adapter(vllm_model_dir, root / "B", 16, ["q_proj", "k_proj", "v_proj", "o_proj",
                                                             "gate_proj", "up_proj", "down_proj"],
                            seed=2),
+        "C": _make_adapter(vllm_model_dir, root / "C", 4, "all-linear", seed=3),
+        "D": _make_adapter(vllm_model_dir, root / "D", 12, ["k_proj", "o_proj", "up_proj",
+                                                            "down_proj"], seed=4),
     }
 
 
@@ -61,7 +67,7 @@ def hf_reference(vllm_model_dir, adapters):
 
     tok = AutoTokenizer.from_pretrained(vllm_model_dir)
     out = {}
-    for variant in ("base", "A", "B"):
+    for variant in ("base", *ADAPTERS):
         model = AutoModelForCausalLM.from_pretrained(vllm_model_dir, torch_dtype=torch.float32)
         if variant != "base":
             model = PeftModel.from_pretrained(model, adapters[variant])
@@ -87,11 +93,11 @@ def served(vllm_model_dir, adapters):
     def run(coro, timeout=300):
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
-    engine = VllmEngine(EngineConfig(model=str(vllm_model_dir), max_model_len=256, max_loras=2,
-                                     max_lora_rank=16, max_cpu_loras=4, max_num_seqs=16,
+    engine = VllmEngine(EngineConfig(model=str(vllm_model_dir), max_model_len=256, max_loras=4,
+                                     max_lora_rank=16, max_cpu_loras=6, max_num_seqs=16,
                                      enforce_eager=True))
     run(engine.start(), timeout=600)
-    loras = {"A": ("adapter-a", 1, adapters["A"]), "B": ("adapter-b", 2, adapters["B"])}
+    loras = {v: (f"adapter-{v.lower()}", i, adapters[v]) for i, v in enumerate(ADAPTERS, 1)}
     for lora in loras.values():
         run(engine.add_lora(*lora))
     try:
@@ -117,7 +123,7 @@ def test_mixed_batch_matches_hf(served, hf_reference):
     from serving_service.engine import GenParams
 
     engine, run, loras = served
-    jobs = [(v, p) for p in PROMPTS for v in ("base", "A", "B")]  # interleaved rows in one batch
+    jobs = [(v, p) for p in PROMPTS for v in ("base", *ADAPTERS)]  # interleaved rows, one batch
 
     async def all_at_once():
         return await asyncio.gather(*[
@@ -126,8 +132,8 @@ def test_mixed_batch_matches_hf(served, hf_reference):
 
     results = run(all_at_once())
     for prompt in PROMPTS:  # the adapters really change the output, so the test is not vacuous
-        assert hf_reference["A", prompt] != hf_reference["base", prompt]
-        assert hf_reference["B", prompt] != hf_reference["base", prompt]
+        for v in ADAPTERS:
+            assert hf_reference[v, prompt] != hf_reference["base", prompt], v
     mismatches = [(v, p, ids, hf_reference[v, p])
                   for (v, p), (ids, _, _) in zip(jobs, results) if ids != hf_reference[v, p]]
     assert not mismatches, "vLLM vs HF greedy token ids differ:\n" + "\n".join(map(str, mismatches))
