@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python}
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
 # serving: gRPC overhead, multi-adapter mixes, structured output, hot-load (bigger workloads)
-"$PY" bench/serving.py --model "$MODEL" --prompts 256 --out-dir "$OUT"
+"$PY" bench/serving.py --model "$MODEL" --prompts 256 --suffix _gpu
 # trainer: our recipe vs HF Trainer + PEFT on the same steps; then the service latencies
 "$PY" bench/trainer.py --model "$MODEL" --steps 50 --batch-size 16 --max-seq-length 512 --repeats 3 \
     --out "$OUT/trainer.json"
