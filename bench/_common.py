@@ -13,6 +13,26 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "docs" / "bench"
 
 
+# Prompts shared by the serving and LoRA benchmarks (bench/lora_cpu.py uses the first 8).
+PROMPTS = [
+    "Write a short story about a robot learning to paint.",
+    "Explain how a bicycle stays upright.",
+    "List five facts about the moon.",
+    "What is the capital of France and why is it famous?",
+    "Describe the water cycle to a child.",
+    "Give me a recipe for pancakes.",
+    "Why is the sky blue?",
+    "Summarize the plot of a detective novel you invent.",
+    "What are the benefits of regular exercise?",
+    "Explain the difference between weather and climate.",
+    "How do vaccines work?",
+    "Write a haiku about autumn leaves.",
+    "What is machine learning, in two sentences?",
+    "Give three tips for learning a new language.",
+    "Describe a busy market in Lisbon.",
+    "Why do cats purr?",
+]
+
 def pct(values, q: float) -> float:
     """The q-th percentile (0-100) by linear interpolation; nan when empty."""
     xs = sorted(values)

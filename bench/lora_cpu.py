@@ -38,21 +38,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import PROMPTS as _COMMON_PROMPTS  # bench/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CONFIGS = ("base_nolora", "base_nolora_eager", "base_lora", "adapter", "half")
 NO_LORA = ("base_nolora", "base_nolora_eager")
-PROMPTS = [
-    "Write a short story about a robot learning to paint.",
-    "Explain how a bicycle stays upright.",
-    "List five facts about the moon.",
-    "What is the capital of France and why is it famous?",
-    "Describe the water cycle to a child.",
-    "Give me a recipe for pancakes.",
-    "Why is the sky blue?",
-    "Summarize the plot of a detective novel you invent.",
-]
+PROMPTS = _COMMON_PROMPTS[:8]  # shared with bench/serving.py
 
 
 def make_adapter(base_dir: str, out_dir: Path) -> str:

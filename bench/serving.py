@@ -54,28 +54,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import (OUT_DIR, bar_png, conditions, have_matplotlib, md_table,  # noqa: E402
+from _common import (OUT_DIR, PROMPTS, bar_png, conditions, have_matplotlib, md_table,  # noqa: E402
                      median, other_benches, pct, write_json)
 
 PARTS = ("overhead", "adapters", "structured", "hotload", "schemas")
-PROMPTS = [
-    "Write a short story about a robot learning to paint.",
-    "Explain how a bicycle stays upright.",
-    "List five facts about the moon.",
-    "What is the capital of France and why is it famous?",
-    "Describe the water cycle to a child.",
-    "Give me a recipe for pancakes.",
-    "Why is the sky blue?",
-    "Summarize the plot of a detective novel you invent.",
-    "What are the benefits of regular exercise?",
-    "Explain the difference between weather and climate.",
-    "How do vaccines work?",
-    "Write a haiku about autumn leaves.",
-    "What is machine learning, in two sentences?",
-    "Give three tips for learning a new language.",
-    "Describe a busy market in Lisbon.",
-    "Why do cats purr?",
-]
 PEOPLE = [
     "Ana, 31, lives in Braga and likes hiking and chess.",
     "Tom is 45 years old, from Leeds; hobbies: fishing.",
