@@ -1,6 +1,6 @@
 """Trainer benchmark: our LoRA recipe vs a plain Hugging Face `Trainer` + PEFT script, side by side.
 
-    ./dev run python bench/trainer.py [--steps 20] [--repeats 2] [--model DIR] [--data FILE]
+    ./dev run python bench/trainer.py [--steps 30] [--repeats 2] [--model DIR] [--data FILE]
     ./dev run python bench/trainer.py --service     # job accepted → first step; step → watch stream
 
 Same model (SmolLM2-135M-Instruct by default), same data (the demo's extraction set), same LoRA
@@ -12,7 +12,9 @@ Measured per side: *real* tokens per second (tokens that are not padding, over t
 steps' wall time, model loading excluded) and peak resident memory (ru_maxrss of the process).
 Baselines: `hf-maxlen` is the common script (tokenize with padding="max_length", the default
 Trainer); `hf-dynamic` pads each batch to its longest row (DataCollatorForSeq2Seq). Ours pads
-dynamically too and skips work on padding (see trainer_service/loop.py). Writes
+dynamically too and runs the LM head only on labelled columns (common.labelled_loss);
+`ours-packed` is our recipe with `packing` (no padding at all; --packed-batch-size rows of
+max_seq_length per step, about as many examples as --batch-size unpacked). Writes
 docs/bench/trainer.json and, with matplotlib, docs/bench/trainer.png.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -29,7 +32,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SIDES = ("ours", "hf-maxlen", "hf-dynamic")
+sys.path.insert(0, str(ROOT))
+
+from _common import conditions, other_benches  # noqa: E402 - bench/ is on sys.path as a script
+
+SIDES = ("ours", "ours-packed", "hf-maxlen", "hf-dynamic")
 LORA = dict(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.05)
 
 
@@ -37,7 +44,7 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_ours(a) -> dict:
+def run_ours(a, packed: bool) -> dict:
     from trainer_service import recipe_lora
     from trainer_service.spec import EvalSpec, Hyperparameters, JobSpec, LoraSpec
 
@@ -50,8 +57,10 @@ def run_ours(a) -> dict:
     spec = JobSpec(base_model=a.model, training_data=a.data, adapter_name="bench",
                    lora=LoraSpec(r=LORA["r"], lora_alpha=LORA["lora_alpha"],
                                  target_modules=tuple(LORA["target_modules"]), lora_dropout=LORA["lora_dropout"]),
-                   hyperparameters=Hyperparameters(learning_rate=1e-3, max_steps=a.steps, batch_size=a.batch_size,
-                                                   max_seq_length=a.max_seq_length, warmup_steps=5, seed=0),
+                   hyperparameters=Hyperparameters(learning_rate=1e-3, max_steps=a.steps, seed=0,
+                                                   batch_size=a.packed_batch_size if packed else a.batch_size,
+                                                   max_seq_length=a.max_seq_length, warmup_steps=5,
+                                                   packing=packed),
                    eval=EvalSpec(validation_fraction=0.0, early_stopping_patience=0))
     with tempfile.TemporaryDirectory() as out:
         m = recipe_lora.run(spec, Path(out), Quiet(), should_stop=lambda: False)
@@ -111,7 +120,10 @@ def run_hf(a, dynamic: bool) -> dict:
 
 
 def child(a) -> None:
-    r = run_ours(a) if a.side == "ours" else run_hf(a, dynamic=a.side == "hf-dynamic")
+    if a.side.startswith("ours"):
+        r = run_ours(a, packed=a.side == "ours-packed")
+    else:
+        r = run_hf(a, dynamic=a.side == "hf-dynamic")
     print("RESULT " + json.dumps(r), flush=True)
 
 
@@ -170,10 +182,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="")
     p.add_argument("--data", default=str(ROOT / "tunewire" / "data" / "extract_train.jsonl"))
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--packed-batch-size", type=int, default=2,
+                   help="rows per step for ours-packed (a packed row holds ~4 of the demo's examples)")
     p.add_argument("--max-seq-length", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side in a child
     p.add_argument("--out", default=str(ROOT / "docs" / "bench" / "trainer.json"))
     p.add_argument("--service", action="store_true", help="only the service latencies (a real trainer)")
@@ -192,11 +207,14 @@ def main() -> None:
         out.write_text(json.dumps(r, indent=2))
         return None
 
-    results: dict[str, list[dict]] = {s: [] for s in SIDES}
+    cond = conditions()  # before the runs: the load they start under
+    sides = [s for s in SIDES if s in a.sides.split(",")]
+    results: dict[str, list[dict]] = {s: [] for s in sides}
     for rep in range(a.repeats):
-        for side in SIDES:  # alternating, so a busy moment hits every side alike
+        for side in sides:  # alternating, so a busy moment hits every side alike
             cmd = [sys.executable, __file__, "--side", side, "--model", a.model, "--data", a.data,
                    "--steps", str(a.steps), "--batch-size", str(a.batch_size),
+                   "--packed-batch-size", str(a.packed_batch_size),
                    "--max-seq-length", str(a.max_seq_length)]
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -209,17 +227,20 @@ def main() -> None:
                   f"{r['seconds']:6.1f} s  peak {r['peak_mib']:6.0f} MiB", flush=True)
     med = {s: {k: statistics.median(x[k] for x in rs) for k in ("tokens_per_s", "seconds", "tokens", "peak_mib")}
            for s, rs in results.items()}
-    base = med["hf-maxlen"]["tokens_per_s"]
+    ref = "hf-maxlen" if "hf-maxlen" in med else sides[-1]
+    base = med[ref]["tokens_per_s"]
     print(f"\n{a.steps} steps × batch {a.batch_size}, max_seq_length {a.max_seq_length}, medians of {a.repeats}")
-    print(f"{'side':>10} | {'real tok/s':>10} | {'vs hf-maxlen':>12} | {'real tokens':>11} | {'peak MiB':>8}")
-    for s in SIDES:
+    print(f"{'side':>10} | {'real tok/s':>10} | {'vs ' + ref:>12} | {'real tokens':>11} | {'peak MiB':>8}")
+    for s in sides:
         m = med[s]
         print(f"{s:>10} | {m['tokens_per_s']:10.1f} | {m['tokens_per_s'] / base:11.2f}x | "
               f"{m['tokens']:11.0f} | {m['peak_mib']:8.0f}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": {k: v for k, v in vars(a).items() if k != "side"}, "runs": results,
-                               "median": med}, indent=2))
+    out.write_text(json.dumps({"args": {k: v for k, v in vars(a).items() if k != "side"},
+                               "conditions": {**cond, "loadavg_at_end": os.getloadavg(),
+                                              "other_bench_processes_at_end": other_benches()},
+                               "runs": results, "median": med}, indent=2))
     try:
         import matplotlib
 
@@ -227,7 +248,7 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(5, 3))
-        ax.bar(list(SIDES), [med[s]["tokens_per_s"] for s in SIDES], color=["tab:green", "tab:gray", "tab:blue"])
+        ax.bar(sides, [med[s]["tokens_per_s"] for s in sides])
         ax.set_ylabel("real tokens / s")
         ax.set_title(f"LoRA training, {a.steps} steps, batch {a.batch_size}")
         fig.tight_layout()

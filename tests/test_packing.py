@@ -128,3 +128,38 @@ def test_packing_is_refused_with_several_processes(tiny_model_dir, tmp_path):
     with pytest.raises(JobFailure) as e:
         run(spec, tmp_path / "out", ListReporter(), should_stop=lambda: False)
     assert e.value.reason == "PACKING_UNSUPPORTED" and e.value.user_error
+
+
+def _full_head_loss(model, batch, reduction):
+    """The reference: logits at every position, then the labelled ones (the loss before the
+    labelled-columns head)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                             ignore_index=data.IGNORE, reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_the_head_on_labelled_columns_only_gives_the_full_loss_and_gradients(tiny_model_dir, reduction):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    rows = [{"input_ids": r["input_ids"] * 2, "labels": [data.IGNORE] * len(r["input_ids"]) + r["input_ids"]}
+            for r in random_rows(6, seed=5)]  # prompts of 2-20 tokens, then as many labelled
+    batch = data.collate(rows, pad_id=0)
+    targets = batch["labels"][:, 1:] != data.IGNORE
+    assert not targets.any(0).all()  # some prompt columns carry no label in any row: they are skipped
+
+    grads = []
+    for fn in (common.completion_loss, lambda m, b, r: _full_head_loss(m, b, r)):
+        model.zero_grad()
+        loss = fn(model, batch, reduction)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (fast, g_fast), (full, g_full) = grads
+    assert fast == pytest.approx(full, rel=1e-5)
+    for a, b in zip(g_fast, g_full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

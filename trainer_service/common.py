@@ -5,6 +5,8 @@ these; nothing here knows which method is being trained.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 
 import torch
@@ -75,8 +77,38 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int) -
 def completion_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy over the labelled (completion) tokens of the batch: their mean,
     or their sum with reduction="sum" (evaluation weighs every token equally across batches)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).logits
-    # Token t predicts token t + 1; labels of prompt and padding are IGNORE and carry no loss.
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+    return labelled_loss(model, batch["labels"], reduction, input_ids=batch["input_ids"],
+                         attention_mask=batch["attention_mask"])
+
+
+def labelled_loss(model, labels: torch.Tensor, reduction: str = "mean", **inputs) -> torch.Tensor:
+    """Cross-entropy of the model's next-token logits against `labels` (IGNORE carries no loss).
+
+    No wasted work: the LM head (hidden x vocabulary, ~20% of a small model's FLOPs, plus the
+    softmax over the vocabulary) runs only on the sequence positions where some row of the batch
+    has a label, through transformers' `logits_to_keep` (an index tensor). The prompt columns
+    are skipped; the loss is the same (tests/test_units.py). The call still goes through the
+    model's (and DDP's) own forward, so gradient hooks, soft-capping and scaling all apply.
+    """
+    targets = labels[:, 1:]  # token t predicts token t + 1
+    columns = (targets != data.IGNORE).any(0).nonzero().squeeze(1)
+    if len(columns) and _takes_logits_to_keep(model):
+        logits = model(**inputs, use_cache=False, logits_to_keep=columns).logits
+        targets = targets[:, columns]
+    else:  # a model without logits_to_keep, or nothing labelled (the mean is then NaN, as before)
+        logits = model(**inputs, use_cache=False).logits[:, :-1]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                            ignore_index=data.IGNORE, reduction=reduction)
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the causal LM inside `model` (a peft model, DDP, or the bare model) accepts
+    `logits_to_keep` as an index tensor (transformers 5 models do; remote code may not)."""
+    inner = getattr(model, "module", model)  # DDP wraps the model in .module
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
+    return _forward_has(type(inner), "logits_to_keep")
+
+
+@functools.cache
+def _forward_has(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.forward).parameters

@@ -211,8 +211,10 @@ def train(spec: JobSpec, model, params: list[torch.nn.Parameter], optimizer: tor
             _evaluate_and_checkpoint(model, val_rows, hp.batch_size, pad_id, st, tracker, checkpoints,
                                      save_dir, keep_best_and_latest, reporter)
         # Resume state at every interval, validation or not: a crash loses at most `every` steps.
-        st.probe_loss = evaluation.evaluate(model, probe, hp.batch_size, pad_id)
-        resume.save(out_dir, st, model, optimizer, shuffle, tracker)
+        # Not after the last step: the result is written next, and that is the state to keep.
+        if step != total_steps:
+            st.probe_loss = evaluation.evaluate(model, probe, hp.batch_size, pad_id)
+            resume.save(out_dir, st, model, optimizer, shuffle, tracker)
         st.stopped_early = distributed.any_rank(st.stopped_early)
     out = Outcome(st, tracker, time.perf_counter() - t_start)
 

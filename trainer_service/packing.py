@@ -22,8 +22,8 @@ from __future__ import annotations
 import bisect
 
 import torch
-import torch.nn.functional as F
 
+from trainer_service import common
 from trainer_service.data import IGNORE
 
 
@@ -76,7 +76,5 @@ def collate_packed(batch: list[dict], pad_id: int) -> dict:
 
 def packed_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
     """`common.completion_loss` for a packed batch: the model gets position_ids and no mask."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                   attention_mask=None, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                           ignore_index=IGNORE, reduction=reduction)
+    return common.labelled_loss(model, batch["labels"], reduction, input_ids=batch["input_ids"],
+                                position_ids=batch["position_ids"], attention_mask=None)

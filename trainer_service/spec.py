@@ -96,7 +96,7 @@ class Hyperparameters:
 @dataclass(frozen=True)
 class EvalSpec:
     validation_fraction: float | None = None  # held-out share; None = 0.1 if >= 20 examples else 0
-    eval_every_steps: int = 0                 # evaluate + checkpoint every N steps; 0 = 10 per run
+    eval_every_steps: int = 0                 # evaluate + checkpoint every N steps; 0 = 10 per run, >= 5 apart
     early_stopping_patience: int = 3          # evaluations without improvement before stopping; 0 = off
     early_stopping_min_delta: float = 0.0     # smallest eval_loss decrease that counts
 
