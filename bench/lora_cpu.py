@@ -14,16 +14,17 @@ one after the other in one invocation so the numbers sit side by side:
     half          half base, half adapter (mixed batches)
 
 Every LoRA configuration runs once per ops mode of serving_service.cpu_lora (the vLLM general
-plugin): `grouped` (default: the fast path), `masked` (TUNEWIRE_CPU_LORA_OPS=masked: upstream
-ops with no-adapter rows zeroed, the previous fix) and, with --modes, `upstream`
+plugin): `fused` (the default: grouped ops plus the fused add_lora_linear that skips untargeted
+projections), `grouped` (the grouped ops alone), `masked` (upstream ops with no-adapter rows
+zeroed, the first fix) and, with --modes, `upstream`
 (TUNEWIRE_DISABLE_CPU_LORA_FIX=1: vLLM's ops untouched; mixed batches are wrong there). It prints
 tok/s and the ratio to base_nolora, checks that the generated token ids of every configuration
 are the same in every correct mode, and writes docs/bench/lora_cpu.json.
 
 Run (takes minutes: each engine starts in ~35 s; the machine should be otherwise idle):
 
-    .venv/bin/python bench/lora_cpu.py                       # grouped vs masked
-    .venv/bin/python bench/lora_cpu.py --modes grouped,masked,upstream --requests 48
+    .venv/bin/python bench/lora_cpu.py                       # fused vs grouped vs masked
+    .venv/bin/python bench/lora_cpu.py --modes fused,upstream --requests 48
 """
 
 from __future__ import annotations
@@ -125,8 +126,8 @@ def run_config(config: str, mode: str, model: str, adapter: str, args) -> dict:
     env.pop("TUNEWIRE_CPU_LORA_OPS", None)
     if mode == "upstream":
         env["TUNEWIRE_DISABLE_CPU_LORA_FIX"] = "1"
-    elif mode == "masked":
-        env["TUNEWIRE_CPU_LORA_OPS"] = "masked"
+    elif mode in ("grouped", "masked"):
+        env["TUNEWIRE_CPU_LORA_OPS"] = mode
     cmd = [sys.executable, __file__, "--worker", "--config", config, "--model", model,
            "--adapter", adapter, "--new-tokens", str(args.new_tokens),
            "--concurrency", str(args.concurrency), "--requests", str(args.requests)]
@@ -139,8 +140,8 @@ def run_config(config: str, mode: str, model: str, adapter: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--modes", default="grouped,masked",
-                    help="comma-separated cpu_lora modes: grouped, masked, upstream")
+    ap.add_argument("--modes", default="fused,grouped,masked",
+                    help="comma-separated cpu_lora modes: fused, grouped, masked, upstream")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--requests", type=int, default=32, help="measured requests per config")
@@ -188,7 +189,7 @@ def main() -> None:
         if len({json.dumps(v) for v in ids.values()}) > 1:
             mismatches.append(config)
     print("token ids equal across modes:", "yes" if not mismatches else f"NO: {mismatches}")
-    base_ids = {r["config"]: r["token_ids"] for r in rows if r["mode"] in ("-", "grouped")}
+    base_ids = {r["config"]: r["token_ids"] for r in rows if r["mode"] in ("-", "fused")}
     if "base_lora" in base_ids:  # informational: LoRA off lets vLLM torch.compile the model
         print("base_lora == base_nolora token ids:",
               base_ids["base_lora"] == base_ids["base_nolora"])

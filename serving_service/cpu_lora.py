@@ -18,8 +18,19 @@ an adapter: += 0, or = 0). Shapes the grouped code does not handle (row counts t
 i.e. upstream's broadcast/truncation corner cases) go to the upstream op with the no-adapter rows'
 inputs zeroed, which is the same result computed the slow way.
 
+On top of that (mode "fused", the default), the linear layers' entry point skips the work
+upstream does on zeros: vLLM wraps every supported projection (in a Llama layer qkv, o, gate_up,
+down: 7 slices) and keeps all-zero slot weights where an adapter does not target one, so a q/v
+adapter ran shrink + expand on zeros for 5 of 7 slices. `add_lora_linear` here does one
+shrink-then-expand per (slice, adapter slot) that holds weights, from a row grouping computed
+once per step in `update_metadata` instead of once per op; which slots hold weights is looked up
+once and forgotten whenever `activate_adapter` writes new weights into a slot.
+
 Replaced functions (vllm 0.32.0):
     vllm.lora.ops.torch_ops.lora_ops.bgmv_shrink / bgmv_expand / bgmv_expand_slice
+    vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU.add_lora_linear (fused)
+    PunicaWrapperCPU.update_metadata (fused; upstream inherits PunicaWrapperBase's, called first)
+    vllm.lora.model_manager.LoRAModelManager.activate_adapter (fused; upstream called first)
 The sgmv_* ops in that module call the bgmv_* ones through module globals, so they are covered
 too. `vllm.lora.ops.torch_ops` and `vllm.lora.punica_wrapper.punica_cpu` import the names
 directly (`from ... import bgmv_shrink`), so they are rebound there. The GPU path (triton punica
@@ -34,8 +45,10 @@ enabled, so the data-dependent grouping here always runs eagerly.)
 
 Switches (environment, read by `register()` in each vLLM process):
     TUNEWIRE_DISABLE_CPU_LORA_FIX=1   upstream ops untouched (shows the mixed-batch bug)
+    TUNEWIRE_CPU_LORA_OPS=fused       the default: grouped ops + the fused add_lora_linear
+    TUNEWIRE_CPU_LORA_OPS=grouped     the grouped ops only (for benchmarks)
     TUNEWIRE_CPU_LORA_OPS=masked      the slow correct path: upstream ops with no-adapter rows
-                                      zeroed (the previous fix; for benchmarks). Default: grouped.
+                                      zeroed (the first fix; for benchmarks)
 """
 
 from __future__ import annotations
@@ -157,17 +170,174 @@ def _grouped_ops(upstream):
             "bgmv_expand_slice": bgmv_expand_slice}
 
 
-def build_ops(upstream: dict, mode: str = "grouped") -> dict:
-    """Replacement ops for `upstream` ({name: upstream op}): "grouped" (fast) or "masked"."""
-    if mode == "grouped":
+# ---- the linear layers' entry point: PunicaWrapperCPU.add_lora_linear --------------------
+# vLLM wraps every supported projection of every layer (qkv, o, gate_up, down: 7 slices in a
+# Llama layer) and keeps all-zero weights in a slot whose adapter does not target that
+# projection, so upstream runs shrink + expand on zeros for them: for a q/v adapter 5 of 7.
+# This cache says which (stacked weights, slot) hold anything; it is emptied whenever an
+# adapter is activated into a slot (the only time vLLM writes slot weights).
+_FILLED: dict[tuple[int, int], bool] = {}
+
+
+def _filled(w, slot: int) -> bool:
+    key = (w.data_ptr(), slot)
+    hit = _FILLED.get(key)
+    if hit is None:
+        hit = _FILLED[key] = bool(w[slot].any())
+    return hit
+
+
+def _weights(w, slot: int):
+    w = w[slot]
+    return w[0] if w.dim() == 3 else w  # [1, out, in] -> [out, in]
+
+
+def lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale: float, output_slices, groups) -> None:
+    """y[:, slice i] += (scale * x[rows] @ A_i[slot].T) @ B_i[slot].T for each (slot, rows) in
+    `groups` (rows None = every row), upstream's add_lora_linear, minus the slices whose slot
+    weights are all zero (their delta is exactly 0). The shrink runs in float32 like upstream's
+    float32 buffer; the expand in y's dtype. y: [tokens, sum(output_slices)], x: [tokens, in]."""
+    offset = 0
+    for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices):
+        for slot, rows in groups:
+            if not (_filled(a, slot) and _filled(b, slot)):
+                continue
+            wa, wb = _weights(a, slot), _weights(b, slot)
+            xs = x if rows is None else x.index_select(0, rows)
+            delta = ((xs.float() @ wa.float().t()) * scale).to(y.dtype) @ wb.to(y.dtype).t()
+            out = y[:, offset:offset + size]
+            if rows is None:
+                out += delta
+            else:
+                out.index_add_(0, rows, delta)
+        offset += size
+
+
+def _fused_methods(upstream: dict) -> dict:
+    """Replacements for PunicaWrapperCPU.add_lora_linear / add_shrink / add_expand /
+    update_metadata and LoRAModelManager.activate_adapter; `upstream` maps each name to the
+    upstream method. The row grouping is computed once per step (update_metadata); anything the
+    fused code does not handle goes to the upstream method unchanged."""
+
+    def step_groups(self, x2):
+        groups = getattr(self, "_tunewire_groups", None)
+        return groups[1] if groups is not None and groups[0] == x2.shape[0] else None
+
+    @functools.wraps(upstream["update_metadata"])
+    def update_metadata(self, *args, **kwargs):
+        upstream["update_metadata"](self, *args, **kwargs)
+        idx = self.token_lora_indices
+        self._tunewire_groups = (idx.shape[0], _groups(idx))
+
+    @functools.wraps(upstream["add_lora_linear"])
+    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *,
+                        buffer=None, **kwargs):
+        x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        groups = step_groups(self, x2)
+        if (groups is None or buffer is not None or y2.shape[0] != x2.shape[0]
+                or sum(output_slices) > y2.shape[1]
+                or any(b.shape[-2] != n for b, n in zip(lora_b_stacked, output_slices))):
+            return upstream["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale,
+                                               output_slices, buffer=buffer, **kwargs)
+        lora_linear(y2, x2, lora_a_stacked, lora_b_stacked, scale, output_slices, groups)
+
+    @functools.wraps(upstream["add_shrink"])
+    def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
+        # Used by the row-parallel layers (o_proj, down_proj): y[i][:, :r] = scale * x @ A_i.T,
+        # rows without an adapter (or whose slot holds no weights here) get 0.
+        x2 = x.view(-1, x.shape[-1])
+        groups = step_groups(self, x2)
+        outs = [y[i].view(-1, y[i].shape[-1]) for i in range(len(lora_a_stacked))]
+        if groups is None or any(o.shape[0] != x2.shape[0] or o.shape[1] < a.shape[-2]
+                                 for o, a in zip(outs, lora_a_stacked)):
+            return upstream["add_shrink"](self, y, x, lora_a_stacked, scale, **kwargs)
+        for out, a in zip(outs, lora_a_stacked):
+            out = out[:, :a.shape[-2]]
+            out.zero_()
+            for slot, rows in groups:
+                if _filled(a, slot):
+                    xs = x2 if rows is None else x2.index_select(0, rows)
+                    delta = scale * (xs.to(out.dtype) @ _weights(a, slot).to(out.dtype).t())
+                    if rows is None:
+                        out.copy_(delta)
+                    else:
+                        out.index_copy_(0, rows, delta)
+
+    @functools.wraps(upstream["add_expand"])
+    def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True,
+                   **kwargs):
+        # y[:, slice i] += x[i] @ B_i.T for rows with an adapter whose slot holds weights here.
+        y2 = y.view(-1, y.shape[-1])
+        groups = step_groups(self, y2)
+        ins = [x[i].view(-1, x[i].shape[-1]) for i in range(len(lora_b_stacked))]
+        if (groups is None or not add_inputs or offset_start + sum(output_slices) > y2.shape[1]
+                or any(b.shape[-2] != n or h.shape != (y2.shape[0], b.shape[-1])
+                       for b, n, h in zip(lora_b_stacked, output_slices, ins))):
+            return upstream["add_expand"](self, y, x, lora_b_stacked, output_slices,
+                                          offset_start, add_inputs, **kwargs)
+        offset = offset_start
+        for h, b, size in zip(ins, lora_b_stacked, output_slices):
+            out = y2[:, offset:offset + size]
+            for slot, rows in groups:
+                if _filled(b, slot):
+                    hs = h if rows is None else h.index_select(0, rows)
+                    delta = hs.to(y2.dtype) @ _weights(b, slot).to(y2.dtype).t()
+                    if rows is None:
+                        out += delta
+                    else:
+                        out.index_add_(0, rows, delta)
+            offset += size
+
+    @functools.wraps(upstream["activate_adapter"])
+    def activate_adapter(self, *args, **kwargs):
+        try:
+            return upstream["activate_adapter"](self, *args, **kwargs)
+        finally:
+            _FILLED.clear()  # slot weights were (re)written
+
+    return {"add_lora_linear": add_lora_linear, "add_shrink": add_shrink, "add_expand": add_expand,
+            "update_metadata": update_metadata, "activate_adapter": activate_adapter}
+
+
+MODES = ("fused", "grouped", "masked")
+
+
+def build_ops(upstream: dict, mode: str = "fused") -> dict:
+    """Replacement ops for `upstream` ({name: upstream op}): "fused" and "grouped" (fast; fused
+    also replaces add_lora_linear, see register) or "masked"."""
+    if mode in ("fused", "grouped"):
         ops = _grouped_ops(upstream)
     elif mode == "masked":
         ops = {name: _masked(op) for name, op in upstream.items()}
     else:
-        raise ValueError(f"TUNEWIRE_CPU_LORA_OPS must be 'grouped' or 'masked', not {mode!r}")
+        raise ValueError(f"TUNEWIRE_CPU_LORA_OPS must be one of {MODES}, not {mode!r}")
     for name, op in ops.items():
         setattr(op, _MARK, upstream[name])
     return ops
+
+
+def _set_methods(mode: str) -> None:
+    """The fused mode's class-level replacements (restored to upstream in the other modes)."""
+    from vllm.lora.model_manager import LoRAModelManager
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    owners = {"add_lora_linear": PunicaWrapperCPU, "add_shrink": PunicaWrapperCPU,
+              "add_expand": PunicaWrapperCPU, "update_metadata": PunicaWrapperCPU,
+              "activate_adapter": LoRAModelManager}
+    current = {name: getattr(cls, name) for name, cls in owners.items()}
+    upstream = {name: getattr(fn, _MARK, fn) for name, fn in current.items()}
+    if mode != "fused":
+        for name, cls in owners.items():
+            if name in cls.__dict__ and hasattr(cls.__dict__[name], _MARK):
+                if cls is PunicaWrapperCPU and name == "update_metadata":
+                    delattr(cls, name)  # upstream inherits it from PunicaWrapperBase
+                else:
+                    setattr(cls, name, upstream[name])
+        return
+    fast = _fused_methods(upstream)
+    for name, cls in owners.items():
+        setattr(fast[name], _MARK, upstream[name])
+        setattr(cls, name, fast[name])
 
 
 def register() -> None:
@@ -195,8 +365,9 @@ def register() -> None:
 
     current = {name: getattr(lora_ops, name) for name in PATCHED}
     upstream = {name: getattr(op, _MARK, op) for name, op in current.items()}
-    mode = os.environ.get("TUNEWIRE_CPU_LORA_OPS", "grouped")
+    mode = os.environ.get("TUNEWIRE_CPU_LORA_OPS", "fused")
     ops = build_ops(upstream, mode)
     for name in PATCHED:
         for module in (lora_ops, torch_ops, punica_cpu):
             setattr(module, name, ops[name])
+    _set_methods(mode)

@@ -106,9 +106,15 @@ def test_prefill_indices_and_dtype_casts():
 def test_register_installs_grouped_ops_everywhere(monkeypatch):
     import vllm.lora.ops.torch_ops as torch_ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+    from vllm.lora.model_manager import LoRAModelManager
+    from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 
     monkeypatch.delenv("TUNEWIRE_DISABLE_CPU_LORA_FIX", raising=False)
-    monkeypatch.delenv("TUNEWIRE_CPU_LORA_OPS", raising=False)
+    monkeypatch.setenv("TUNEWIRE_CPU_LORA_OPS", "grouped")
+    cpu_lora.register()
+    assert "update_metadata" not in punica_cpu.PunicaWrapperCPU.__dict__  # grouped: ops only
+    assert not hasattr(punica_cpu.PunicaWrapperCPU.add_lora_linear, cpu_lora._MARK)
+    monkeypatch.delenv("TUNEWIRE_CPU_LORA_OPS")  # the default: fused
     cpu_lora.register()
     cpu_lora.register()  # idempotent: still wraps the upstream op, not our own
     for name in cpu_lora.PATCHED:
@@ -116,6 +122,94 @@ def test_register_installs_grouped_ops_everywhere(monkeypatch):
         assert getattr(torch_ops, name) is fn and getattr(punica_cpu, name) is fn
         assert getattr(fn, cpu_lora._MARK) is UPSTREAM[name]
         assert fn.__wrapped__ is UPSTREAM[name]
+    update = punica_cpu.PunicaWrapperCPU.update_metadata
+    assert getattr(update, cpu_lora._MARK) is PunicaWrapperBase.update_metadata
+    for name in ("add_lora_linear", "add_shrink", "add_expand"):
+        assert hasattr(getattr(punica_cpu.PunicaWrapperCPU, name), cpu_lora._MARK)
+    assert hasattr(LoRAModelManager.activate_adapter, cpu_lora._MARK)
+
+
+def _definition(y, x, a, b, scale, slices, idx):
+    """add_lora_linear written out row by row: y[i, slice] += scale * x[i] @ A[slot].T @ B[slot].T."""
+    y, offset = y.clone(), 0
+    for a_i, b_i, n in zip(a, b, slices):
+        for row, slot in enumerate(idx.tolist()):
+            if slot >= 0:
+                y[row, offset:offset + n] += scale * x[row] @ a_i[slot, 0].T @ b_i[slot, 0].T
+        offset += n
+    return y
+
+
+def _wrapper(monkeypatch, prefill):
+    """vLLM's CPU punica wrapper, fused methods installed, after a step's real update_metadata:
+    adapters 11, 13, 14 in slots 0, 2, 3; id 0 = base rows, which get nothing."""
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    monkeypatch.delenv("TUNEWIRE_DISABLE_CPU_LORA_FIX", raising=False)
+    monkeypatch.delenv("TUNEWIRE_CPU_LORA_OPS", raising=False)
+    cpu_lora.register()
+    torch.manual_seed(1)
+    w = PunicaWrapperCPU(max_num_batched_tokens=32, max_batches=16, device="cpu")
+    ids = (11, 0, 13, 13, 0, 14, 11, 14, 13, 0)
+    w.update_metadata(LoRAMapping(ids, ids, is_prefill=prefill), [11, None, 13, 14], 4, 1000)
+    assert w.token_lora_indices.tolist() == [0, -1, 2, 2, -1, 3, 0, 3, 2, -1]
+    return w
+
+
+def _stacks(slices, hidden=24, rank=8):
+    """A/B stacks for 4 slots; slot 2 does not target slice 1, slot 3 only targets slice 0:
+    their weights are zeros, as vLLM's reset_lora leaves them."""
+    a = tuple(torch.randn(4, 1, rank, hidden) for _ in slices)
+    b = tuple(torch.randn(4, 1, n, rank) for n in slices)
+    for i, slot in ((1, 2), (1, 3), (2, 3)):
+        if i < len(slices):
+            a[i][slot].zero_()
+            b[i][slot].zero_()
+    return a, b
+
+
+@pytest.mark.parametrize("prefill", [False, True])
+def test_fused_add_lora_linear_matches_the_definition_and_skips_untargeted_slices(monkeypatch, prefill):
+    w = _wrapper(monkeypatch, prefill)
+    slices = (12, 4, 4)  # q, k, v of a merged qkv projection
+    a, b = _stacks(slices)
+    x, y = torch.randn(10, 24), torch.randn(10, 20)
+    want = _definition(y, x, a, b, 0.5, slices, w.token_lora_indices)
+    base_rows = y[[1, 4, 9]].clone()
+    cpu_lora._FILLED.clear()
+    w.add_lora_linear(y, x, a, b, 0.5, slices)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(y[[1, 4, 9]], base_rows)  # no adapter: untouched, bit for bit
+    assert cpu_lora._FILLED[(a[1].data_ptr(), 2)] is False  # skipped, not multiplied by zeros
+    assert cpu_lora._FILLED[(a[0].data_ptr(), 3)] is True
+
+
+@pytest.mark.parametrize("prefill", [False, True])
+def test_fused_shrink_then_expand_as_row_parallel_layers_call_them(monkeypatch, prefill):
+    """o_proj / down_proj call add_shrink into a zeroed float32 buffer, then add_expand."""
+    w = _wrapper(monkeypatch, prefill)
+    slices = (16, 6)
+    a, b = _stacks(slices)
+    x, y = torch.randn(10, 24), torch.randn(10, 22)
+    want = _definition(y, x, a, b, 1.0, slices, w.token_lora_indices)
+    buffer = torch.full((2, 10, 8), 5.0)  # shrink assigns: nothing of this may survive
+    cpu_lora._FILLED.clear()
+    w.add_shrink(buffer, x, a, 1.0)
+    assert torch.equal(buffer[:, [1, 4, 9]], torch.zeros(2, 3, 8))  # base rows
+    assert torch.equal(buffer[1, [2, 3, 5, 7]], torch.zeros(4, 8))  # slots without weights there
+    w.add_expand(y, buffer, b, slices, offset_start=0, add_input=True)  # vLLM's spelling
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+
+
+def test_activating_an_adapter_forgets_which_slots_hold_weights():
+    calls = []
+    up = {"add_lora_linear": None, "add_shrink": None, "add_expand": None, "update_metadata": None,
+          "activate_adapter": lambda self, lora_id: calls.append(lora_id) or True}
+    fast = cpu_lora._fused_methods(up)
+    cpu_lora._FILLED[(1, 0)] = False
+    assert fast["activate_adapter"](object(), 7) is True and calls == [7]
+    assert cpu_lora._FILLED == {}  # new weights in a slot: every slot is looked at again
 
 
 _SUBPROCESS_CHECK = """
@@ -133,6 +227,11 @@ for n, fn in before.items():
     for m in (ops, torch_ops, punica_cpu):
         assert getattr(m, n) is fn, (n, m)
     assert not hasattr(fn, cpu_lora._MARK)
+from vllm.lora.model_manager import LoRAModelManager
+assert "update_metadata" not in punica_cpu.PunicaWrapperCPU.__dict__
+for name in ("add_lora_linear", "add_shrink", "add_expand"):
+    assert not hasattr(getattr(punica_cpu.PunicaWrapperCPU, name), cpu_lora._MARK)
+assert not hasattr(LoRAModelManager.activate_adapter, cpu_lora._MARK)
 print("untouched")
 """
 
