@@ -43,6 +43,7 @@ import json
 import os
 import shutil
 import signal
+import re
 import socket
 import subprocess
 import sys
@@ -284,9 +285,10 @@ def free_port() -> int:
 
 
 def start_server(args, store: Path, log_path: Path):
-    port = free_port()
+    """(process, gRPC address, metrics URL)."""
+    port, metrics_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "tunewire.cli", "serve", "serving", "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", "0", "--model", args.model,
+           "--port", str(port), "--metrics-port", str(metrics_port), "--model", args.model,
            "--adapter-store", str(store), "--max-loras", str(args.max_loras),
            "--max-cpu-loras", str(args.max_cpu_loras), "--max-model-len", str(args.max_model_len),
            "--max-queued-requests", "1024", "--config", str(store.parent / "serving.toml")]
@@ -299,7 +301,16 @@ def start_server(args, store: Path, log_path: Path):
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-    return proc, f"127.0.0.1:{port}"
+    return proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
+
+
+def load_phases(metrics_url: str) -> dict[str, float]:
+    """Cumulative seconds per adapter-load phase (validate, room, engine) from the server."""
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    pat = re.compile(r'^tunewire_serving_adapter_load_phase_seconds_sum\{phase="(\w+)"\} (\S+)$', re.M)
+    return {k: float(v) for k, v in pat.findall(text)}
 
 
 def wait_serving(proc, address: str, log_path: Path, timeout: float) -> float:
@@ -424,13 +435,16 @@ async def grpc_parts(args, address: str, adapters: dict[str, Path], results: dic
             try:
                 for i in range(args.hot_adapters):
                     name = f"hot{i}"
+                    before = await asyncio.to_thread(load_phases, args.metrics_url)
                     t0 = time.perf_counter()
                     resp = await cl.stub.LoadAdapter(pb.LoadAdapterRequest(name=name), timeout=120)
                     t1 = time.perf_counter()
+                    after = await asyncio.to_thread(load_phases, args.metrics_url)
                     ttft, _, n, extra = await cl.stream(PROMPTS[i], adapter=name, max_tokens=4, t_start=t0)
                     b_ttft, _, _, _ = await cl.stream(PROMPTS[i], max_tokens=4)
                     rows.append({"adapter": name, "version": resp.adapter.version, "server_load_ms": resp.adapter.load_ms,
                                  "load_adapter_ms": (t1 - t0) * 1000,
+                                 **{f"{k}_ms": 1000 * (after[k] - before.get(k, 0.0)) for k in after},
                                  "load_to_first_token_ms": ttft * 1000,
                                  "first_request_ttft_ms": ttft * 1000 - (t1 - t0) * 1000,
                                  "base_ttft_under_load_ms": b_ttft * 1000,
@@ -565,12 +579,14 @@ def report(args, results: dict, cond: dict) -> None:
 
     if "hotload" in results:
         h = results["hotload"]
-        rows = [[r["adapter"], f"{r['load_adapter_ms']:.0f}", f"{r['load_to_first_token_ms']:.0f}",
+        rows = [[r["adapter"], f"{r['load_adapter_ms']:.0f}",
+                 " / ".join(f"{r.get(k + '_ms', 0):.0f}" for k in ("validate", "room", "engine")),
+                 f"{r['load_to_first_token_ms']:.0f}",
                  f"{r['first_request_ttft_ms']:.0f}", f"{r['base_ttft_under_load_ms']:.0f}",
                  r["served_version"]] for r in h["rows"]]
         print(f"\n## Hot-load via gRPC ({h['background_streams']} background streams of "
               f"{h['bg_tokens']} tokens running)\n")
-        print(md_table(["adapter", "LoadAdapter ms", "LoadAdapter call -> first token ms",
+        print(md_table(["adapter", "LoadAdapter ms", "validate / room / engine ms", "LoadAdapter call -> first token ms",
                         "of which first request TTFT ms", "base request TTFT ms (same load)",
                         "version served"], rows))
         write_json("serving_hotload" + args.suffix, {**common, **h})
@@ -669,7 +685,7 @@ def main() -> None:
             store.mkdir(parents=True, exist_ok=True)
             log_path = tmp / "serving.log"
             print("gRPC service ...", flush=True)
-            proc, address = start_server(args, store, log_path)
+            proc, address, args.metrics_url = start_server(args, store, log_path)
             try:
                 results["start_s"]["grpc_service"] = wait_serving(proc, address, log_path,
                                                                   args.start_timeout)

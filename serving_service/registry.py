@@ -50,6 +50,11 @@ PINNED = Gauge("tunewire_serving_adapters_pinned", "Adapter versions pinned resi
 LOAD_SECONDS = Histogram("tunewire_serving_adapter_load_seconds",
                          "Validation plus engine registration time of an adapter version.", ["trigger"],
                          buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+# Where a load's time goes: validation (manifest checksums, config), waiting for a free slot
+# (evicting), and the engine's add_lora (which waits for the engine core's current step).
+LOAD_PHASE_SECONDS = Histogram("tunewire_serving_adapter_load_phase_seconds",
+                               "Adapter load time by phase: validate, room, engine.", ["phase"],
+                               buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
 CACHE = Counter("tunewire_serving_adapter_cache_total",
                 "Adapter lookups by requests: hit (resident) or miss (loaded for the request).", ["result"])
 EVICTIONS = Counter("tunewire_serving_adapter_evictions_total", "Adapter versions evicted by LRU.")
@@ -109,6 +114,17 @@ class AdapterInfo:
     inflight: int
     failure_reason: str = ""
     failure_message: str = ""
+
+
+def _phase_timer(start: float):
+    """phase(name) observes the time since the previous phase (or `start`) under `name`."""
+    last = [start]
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        LOAD_PHASE_SECONDS.labels(name).observe(now - last[0])
+        last[0] = now
+    return phase
 
 
 def parse_ref(ref: str, field_name: str = "adapter") -> tuple[str, str]:
@@ -318,6 +334,8 @@ class AdapterRegistry:
                 entry.manifest = await asyncio.to_thread(self.validate, path, version=version,
                                                          manifest_sha256=manifest_sha256)
                 entry.size_bytes = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+                phase = _phase_timer(started)
+                phase("validate")
                 async with self._room:
                     try:
                         await self._make_room()
@@ -326,8 +344,10 @@ class AdapterRegistry:
                         self._changed(entry)
                         raise
                     entry.lora_id, self._next_id = self._next_id, self._next_id + 1
+                phase("room")
                 try:
                     await self.engine.add_lora(key, entry.lora_id, str(path))
+                    phase("engine")
                 except Exception as e:  # noqa: BLE001 - the engine's reason goes to the caller
                     entry.lora_id = 0
                     raise FailedPrecondition("ENGINE_REJECTED_ADAPTER",

@@ -425,6 +425,8 @@ def test_metrics_after_a_scripted_workload(srv):
     assert delta('tunewire_serving_adapter_cache_total{result="hit"}') == 4
     assert delta("tunewire_serving_adapter_evictions_total") >= 1  # 4 adapters, 3 slots
     assert delta('tunewire_serving_adapter_load_seconds_count{trigger="lazy"}') == 4
+    for phase in ("validate", "room", "engine"):  # each of the 4 loads timed in every phase
+        assert delta(f'tunewire_serving_adapter_load_phase_seconds_count{{phase="{phase}"}}') == 4
     assert after["tunewire_serving_adapters_resident"] == 3
     for key in ("tunewire_serving_schema_compile_seconds_count", "tunewire_serving_admission_queue_depth",
                 'tunewire_serving_structured_output_total{format="regex",valid="true"}', "vllm:"):
