@@ -124,10 +124,13 @@ def run_config(config: str, mode: str, model: str, adapter: str, args) -> dict:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.pop("TUNEWIRE_DISABLE_CPU_LORA_FIX", None)
     env.pop("TUNEWIRE_CPU_LORA_OPS", None)
+    env.pop("TUNEWIRE_CPU_LORA_COMPILE", None)
     if mode == "upstream":
         env["TUNEWIRE_DISABLE_CPU_LORA_FIX"] = "1"
     elif mode in ("grouped", "masked"):
         env["TUNEWIRE_CPU_LORA_OPS"] = mode
+    elif mode == "compiled":  # fused + torch.compile kept on (serving_service/cpu_lora_compile.py)
+        env["TUNEWIRE_CPU_LORA_COMPILE"] = "1"
     cmd = [sys.executable, __file__, "--worker", "--config", config, "--model", model,
            "--adapter", adapter, "--new-tokens", str(args.new_tokens),
            "--concurrency", str(args.concurrency), "--requests", str(args.requests)]
@@ -141,7 +144,7 @@ def run_config(config: str, mode: str, model: str, adapter: str, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", default="fused,grouped,masked",
-                    help="comma-separated cpu_lora modes: fused, grouped, masked, upstream")
+                    help="comma-separated cpu_lora modes: fused, compiled, grouped, masked, upstream")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--requests", type=int, default=32, help="measured requests per config")

@@ -40,12 +40,15 @@ How it runs: pyproject declares the entry point `vllm.general_plugins:
 tunewire_cpu_lora = serving_service.cpu_lora:register`, and vLLM calls `register()` in every
 process it starts (front end, engine core, workers). On CPU it checks the vLLM version it was
 written against and raises at start-up if it differs (re-check the upstream ops, then bump
-`VLLM_VERSION`). Calling it twice is harmless. (vLLM turns torch.compile off on CPU when LoRA is
-enabled, so the data-dependent grouping here always runs eagerly.)
+`VLLM_VERSION`). Calling it twice is harmless: each call first restores what an earlier call
+replaced. (vLLM turns torch.compile off on CPU when LoRA is enabled, so the data-dependent
+grouping here runs eagerly, unless TUNEWIRE_CPU_LORA_COMPILE=1 makes it custom ops.)
 
 Switches (environment, read by `register()` in each vLLM process):
     TUNEWIRE_DISABLE_CPU_LORA_FIX=1   upstream ops untouched (shows the mixed-batch bug)
     TUNEWIRE_CPU_LORA_OPS=fused       the default: grouped ops + the fused add_lora_linear
+    TUNEWIRE_CPU_LORA_COMPILE=1       with fused: keep torch.compile on under LoRA, the fused
+                                      methods as custom ops (serving_service/cpu_lora_compile.py)
     TUNEWIRE_CPU_LORA_OPS=grouped     the grouped ops only (for benchmarks)
     TUNEWIRE_CPU_LORA_OPS=masked      the slow correct path: upstream ops with no-adapter rows
                                       zeroed (the first fix; for benchmarks)
@@ -213,6 +216,37 @@ def lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale: float, output_slice
         offset += size
 
 
+def lora_shrink(outs, x, lora_a_stacked, scale: float, groups) -> None:
+    """outs[i][:, :r] = scale * x[rows] @ A_i[slot].T per (slot, rows); every other row of that
+    column block, and a slot with no weights in slice i, gets 0 (upstream's assignment)."""
+    for out, a in zip(outs, lora_a_stacked):
+        out = out[:, :a.shape[-2]]
+        out.zero_()
+        for slot, rows in groups:
+            if _filled(a, slot):
+                xs = x if rows is None else x.index_select(0, rows)
+                delta = scale * (xs.to(out.dtype) @ _weights(a, slot).to(out.dtype).t())
+                if rows is None:
+                    out.copy_(delta)
+                else:
+                    out.index_copy_(0, rows, delta)
+
+
+def lora_expand(y, ins, lora_b_stacked, output_slices, offset: int, groups) -> None:
+    """y[:, slice i] += ins[i][rows] @ B_i[slot].T per (slot, rows) whose slot holds weights."""
+    for h, b, size in zip(ins, lora_b_stacked, output_slices):
+        out = y[:, offset:offset + size]
+        for slot, rows in groups:
+            if _filled(b, slot):
+                hs = h if rows is None else h.index_select(0, rows)
+                delta = hs.to(y.dtype) @ _weights(b, slot).to(y.dtype).t()
+                if rows is None:
+                    out += delta
+                else:
+                    out.index_add_(0, rows, delta)
+        offset += size
+
+
 def _fused_methods(upstream: dict) -> dict:
     """Replacements for PunicaWrapperCPU.add_lora_linear / add_shrink / add_expand /
     update_metadata and LoRAModelManager.activate_adapter; `upstream` maps each name to the
@@ -251,17 +285,7 @@ def _fused_methods(upstream: dict) -> dict:
         if groups is None or any(o.shape[0] != x2.shape[0] or o.shape[1] < a.shape[-2]
                                  for o, a in zip(outs, lora_a_stacked)):
             return upstream["add_shrink"](self, y, x, lora_a_stacked, scale, **kwargs)
-        for out, a in zip(outs, lora_a_stacked):
-            out = out[:, :a.shape[-2]]
-            out.zero_()
-            for slot, rows in groups:
-                if _filled(a, slot):
-                    xs = x2 if rows is None else x2.index_select(0, rows)
-                    delta = scale * (xs.to(out.dtype) @ _weights(a, slot).to(out.dtype).t())
-                    if rows is None:
-                        out.copy_(delta)
-                    else:
-                        out.index_copy_(0, rows, delta)
+        lora_shrink(outs, x2, lora_a_stacked, scale, groups)
 
     @functools.wraps(upstream["add_expand"])
     def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True,
@@ -275,18 +299,7 @@ def _fused_methods(upstream: dict) -> dict:
                        for b, n, h in zip(lora_b_stacked, output_slices, ins))):
             return upstream["add_expand"](self, y, x, lora_b_stacked, output_slices,
                                           offset_start, add_inputs, **kwargs)
-        offset = offset_start
-        for h, b, size in zip(ins, lora_b_stacked, output_slices):
-            out = y2[:, offset:offset + size]
-            for slot, rows in groups:
-                if _filled(b, slot):
-                    hs = h if rows is None else h.index_select(0, rows)
-                    delta = hs.to(y2.dtype) @ _weights(b, slot).to(y2.dtype).t()
-                    if rows is None:
-                        out += delta
-                    else:
-                        out.index_add_(0, rows, delta)
-            offset += size
+        lora_expand(y2, ins, lora_b_stacked, output_slices, offset_start, groups)
 
     @functools.wraps(upstream["activate_adapter"])
     def activate_adapter(self, *args, **kwargs):
@@ -316,28 +329,43 @@ def build_ops(upstream: dict, mode: str = "fused") -> dict:
     return ops
 
 
-def _set_methods(mode: str) -> None:
-    """The fused mode's class-level replacements (restored to upstream in the other modes)."""
+def _set_methods(mode: str, compile_: bool = False) -> None:
+    """The fused mode's class-level replacements, plus with `compile_` the custom-op methods of
+    cpu_lora_compile and the platform hook; everything not wanted is restored to upstream."""
     from vllm.lora.model_manager import LoRAModelManager
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+    from vllm.platforms.cpu import CpuPlatform
 
     owners = {"add_lora_linear": PunicaWrapperCPU, "add_shrink": PunicaWrapperCPU,
               "add_expand": PunicaWrapperCPU, "update_metadata": PunicaWrapperCPU,
-              "activate_adapter": LoRAModelManager}
-    current = {name: getattr(cls, name) for name, cls in owners.items()}
-    upstream = {name: getattr(fn, _MARK, fn) for name, fn in current.items()}
+              "add_lora_embedding": PunicaWrapperCPU, "activate_adapter": LoRAModelManager,
+              "check_and_update_config": CpuPlatform}
+    raw = {name: cls.__dict__.get(name) for name, cls in owners.items()}  # ours carry _MARK
+    for name, cls in owners.items():  # back to upstream first (idempotent)
+        fn = raw[name].__func__ if isinstance(raw[name], classmethod) else raw[name]
+        if fn is not None and hasattr(fn, _MARK):
+            original = getattr(fn, _MARK)
+            if original is None:
+                delattr(cls, name)  # upstream inherits it
+            else:
+                setattr(cls, name, original)
     if mode != "fused":
-        for name, cls in owners.items():
-            if name in cls.__dict__ and hasattr(cls.__dict__[name], _MARK):
-                if cls is PunicaWrapperCPU and name == "update_metadata":
-                    delattr(cls, name)  # upstream inherits it from PunicaWrapperBase
-                else:
-                    setattr(cls, name, upstream[name])
         return
-    fast = _fused_methods(upstream)
-    for name, cls in owners.items():
-        setattr(fast[name], _MARK, upstream[name])
-        setattr(cls, name, fast[name])
+    upstream = {name: getattr(cls, name) for name, cls in owners.items()}
+    own = {name: (name in cls.__dict__) for name, cls in owners.items()}
+    new = _fused_methods(upstream)
+    if compile_:
+        from serving_service import cpu_lora_compile
+
+        new.update(cpu_lora_compile.methods(upstream["update_metadata"]))
+        new["check_and_update_config"] = cpu_lora_compile.keep_compile(
+            upstream["check_and_update_config"])
+    for name, fn in new.items():
+        cls = owners[name]
+        # what to restore: the class's own attribute, or None when it was inherited
+        setattr(fn.__func__ if isinstance(fn, classmethod) else fn, _MARK,
+                cls.__dict__[name] if own[name] else None)
+        setattr(cls, name, fn)
 
 
 def register() -> None:
@@ -370,4 +398,4 @@ def register() -> None:
     for name in PATCHED:
         for module in (lora_ops, torch_ops, punica_cpu):
             setattr(module, name, ops[name])
-    _set_methods(mode)
+    _set_methods(mode, os.environ.get("TUNEWIRE_CPU_LORA_COMPILE") == "1")

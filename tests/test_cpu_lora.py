@@ -123,7 +123,8 @@ def test_register_installs_grouped_ops_everywhere(monkeypatch):
         assert getattr(fn, cpu_lora._MARK) is UPSTREAM[name]
         assert fn.__wrapped__ is UPSTREAM[name]
     update = punica_cpu.PunicaWrapperCPU.update_metadata
-    assert getattr(update, cpu_lora._MARK) is PunicaWrapperBase.update_metadata
+    assert getattr(update, cpu_lora._MARK) is None  # inherited upstream: restored by deleting ours
+    assert update.__wrapped__ is PunicaWrapperBase.update_metadata
     for name in ("add_lora_linear", "add_shrink", "add_expand"):
         assert hasattr(getattr(punica_cpu.PunicaWrapperCPU, name), cpu_lora._MARK)
     assert hasattr(LoRAModelManager.activate_adapter, cpu_lora._MARK)
@@ -246,3 +247,47 @@ def test_register_leaves_upstream_ops_alone(why):
     done = subprocess.run([sys.executable, "-c", _SUBPROCESS_CHECK, why], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "untouched" in done.stdout, done.stderr[-3000:]
+
+
+def test_compiled_mode_ops_trace_once_and_follow_every_step(monkeypatch):
+    """With TUNEWIRE_CPU_LORA_COMPILE=1 the LoRA methods are custom ops: a function calling them
+    compiles with fullgraph (no graph break), and the graph traced on one step stays right on a
+    later step with other adapters and another token count (no per-step state baked in)."""
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+    from vllm.platforms.cpu import CpuPlatform
+
+    monkeypatch.delenv("TUNEWIRE_DISABLE_CPU_LORA_FIX", raising=False)
+    monkeypatch.delenv("TUNEWIRE_CPU_LORA_OPS", raising=False)
+    monkeypatch.setenv("TUNEWIRE_CPU_LORA_COMPILE", "1")
+    try:
+        cpu_lora.register()
+        assert hasattr(CpuPlatform.__dict__["check_and_update_config"].__func__, cpu_lora._MARK)
+        torch.manual_seed(3)
+        w = PunicaWrapperCPU(max_num_batched_tokens=32, max_batches=16, device="cpu")
+        qkv, down = (12, 4, 4), (10,)
+        a, b = _stacks(qkv)
+        a2, b2 = _stacks(down)
+
+        def layer(x, y1, y2):  # a column-parallel (qkv) and a row-parallel (down) LoRA layer
+            w.add_lora_linear(y1, x, a, b, 0.5, qkv)
+            buf = torch.zeros((1, x.shape[0], 8), dtype=torch.float32)
+            w.add_shrink(buf, x, a2, 1.0)
+            w.add_expand(y2, buf, b2, down, offset_start=0, add_input=True)
+            return y1, y2
+
+        compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+        for ids in [(11, 0, 13, 13, 0, 14, 11, 14, 13, 0), (14, 14, 0, 11, 13, 13, 0)]:
+            w.update_metadata(LoRAMapping(ids, ids, is_prefill=False), [11, None, 13, 14], 4, 1000)
+            n = len(ids)
+            x, y1, y2 = torch.randn(n, 24), torch.randn(n, 20), torch.randn(n, 10)
+            want1 = _definition(y1, x, a, b, 0.5, qkv, w.token_lora_indices)
+            want2 = _definition(y2, x, a2, b2, 1.0, down, w.token_lora_indices)
+            got1, got2 = compiled(x, y1.clone(), y2.clone())
+            torch.testing.assert_close(got1, want1, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got2, want2, rtol=1e-4, atol=1e-4)
+    finally:
+        monkeypatch.delenv("TUNEWIRE_CPU_LORA_COMPILE")
+        cpu_lora.register()  # back to the plain fused mode for the other tests
+    assert not hasattr(PunicaWrapperCPU.add_lora_embedding, cpu_lora._MARK)  # upstream's again
+    assert not hasattr(CpuPlatform.check_and_update_config, cpu_lora._MARK)

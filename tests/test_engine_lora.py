@@ -84,6 +84,28 @@ def hf_reference(vllm_model_dir, adapters):
 @pytest.fixture(scope="module")
 def served(vllm_model_dir, adapters):
     """(engine, run, lora tuples): one VllmEngine on a loop thread; `run(coro)` runs on it."""
+    yield from _serve(vllm_model_dir, adapters, enforce_eager=True)
+
+
+@pytest.fixture(scope="module")
+def served_compiled(vllm_model_dir, adapters):
+    """The same with torch.compile kept on under LoRA (TUNEWIRE_CPU_LORA_COMPILE=1). The env var
+    reaches the engine-core process it starts; this process registered the plugin already, so
+    it is registered again here, and back to the default afterwards."""
+    import os
+
+    from serving_service import cpu_lora
+
+    os.environ["TUNEWIRE_CPU_LORA_COMPILE"] = "1"
+    cpu_lora.register()
+    try:
+        yield from _serve(vllm_model_dir, adapters, enforce_eager=False)
+    finally:
+        del os.environ["TUNEWIRE_CPU_LORA_COMPILE"]
+        cpu_lora.register()
+
+
+def _serve(vllm_model_dir, adapters, enforce_eager: bool):
     from serving_service.engine import EngineConfig, VllmEngine
 
     loop = asyncio.new_event_loop()
@@ -95,7 +117,7 @@ def served(vllm_model_dir, adapters):
 
     engine = VllmEngine(EngineConfig(model=str(vllm_model_dir), max_model_len=256, max_loras=4,
                                      max_lora_rank=16, max_cpu_loras=6, max_num_seqs=16,
-                                     enforce_eager=True))
+                                     enforce_eager=enforce_eager))
     run(engine.start(), timeout=600)
     loras = {v: (f"adapter-{v.lower()}", i, adapters[v]) for i, v in enumerate(ADAPTERS, 1)}
     for lora in loras.values():
@@ -120,6 +142,19 @@ async def _collect(engine, request_id, prompt, params, lora):
 
 
 def test_mixed_batch_matches_hf(served, hf_reference):
+    _check_mixed_batch(served, hf_reference)
+
+
+def test_compiled_mixed_batch_matches_hf(served_compiled, hf_reference):
+    """torch.compile on, LoRA through tunewire's custom ops: the same tokens as HF+peft."""
+    from vllm.config.compilation import CompilationMode
+
+    engine = served_compiled[0]
+    assert engine._engine.vllm_config.compilation_config.mode != CompilationMode.NONE
+    _check_mixed_batch(served_compiled, hf_reference)
+
+
+def _check_mixed_batch(served, hf_reference):
     from serving_service.engine import GenParams
 
     engine, run, loras = served

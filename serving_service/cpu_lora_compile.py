@@ -1,0 +1,122 @@
+"""torch.compile with LoRA on vLLM's CPU backend (opt-in: TUNEWIRE_CPU_LORA_COMPILE=1).
+
+Why: vLLM 0.32 sets the compilation mode to NONE on CPU whenever LoRA is enabled
+(`vllm/platforms/cpu.py`, `check_and_update_config`), because its CPU LoRA path branches in
+Python on per-step state (`is_prefill`, `indices_len`), which a graph traced once would bake
+in. Compiling is worth ~1.3-1.4x on this CPU (bench/lora_cpu.py: base_nolora vs
+base_nolora_eager), more than all the LoRA arithmetic. Here the fused methods of
+`serving_service.cpu_lora` become three torch custom ops that dynamo and inductor treat as
+opaque calls: the traced graph holds no per-step Python state, and the ops read the step's row
+grouping when they run. The platform hook then keeps the compile settings vLLM picks for the
+same configuration without LoRA.
+
+Installed by `cpu_lora.register()` (mode "fused" and TUNEWIRE_CPU_LORA_COMPILE=1), in every
+vLLM process. Replaces, on top of the fused mode:
+    PunicaWrapperCPU.add_lora_linear / add_shrink / add_expand / add_lora_embedding -> ops
+    PunicaWrapperCPU.update_metadata (also records the step for the ops)
+    CpuPlatform.check_and_update_config (called with lora_config hidden)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from serving_service import cpu_lora
+
+_STEP = {"n": 0, "valid": 0}  # bumped by update_metadata; valid = this step's token count
+_GROUPS: dict[tuple[int, int], list] = {}  # (step, rows) -> [(slot, rows)]
+
+
+def _groups_now(indices: torch.Tensor, n: int) -> list:
+    """The row grouping of this step's first n tokens (rows past the step's own tokens, if the
+    runner ever pads, get no adapter)."""
+    key = (_STEP["n"], n)
+    groups = _GROUPS.get(key)
+    if groups is None:
+        idx = indices[:n]
+        if n > _STEP["valid"]:
+            idx = idx.clone()
+            idx[_STEP["valid"]:] = -1
+        _GROUPS.clear()
+        groups = _GROUPS[key] = cpu_lora._groups(idx)
+    return groups
+
+
+@torch.library.custom_op("tunewire::lora_linear", mutates_args=("y",))
+def lora_linear_op(y: torch.Tensor, x: torch.Tensor, a: list[torch.Tensor], b: list[torch.Tensor],
+                   scale: float, slices: list[int], indices: torch.Tensor) -> None:
+    x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+    cpu_lora.lora_linear(y2, x2, a, b, scale, slices, _groups_now(indices, x2.shape[0]))
+
+
+@torch.library.custom_op("tunewire::lora_shrink", mutates_args=("y",))
+def lora_shrink_op(y: torch.Tensor, x: torch.Tensor, a: list[torch.Tensor], scale: float,
+                   indices: torch.Tensor) -> None:
+    x2 = x.view(-1, x.shape[-1])
+    outs = [y[i].view(-1, y.shape[-1]) for i in range(len(a))]  # y: [slices, tokens, r]
+    cpu_lora.lora_shrink(outs, x2, a, scale, _groups_now(indices, x2.shape[0]))
+
+
+@torch.library.custom_op("tunewire::lora_expand", mutates_args=("y",))
+def lora_expand_op(y: torch.Tensor, x: torch.Tensor, b: list[torch.Tensor], slices: list[int],
+                   offset: int, indices: torch.Tensor) -> None:
+    y2 = y.view(-1, y.shape[-1])
+    ins = [x[i] for i in range(len(b))] if x.dim() == 3 else [x]  # buffers, or one [tokens, r]
+    cpu_lora.lora_expand(y2, [h.reshape(-1, h.shape[-1]) for h in ins], b, slices, offset,
+                         _groups_now(indices, y2.shape[0]))
+
+
+for _op in (lora_linear_op, lora_shrink_op, lora_expand_op):
+    _op.register_fake(lambda *args, **kwargs: None)  # in-place on y: nothing new to describe
+
+
+def methods(upstream_update) -> dict:
+    """PunicaWrapperCPU methods that call the ops (`upstream_update`: the upstream update_metadata)."""
+
+    @functools.wraps(upstream_update)
+    def update_metadata(self, *args, **kwargs):
+        upstream_update(self, *args, **kwargs)
+        _STEP["n"] += 1
+        _STEP["valid"] = self.indices_len[0]
+
+    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *,
+                        buffer=None, **kwargs):
+        torch.ops.tunewire.lora_linear(y, x, list(lora_a_stacked), list(lora_b_stacked), scale,
+                                       list(output_slices), self._token_lora_indices)
+
+    def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
+        if not isinstance(y, torch.Tensor):
+            y = torch.stack(list(y))  # never on the paths vLLM 0.32 takes on CPU
+        torch.ops.tunewire.lora_shrink(y, x, list(lora_a_stacked), scale, self._token_lora_indices)
+
+    def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True,
+                   **kwargs):
+        if not add_inputs:  # every vLLM 0.32 caller adds; a constant under tracing
+            raise NotImplementedError("tunewire compiled CPU LoRA: add_expand(add_inputs=False)")
+        x = x if isinstance(x, torch.Tensor) else torch.stack(list(x))
+        torch.ops.tunewire.lora_expand(y, x, list(lora_b_stacked), list(output_slices),
+                                       offset_start, self._token_lora_indices)
+
+    def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs=True, **kwargs):
+        torch.ops.tunewire.lora_expand(y, x, [lora_b_stacked], [lora_b_stacked.shape[-2]], 0,
+                                       self._token_lora_indices)
+
+    return {"update_metadata": update_metadata, "add_lora_linear": add_lora_linear,
+            "add_shrink": add_shrink, "add_expand": add_expand,
+            "add_lora_embedding": add_lora_embedding}
+
+
+def keep_compile(upstream_check):
+    """CpuPlatform.check_and_update_config as if LoRA were off, so the compile settings stay."""
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        lora = vllm_config.lora_config
+        vllm_config.lora_config = None
+        try:
+            upstream_check(vllm_config)
+        finally:
+            vllm_config.lora_config = lora
+
+    return classmethod(check_and_update_config)
