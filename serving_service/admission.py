@@ -96,7 +96,11 @@ class Admission:
         QUEUE_DEPTH.set(len(self._waiters))
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            await asyncio.wait_for(asyncio.shield(w.future), timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives as the
+            # future completes (admitted in the same instant), so a request whose client had gone
+            # ran to the end on the engine with nobody listening.
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(w.future)
         except (TimeoutError, asyncio.CancelledError) as e:
             if w.future.done() and not w.future.cancelled():
                 self._running[key] -= 1  # admitted in the same instant: give the slot back

@@ -133,12 +133,11 @@ class StructuredOutputs:
                 await loop.run_in_executor(None, self._ll_tokenizer)
             parts: dict | _Failure
             try:
-                parts = await asyncio.wait_for(
-                    loop.run_in_executor(self._pool, self._compile, kind, payload, strict),
-                    self.compile_timeout_s)
+                async with asyncio.timeout(self.compile_timeout_s):  # not wait_for: see admission.py
+                    parts = await loop.run_in_executor(self._pool, self._compile, kind, payload, strict)
             except _Failure as f:
                 parts = f
-            except asyncio.TimeoutError:   # a still-queued job is dropped, a running one finishes
+            except TimeoutError:   # a still-queued job is dropped, a running one finishes
                 # not cached: the schema may compile in time when the machine is less busy
                 raise _error(kind, "SCHEMA_COMPILE_TIMEOUT",
                              f"compiling took longer than {self.compile_timeout_s:g} s") from None

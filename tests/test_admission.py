@@ -96,6 +96,31 @@ def test_deadline_in_queue_and_cancel_free_the_place():
     asyncio.run(main())
 
 
+def test_cancel_in_the_instant_of_admission_is_not_swallowed():
+    """The slot frees and the waiter's client cancels in the same loop turn: the waiter must see
+    CancelledError (not run its request) and give the slot back. asyncio.wait_for on 3.11 swallowed
+    this cancel, and a request nobody was listening to ran to the end on the engine."""
+    async def main():
+        adm = Admission(max_running=1, max_queued=2)
+        release, order = asyncio.Event(), []
+        holder = asyncio.create_task(_hold(adm, "a", release, order))
+        await asyncio.sleep(0.01)
+        done = asyncio.Event()
+        done.set()  # were the cancel swallowed, the request would "run" and return at once
+        waiter = asyncio.create_task(_hold(adm, "b", done, order, time.monotonic() + 60))
+        await asyncio.sleep(0.01)
+        assert adm.queued == 1
+        release.set()
+        await holder          # frees the slot: the waiter's future is set, the waiter not yet run
+        waiter.cancel()       # ...and its client goes away in the same instant
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert [k for k, _ in order] == ["a"], "the cancelled waiter ran its request"
+        assert (adm.running, adm.queued) == (0, 0)
+
+    asyncio.run(main())
+
+
 def test_label_limiter_bounds_cardinality():
     label = LabelLimiter(2)
     assert [label(n) for n in ("", "a", "b", "c", "a", "d")] == ["base", "a", "b", "other", "a", "other"]
