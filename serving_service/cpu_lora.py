@@ -303,10 +303,15 @@ def _fused_methods(upstream: dict) -> dict:
 
     @functools.wraps(upstream["activate_adapter"])
     def activate_adapter(self, *args, **kwargs):
+        # vLLM calls this for every adapter of every step; it returns False (writes nothing) when
+        # the adapter is already in a slot. Forgetting then would re-scan every slot each step.
+        wrote = True  # an exception may leave a slot half-written: forget then too
         try:
-            return upstream["activate_adapter"](self, *args, **kwargs)
+            wrote = upstream["activate_adapter"](self, *args, **kwargs)
+            return wrote
         finally:
-            _FILLED.clear()  # slot weights were (re)written
+            if wrote is not False:
+                _FILLED.clear()  # slot weights were (re)written
 
     return {"add_lora_linear": add_lora_linear, "add_shrink": add_shrink, "add_expand": add_expand,
             "update_metadata": update_metadata, "activate_adapter": activate_adapter}

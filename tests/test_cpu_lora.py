@@ -204,12 +204,23 @@ def test_fused_shrink_then_expand_as_row_parallel_layers_call_them(monkeypatch, 
 
 
 def test_activating_an_adapter_forgets_which_slots_hold_weights():
-    calls = []
+    calls, active = [], {3}
+
+    def upstream_activate(self, lora_id):  # like vLLM's: False, writing nothing, if already in a slot
+        calls.append(lora_id)
+        if lora_id in active:
+            return False
+        active.add(lora_id)
+        return True
+
     up = {"add_lora_linear": None, "add_shrink": None, "add_expand": None, "update_metadata": None,
-          "activate_adapter": lambda self, lora_id: calls.append(lora_id) or True}
+          "activate_adapter": upstream_activate}
     fast = cpu_lora._fused_methods(up)
+    cpu_lora._FILLED.clear()
     cpu_lora._FILLED[(1, 0)] = False
-    assert fast["activate_adapter"](object(), 7) is True and calls == [7]
+    assert fast["activate_adapter"](object(), 3) is False  # vLLM calls it every step
+    assert cpu_lora._FILLED == {(1, 0): False}  # nothing written: the scan is kept
+    assert fast["activate_adapter"](object(), 7) is True and calls == [3, 7]
     assert cpu_lora._FILLED == {}  # new weights in a slot: every slot is looked at again
 
 
