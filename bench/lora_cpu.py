@@ -25,6 +25,10 @@ Run (takes minutes: each engine starts in ~35 s; the machine should be otherwise
 
     .venv/bin/python bench/lora_cpu.py                       # fused vs grouped vs masked
     .venv/bin/python bench/lora_cpu.py --modes fused,upstream --requests 48
+    .venv/bin/python bench/lora_cpu.py --modes fused,compiled,compiled+qv --requests 48
+
+A `+qv` suffix on a mode also starts the engine with `lora_target_modules=["q_proj", "v_proj"]`
+(the serving setting of the same name): vLLM then wraps only the layers the adapter targets.
 """
 
 from __future__ import annotations
@@ -71,8 +75,10 @@ async def _worker(args) -> dict:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     lora_on = args.config not in NO_LORA
+    targets = [m for m in (args.targets or "").split(",") if m] or None
     engine_args = AsyncEngineArgs(model=args.model, dtype="float32", max_model_len=512, seed=0,
                                   max_num_seqs=32, enable_lora=lora_on,
+                                  **(dict(lora_target_modules=targets) if lora_on and targets else {}),
                                   enforce_eager=args.config == "base_nolora_eager",
                                   **(dict(max_loras=4, max_lora_rank=16, max_cpu_loras=8)
                                      if lora_on else {}))
@@ -125,6 +131,9 @@ def run_config(config: str, mode: str, model: str, adapter: str, args) -> dict:
     env.pop("TUNEWIRE_DISABLE_CPU_LORA_FIX", None)
     env.pop("TUNEWIRE_CPU_LORA_OPS", None)
     env.pop("TUNEWIRE_CPU_LORA_COMPILE", None)
+    mode, plus, targets = mode.partition("+")  # "compiled+qv": the engine wraps only q/k/v
+    if plus and targets != "qv":
+        raise SystemExit(f"unknown mode suffix +{targets} (only +qv)")
     if mode == "upstream":
         env["TUNEWIRE_DISABLE_CPU_LORA_FIX"] = "1"
     elif mode in ("grouped", "masked"):
@@ -133,7 +142,8 @@ def run_config(config: str, mode: str, model: str, adapter: str, args) -> dict:
         env["TUNEWIRE_CPU_LORA_COMPILE"] = "1"
     cmd = [sys.executable, __file__, "--worker", "--config", config, "--model", model,
            "--adapter", adapter, "--new-tokens", str(args.new_tokens),
-           "--concurrency", str(args.concurrency), "--requests", str(args.requests)]
+           "--concurrency", str(args.concurrency), "--requests", str(args.requests),
+           "--targets", "q_proj,v_proj" if plus else ""]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -144,7 +154,8 @@ def run_config(config: str, mode: str, model: str, adapter: str, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", default="fused,grouped,masked",
-                    help="comma-separated cpu_lora modes: fused, compiled, grouped, masked, upstream")
+                    help="comma-separated cpu_lora modes: fused, compiled, grouped, masked, upstream; "
+                         "a +qv suffix (e.g. compiled+qv) also sets lora_target_modules=q_proj,v_proj")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--requests", type=int, default=32, help="measured requests per config")
@@ -153,6 +164,7 @@ def main() -> None:
     ap.add_argument("--config", choices=CONFIGS, help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--adapter", help=argparse.SUPPRESS)
+    ap.add_argument("--targets", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
@@ -171,7 +183,7 @@ def main() -> None:
         for config, mode in plan:
             r = run_config(config, mode, model, adapter, args)
             rows.append({"config": config, "mode": mode, **r})
-            print(f"{config:12s} {mode:9s} {r['tok_s']:7.1f} tok/s  (engine start "
+            print(f"{config:12s} {mode:12s} {r['tok_s']:7.1f} tok/s  (engine start "
                   f"{r['start_s']:.0f} s)", flush=True)
 
     ref, ref_eager = rows[0]["tok_s"], rows[1]["tok_s"]

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 from tunewire.security import check_settings
 
+# Projections vLLM can put LoRA on (Llama-style names, as in peft's target_modules).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 @dataclass(frozen=True)
 class ServingConfig:
@@ -24,6 +27,9 @@ class ServingConfig:
     max_num_seqs: int = 32             # sequences in one engine batch
     kv_cache_gib: int = 1              # VLLM_CPU_KVCACHE_SPACE when unset (CPU only)
     enforce_eager: bool = False        # skip torch.compile/graphs: faster start, slower decode
+    cpu_lora_compile: bool = True      # CPU: keep torch.compile on under LoRA (vLLM turns it off)
+    lora_target_modules: tuple[str, ...] = ()  # wrap only these projections (() = all); adapters
+                                       # targeting others are refused. Fewer wrapped = faster
     default_max_tokens: int = 256      # when a request leaves max_tokens at 0
     max_concurrent_requests: int = 64  # requests admitted to the engine at once
     max_queued_requests: int = 256     # more wait in our queue; past that RESOURCE_EXHAUSTED
@@ -45,6 +51,10 @@ class ServingConfig:
     health_port: int = 0               # extra plaintext port with only grpc.health.v1 (0 = off)
 
     def __post_init__(self):
+        object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))  # TOML: list
+        bad = set(self.lora_target_modules) - set(LORA_TARGETS)
+        if bad:
+            raise ValueError(f"lora_target_modules: {sorted(bad)} not among {list(LORA_TARGETS)}")
         if not self.model:
             raise ValueError("model is required (a Hugging Face model directory)")
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:

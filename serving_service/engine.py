@@ -50,6 +50,8 @@ class EngineConfig:
     max_num_seqs: int = 32           # sequences in one batch
     kv_cache_gib: int = 1            # sets VLLM_CPU_KVCACHE_SPACE if unset (CPU backend needs it)
     enforce_eager: bool = False      # skip graph capture/compilation: faster start
+    cpu_lora_compile: bool = True    # CPU: keep torch.compile on under LoRA (serving_service/cpu_lora_compile.py)
+    lora_target_modules: tuple[str, ...] = ()  # projections vLLM wraps for LoRA; () = all it supports
     dtype: str = "float32"           # model weights/activations dtype
     structured_backend: str = "guidance"  # JSON-schema constrained decoding backend
     seed: int = 0                    # engine-wide sampling seed
@@ -122,6 +124,13 @@ class VllmEngine:
         if self._engine is not None:
             return
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gib))
+        # Read by the CPU LoRA plugin in every vLLM process (children inherit the environment);
+        # re-registered here because this process may have loaded the plugins already.
+        compile_ = self.cfg.cpu_lora_compile and not self.cfg.enforce_eager
+        os.environ["TUNEWIRE_CPU_LORA_COMPILE"] = "1" if compile_ else "0"
+        from serving_service import cpu_lora
+
+        cpu_lora.register()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -130,7 +139,8 @@ class VllmEngine:
             model=c.model, dtype=c.dtype, max_model_len=c.max_model_len, seed=c.seed,
             max_num_seqs=c.max_num_seqs, enforce_eager=c.enforce_eager,
             enable_lora=True, max_loras=c.max_loras, max_lora_rank=c.max_lora_rank,
-            max_cpu_loras=c.max_cpu_loras, disable_log_stats=False,
+            max_cpu_loras=c.max_cpu_loras, lora_target_modules=list(c.lora_target_modules) or None,
+            disable_log_stats=False,
             structured_outputs_config={"backend": c.structured_backend,
                                        "disable_any_whitespace": True},
         )

@@ -43,6 +43,21 @@ log = logging.getLogger("tunewire.serving.adapters")
 
 # LoRA targets vLLM can apply to Llama-style models (q/k/v and gate/up are packed in vLLM).
 SUPPORTED_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+# vLLM packs q/k/v and gate/up into one layer each: deploying one member wraps the whole layer.
+_PACKED = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
+
+
+def _wrapped(deployed: tuple[str, ...]) -> set[str]:
+    """The projections an adapter may target when the engine wraps only `deployed` (() = all)."""
+    if not deployed:
+        return set(SUPPORTED_TARGETS)
+    out = set(deployed)
+    for group in _PACKED:
+        if out & group:
+            out |= group
+    return out
+
+
 RESIDENT_STATES = ("LOADING", "READY", "UNLOADING")  # hold (or are taking) an engine slot
 
 RESIDENT = Gauge("tunewire_serving_adapters_resident", "Adapter versions registered with the engine.")
@@ -138,13 +153,15 @@ def parse_ref(ref: str, field_name: str = "adapter") -> tuple[str, str]:
 
 class AdapterRegistry:
     def __init__(self, engine: LoraEngine, *, store_root: str | Path, base_fingerprint: str,
-                 max_lora_rank: int, max_resident: int, lazy_load: bool = True):
+                 max_lora_rank: int, max_resident: int, lazy_load: bool = True,
+                 deployed_targets: tuple[str, ...] = ()):
         self.engine = engine
         self.store_root = Path(store_root)
         self.base_fingerprint = base_fingerprint
         self.max_lora_rank = max_lora_rank
         self.max_resident = max_resident
         self.lazy_load = lazy_load
+        self.allowed_targets = _wrapped(deployed_targets)
         self._versions: dict[str, AdapterVersion] = {}   # "name@version" -> version
         self._active: dict[str, str] = {}                # name -> active version label
         self._next_id = 1
@@ -174,6 +191,11 @@ class AdapterRegistry:
         if unsupported:
             raise FailedPrecondition("ADAPTER_TARGET_UNSUPPORTED",
                                      f"target modules {sorted(unsupported)} are not supported by the engine")
+        undeployed = set(m.target_modules) - self.allowed_targets
+        if undeployed:
+            raise FailedPrecondition("ADAPTER_TARGET_NOT_DEPLOYED",
+                                     f"target modules {sorted(undeployed)} are not among this server's "
+                                     f"lora_target_modules {sorted(self.allowed_targets)}")
         return m
 
     def _check_base(self, m: Manifest) -> None:

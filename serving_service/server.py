@@ -37,11 +37,12 @@ async def serve(cfg: ServingConfig) -> None:
         model=model, max_model_len=cfg.max_model_len, max_loras=cfg.max_loras,
         max_lora_rank=cfg.max_lora_rank, max_cpu_loras=cfg.max_cpu_loras,
         max_num_seqs=cfg.max_num_seqs, kv_cache_gib=cfg.kv_cache_gib,
-        enforce_eager=cfg.enforce_eager))
+        enforce_eager=cfg.enforce_eager, cpu_lora_compile=cfg.cpu_lora_compile,
+        lora_target_modules=cfg.lora_target_modules))
     registry = AdapterRegistry(engine, store_root=cfg.adapter_store,
                                base_fingerprint=base_model_fingerprint(model),
                                max_lora_rank=cfg.max_lora_rank, max_resident=cfg.max_cpu_loras,
-                               lazy_load=cfg.lazy_load)
+                               lazy_load=cfg.lazy_load, deployed_targets=cfg.lora_target_modules)
     structured = StructuredOutputs(engine.tokenizer, max_schema_bytes=cfg.max_schema_bytes,
                                    compile_timeout_s=cfg.schema_compile_timeout_s)
     admission = Admission(max_running=cfg.max_concurrent_requests, max_queued=cfg.max_queued_requests,
@@ -61,7 +62,8 @@ async def serve(cfg: ServingConfig) -> None:
             "max_concurrent_requests": cfg.max_concurrent_requests,
             "max_queued_requests": cfg.max_queued_requests,
             "max_concurrent_per_adapter": cfg.max_concurrent_per_adapter,
-            "structured_output_backend": engine.cfg.structured_backend}
+            "structured_output_backend": engine.cfg.structured_backend,
+            "lora_target_modules": sorted(registry.allowed_targets) if cfg.lora_target_modules else []}
 
     def add(server, port):
         serving_pb2_grpc.add_ServingServiceServicer_to_server(ServingServicer(generator, registry, classifier, info), server)

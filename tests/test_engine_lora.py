@@ -89,23 +89,28 @@ def served(vllm_model_dir, adapters):
 
 @pytest.fixture(scope="module")
 def served_compiled(vllm_model_dir, adapters):
-    """The same with torch.compile kept on under LoRA (TUNEWIRE_CPU_LORA_COMPILE=1). The env var
-    reaches the engine-core process it starts; this process registered the plugin already, so
-    it is registered again here, and back to the default afterwards."""
+    """The same with torch.compile kept on under LoRA (cpu_lora_compile, the default when not
+    enforce_eager): VllmEngine.start sets TUNEWIRE_CPU_LORA_COMPILE for the engine-core process
+    and re-registers the plugin here; afterwards both go back to the default."""
     import os
 
     from serving_service import cpu_lora
 
-    os.environ["TUNEWIRE_CPU_LORA_COMPILE"] = "1"
-    cpu_lora.register()
     try:
-        yield from _serve(vllm_model_dir, adapters, enforce_eager=False)
+        yield from _serve(vllm_model_dir, adapters, enforce_eager=False, cpu_lora_compile=True)
     finally:
-        del os.environ["TUNEWIRE_CPU_LORA_COMPILE"]
+        os.environ.pop("TUNEWIRE_CPU_LORA_COMPILE", None)
         cpu_lora.register()
 
 
-def _serve(vllm_model_dir, adapters, enforce_eager: bool):
+@pytest.fixture(scope="module")
+def served_qv(vllm_model_dir, adapters):
+    """An engine that wraps only q/k/v for LoRA (lora_target_modules), serving the q/v adapter."""
+    yield from _serve(vllm_model_dir, {"A": adapters["A"]}, enforce_eager=True,
+                      lora_target_modules=("q_proj", "v_proj"))
+
+
+def _serve(vllm_model_dir, adapters, enforce_eager: bool, **engine_cfg):
     from serving_service.engine import EngineConfig, VllmEngine
 
     loop = asyncio.new_event_loop()
@@ -117,9 +122,9 @@ def _serve(vllm_model_dir, adapters, enforce_eager: bool):
 
     engine = VllmEngine(EngineConfig(model=str(vllm_model_dir), max_model_len=256, max_loras=4,
                                      max_lora_rank=16, max_cpu_loras=6, max_num_seqs=16,
-                                     enforce_eager=enforce_eager))
+                                     enforce_eager=enforce_eager, **engine_cfg))
     run(engine.start(), timeout=600)
-    loras = {v: (f"adapter-{v.lower()}", i, adapters[v]) for i, v in enumerate(ADAPTERS, 1)}
+    loras = {v: (f"adapter-{v.lower()}", i, adapters[v]) for i, v in enumerate(ADAPTERS, 1) if v in adapters}
     for lora in loras.values():
         run(engine.add_lora(*lora))
     try:
@@ -154,11 +159,17 @@ def test_compiled_mixed_batch_matches_hf(served_compiled, hf_reference):
     _check_mixed_batch(served_compiled, hf_reference)
 
 
-def _check_mixed_batch(served, hf_reference):
+def test_only_deployed_targets_wrapped_matches_hf(served_qv, hf_reference):
+    """lora_target_modules=(q_proj, v_proj): vLLM wraps only the packed qkv layers for LoRA; the
+    q/v adapter mixed with base rows still equals HF+peft token for token."""
+    _check_mixed_batch(served_qv, hf_reference, variants=("A",))
+
+
+def _check_mixed_batch(served, hf_reference, variants=ADAPTERS):
     from serving_service.engine import GenParams
 
     engine, run, loras = served
-    jobs = [(v, p) for p in PROMPTS for v in ("base", *ADAPTERS)]  # interleaved rows, one batch
+    jobs = [(v, p) for p in PROMPTS for v in ("base", *variants)]  # interleaved rows, one batch
 
     async def all_at_once():
         return await asyncio.gather(*[
@@ -167,7 +178,7 @@ def _check_mixed_batch(served, hf_reference):
 
     results = run(all_at_once())
     for prompt in PROMPTS:  # the adapters really change the output, so the test is not vacuous
-        for v in ADAPTERS:
+        for v in variants:
             assert hf_reference[v, prompt] != hf_reference["base", prompt], v
     mismatches = [(v, p, ids, hf_reference[v, p])
                   for (v, p), (ids, _, _) in zip(jobs, results) if ids != hf_reference[v, p]]

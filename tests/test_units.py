@@ -35,6 +35,39 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
         ServingConfig(model="m", max_lora_rank=12)
     with pytest.raises(ValueError, match="model is required"):
         ServingConfig()
+    with pytest.raises(ValueError, match="lora_target_modules"):
+        ServingConfig(model="m", lora_target_modules=("q_proj", "lm_head"))
+    bad.write_text('model = "m"\nlora_target_modules = ["q_proj", "v_proj"]\n')
+    assert load_config(ServingConfig, str(bad)).lora_target_modules == ("q_proj", "v_proj")
+
+
+def test_registry_refuses_adapters_outside_the_deployed_targets(tiny_model_dir, tmp_path):
+    """lora_target_modules = q_proj, v_proj: vLLM wraps only the packed qkv layer, so a k_proj
+    adapter fits (same layer) and an o_proj one is refused before it reaches the engine."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from serving_service.registry import AdapterRegistry
+
+    def publish(name, targets):
+        torch.manual_seed(0)
+        src = tmp_path / f"src-{name}"
+        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                       LoraConfig(r=8, target_modules=list(targets))).save_pretrained(src)
+        return adapters.publish(src, tmp_path / "store", name, base_model_dir=tiny_model_dir)[0]
+
+    fingerprint = adapters.base_model_fingerprint(tiny_model_dir)
+    qv = AdapterRegistry(None, store_root=tmp_path / "store", base_fingerprint=fingerprint,
+                         max_lora_rank=16, max_resident=2, deployed_targets=("q_proj", "v_proj"))
+    assert qv.allowed_targets == {"q_proj", "k_proj", "v_proj"}
+    assert qv.validate(publish("kv", ("k_proj", "v_proj"))).target_modules
+    with pytest.raises(FailedPrecondition) as e:
+        qv.validate(publish("qo", ("q_proj", "o_proj")))
+    assert e.value.reason == "ADAPTER_TARGET_NOT_DEPLOYED" and "o_proj" in e.value.message
+    every = AdapterRegistry(None, store_root=tmp_path / "store", base_fingerprint=fingerprint,
+                            max_lora_rank=16, max_resident=2)
+    assert every.validate(tmp_path / "store" / "qo" / "v1").target_modules
 
 
 

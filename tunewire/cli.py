@@ -375,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
                       ("serving-tls-key-file", str), ("serving-token-file", str)]:
         s.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"))
     s.add_argument("--enforce-eager", action="store_const", const=True, dest="enforce_eager")
+    s.add_argument("--no-cpu-lora-compile", action="store_const", const=False, dest="cpu_lora_compile")
+    s.add_argument("--lora-target-modules", dest="lora_target_modules", metavar="q_proj,v_proj,...",
+                   type=lambda v: tuple(m for m in v.split(",") if m))
     s.add_argument("--no-lazy-load", action="store_const", const=False, dest="lazy_load")
     s.set_defaults(func=cmd_serve)
 
