@@ -36,13 +36,14 @@ from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from serving_service.config import LORA_TARGETS
 from tunewire.adapters import NAME_RE, VERSION_RE, Manifest, read_manifest, resolve_in_store
 from tunewire.errors import FailedPrecondition, NotFound, ResourceExhausted, TunewireError, invalid
 
 log = logging.getLogger("tunewire.serving.adapters")
 
 # LoRA targets vLLM can apply to Llama-style models (q/k/v and gate/up are packed in vLLM).
-SUPPORTED_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+SUPPORTED_TARGETS = set(LORA_TARGETS)
 # vLLM packs q/k/v and gate/up into one layer each: deploying one member wraps the whole layer.
 _PACKED = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
 
