@@ -42,7 +42,8 @@ process it starts (front end, engine core, workers). On CPU it checks the vLLM v
 written against and raises at start-up if it differs (re-check the upstream ops, then bump
 `VLLM_VERSION`). Calling it twice is harmless: each call first restores what an earlier call
 replaced. (vLLM turns torch.compile off on CPU when LoRA is enabled, so the data-dependent
-grouping here runs eagerly, unless TUNEWIRE_CPU_LORA_COMPILE=1 makes it custom ops.)
+grouping here runs eagerly, unless TUNEWIRE_CPU_LORA_COMPILE=1 makes it custom ops; the
+serving service sets that from `cpu_lora_compile`, on by default.)
 
 Switches (environment, read by `register()` in each vLLM process):
     TUNEWIRE_DISABLE_CPU_LORA_FIX=1   upstream ops untouched (shows the mixed-batch bug)

@@ -1,4 +1,5 @@
-"""torch.compile with LoRA on vLLM's CPU backend (opt-in: TUNEWIRE_CPU_LORA_COMPILE=1).
+"""torch.compile with LoRA on vLLM's CPU backend (TUNEWIRE_CPU_LORA_COMPILE=1; the serving
+service sets it from its `cpu_lora_compile` setting, on by default unless enforce_eager).
 
 Why: vLLM 0.32 sets the compilation mode to NONE on CPU whenever LoRA is enabled
 (`vllm/platforms/cpu.py`, `check_and_update_config`), because its CPU LoRA path branches in
