@@ -17,7 +17,9 @@ Every LoRA configuration runs once per ops mode of serving_service.cpu_lora (the
 plugin): `fused` (the default: grouped ops plus the fused add_lora_linear that skips untargeted
 projections), `grouped` (the grouped ops alone), `masked` (upstream ops with no-adapter rows
 zeroed, the first fix) and, with --modes, `upstream`
-(TUNEWIRE_DISABLE_CPU_LORA_FIX=1: vLLM's ops untouched; mixed batches are wrong there). It prints
+(TUNEWIRE_DISABLE_CPU_LORA_FIX=1: vLLM's ops untouched; mixed batches are wrong there);
+`compiled` is fused with torch.compile kept on (the serving default) and its C++ kernel,
+`compiled_py` the same with the kernel's Python twin. It prints
 tok/s and the ratio to base_nolora, checks that the generated token ids of every configuration
 are the same in every correct mode, and writes docs/bench/lora_cpu.json.
 
@@ -26,6 +28,10 @@ Run (takes minutes: each engine starts in ~35 s; the machine should be otherwise
     .venv/bin/python bench/lora_cpu.py                       # fused vs grouped vs masked
     .venv/bin/python bench/lora_cpu.py --modes fused,upstream --requests 48
     .venv/bin/python bench/lora_cpu.py --modes fused,compiled,compiled+qv --requests 48
+    .venv/bin/python bench/lora_cpu.py --modes compiled,compiled_py --requests 48 --repeat 2
+
+`--repeat N` runs the whole plan N times round-robin and reports each row's median run (the
+machine drifts by ±10-15% over minutes; one run per row cannot tell 0.9 from 0.85).
 
 A `+qv` suffix on a mode also starts the engine with `lora_target_modules=["q_proj", "v_proj"]`
 (the serving setting of the same name): vLLM then wraps only the layers the adapter targets.
@@ -131,6 +137,7 @@ def run_config(config: str, mode: str, model: str, adapter: str, args) -> dict:
     env.pop("TUNEWIRE_DISABLE_CPU_LORA_FIX", None)
     env.pop("TUNEWIRE_CPU_LORA_OPS", None)
     env.pop("TUNEWIRE_CPU_LORA_COMPILE", None)
+    env.pop("TUNEWIRE_CPU_LORA_KERNEL", None)
     mode, plus, targets = mode.partition("+")  # "compiled+qv": the engine wraps only q/k/v
     if plus and targets != "qv":
         raise SystemExit(f"unknown mode suffix +{targets} (only +qv)")
@@ -138,8 +145,10 @@ def run_config(config: str, mode: str, model: str, adapter: str, args) -> dict:
         env["TUNEWIRE_DISABLE_CPU_LORA_FIX"] = "1"
     elif mode in ("grouped", "masked"):
         env["TUNEWIRE_CPU_LORA_OPS"] = mode
-    elif mode == "compiled":  # fused + torch.compile kept on (serving_service/cpu_lora_compile.py)
+    elif mode in ("compiled", "compiled_py"):  # fused + torch.compile kept on (cpu_lora_compile.py)
         env["TUNEWIRE_CPU_LORA_COMPILE"] = "1"
+        if mode == "compiled_py":  # the op's Python kernel instead of the C++ one
+            env["TUNEWIRE_CPU_LORA_KERNEL"] = "python"
     cmd = [sys.executable, __file__, "--worker", "--config", config, "--model", model,
            "--adapter", adapter, "--new-tokens", str(args.new_tokens),
            "--concurrency", str(args.concurrency), "--requests", str(args.requests),
@@ -154,11 +163,14 @@ def run_config(config: str, mode: str, model: str, adapter: str, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", default="fused,grouped,masked",
-                    help="comma-separated cpu_lora modes: fused, compiled, grouped, masked, upstream; "
+                    help="comma-separated cpu_lora modes: fused, compiled, compiled_py, grouped, "
+                         "masked, upstream; "
                          "a +qv suffix (e.g. compiled+qv) also sets lora_target_modules=q_proj,v_proj")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--requests", type=int, default=32, help="measured requests per config")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the whole plan this many times, round-robin; rows report the median")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "lora_cpu.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--config", choices=CONFIGS, help=argparse.SUPPRESS)
@@ -180,11 +192,17 @@ def main() -> None:
         adapter = make_adapter(model, Path(tmp) / "adapter")
         plan = [(c, "-") for c in NO_LORA] + [(c, m) for c in CONFIGS if c not in NO_LORA
                                                 for m in modes]
-        for config, mode in plan:
-            r = run_config(config, mode, model, adapter, args)
-            rows.append({"config": config, "mode": mode, **r})
-            print(f"{config:12s} {mode:12s} {r['tok_s']:7.1f} tok/s  (engine start "
-                  f"{r['start_s']:.0f} s)", flush=True)
+        runs: dict[tuple[str, str], list[dict]] = {}
+        for round_ in range(args.repeat):  # round-robin: drift in the machine hits every row
+            for config, mode in plan:
+                r = run_config(config, mode, model, adapter, args)
+                runs.setdefault((config, mode), []).append(r)
+                print(f"[{round_ + 1}/{args.repeat}] {config:12s} {mode:12s} {r['tok_s']:7.1f} "
+                      f"tok/s  (engine start {r['start_s']:.0f} s)", flush=True)
+        for (config, mode), rs in runs.items():
+            r = sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2]  # the median run (upper)
+            rows.append({"config": config, "mode": mode, **r,
+                         "tok_s_runs": [round(x["tok_s"], 1) for x in rs]})
 
     ref, ref_eager = rows[0]["tok_s"], rows[1]["tok_s"]
     for r in rows:
@@ -216,7 +234,8 @@ def main() -> None:
     out.write_text(json.dumps({
         "workload": {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "greedy": True,
                      "new_tokens": args.new_tokens, "concurrency": args.concurrency,
-                     "requests": args.requests, "adapter": "r=16 q_proj,v_proj (random)",
+                     "requests": args.requests, "repeat": args.repeat,
+                     "adapter": "r=16 q_proj,v_proj (random)",
                      "max_loras": 4, "vllm": vllm.__version__, "cpus": os.cpu_count()},
         "outputs_equal_across_modes": not mismatches,
         "results": [{k: v for k, v in r.items() if k != "token_ids"} for r in rows],

@@ -11,6 +11,11 @@ opaque calls: the traced graph holds no per-step Python state, and the ops read 
 grouping when they run. The platform hook then keeps the compile settings vLLM picks for the
 same configuration without LoRA.
 
+tunewire::lora_linear, called 4x per decoder layer every step, runs a C++ kernel
+(cpu_lora_ops.cpp, built with torch.utils.cpp_extension at setup or on first use): a Python
+kernel costs ~10 us more per call just to be entered. Where it cannot be built (no compiler) the
+Python twin runs, with a warning; TUNEWIRE_CPU_LORA_KERNEL=python picks the twin on purpose.
+
 Installed by `cpu_lora.register()` (mode "fused" and TUNEWIRE_CPU_LORA_COMPILE=1), in every
 vLLM process. Replaces, on top of the fused mode:
     PunicaWrapperCPU.add_lora_linear / add_shrink / add_expand / add_lora_embedding -> ops
@@ -21,11 +26,15 @@ vLLM process. Replaces, on top of the fused mode:
 from __future__ import annotations
 
 import functools
+import logging
+import os
+from pathlib import Path
 
 import torch
 
 from serving_service import cpu_lora
 
+log = logging.getLogger(__name__)
 _STEP = {"n": 0, "valid": 0}  # bumped by update_metadata; valid = this step's token count
 _GROUPS: dict[tuple[int, int], list] = {}  # (step, rows) -> [(slot, rows)]
 
@@ -51,20 +60,55 @@ def _groups_now(indices: torch.Tensor, n: int) -> list:
 _LIB = torch.library.Library("tunewire", "FRAGMENT")
 
 
-def _op(name: str, mutates: tuple[str, ...]):
+def _op(name: str, mutates: tuple[str, ...], kernel: bool = True):
     def register(fn):
         _LIB.define(name + torch.library.infer_schema(fn, mutates_args=mutates))
-        _LIB.impl(name, fn, "CPU")
+        if kernel:
+            _LIB.impl(name, fn, "CPU")
         torch.library.register_fake(f"tunewire::{name}", lambda *a, **k: None, lib=_LIB)  # in place on y
         return fn
     return register
 
 
-@_op("lora_linear", mutates=("y",))
+@_op("lora_linear", mutates=("y",), kernel=False)  # kernel: load_kernels()
 def lora_linear_op(y: torch.Tensor, x: torch.Tensor, a: list[torch.Tensor], b: list[torch.Tensor],
                    scale: float, slices: list[int], indices: torch.Tensor) -> None:
     x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
     cpu_lora.lora_linear(y2, x2, a, b, scale, slices, _groups_now(indices, x2.shape[0]))
+
+
+_SOURCE = Path(__file__).with_name("cpu_lora_ops.cpp")
+KERNEL = {"lora_linear": ""}  # which kernel tunewire::lora_linear runs: "c++" or "python"
+
+
+def build_kernels() -> None:
+    """Compile (or find in TORCH_EXTENSIONS_DIR, keyed by the source's hash) and load
+    cpu_lora_ops.cpp: ~40 s the first time on this machine; `./dev setup` runs it ahead."""
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(name="tunewire_cpu_lora", sources=[str(_SOURCE)], extra_cflags=["-O2"],
+                       is_python_module=False, verbose=False)
+
+
+def load_kernels() -> str:
+    """Give tunewire::lora_linear its CPU kernel, once per process: the C++ one, or the Python
+    twin (same arithmetic, ~12 us a call slower) when no compiler or extension is available -
+    say so in the log, serving goes on."""
+    if KERNEL["lora_linear"]:
+        return KERNEL["lora_linear"]
+    try:
+        if os.environ.get("TUNEWIRE_CPU_LORA_KERNEL") == "python":  # benchmarks: the twin
+            raise RuntimeError("TUNEWIRE_CPU_LORA_KERNEL=python")
+        build_kernels()
+        cpu_lora.FORGET_HOOKS.append(torch.ops.tunewire_cpp.forget)
+        KERNEL["lora_linear"] = "c++"
+        log.info("tunewire CPU LoRA: compiled mode, C++ kernel (%s)", _SOURCE.name)
+    except Exception as exc:  # a missing compiler or headers must not stop serving
+        log.warning("tunewire CPU LoRA: C++ kernel unavailable (%s: %s); using the Python kernel",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        _LIB.impl("lora_linear", lora_linear_op, "CPU")
+        KERNEL["lora_linear"] = "python"
+    return KERNEL["lora_linear"]
 
 
 @_op("lora_shrink", mutates=("y",))
@@ -92,6 +136,8 @@ def methods(upstream_update) -> dict:
         upstream_update(self, *args, **kwargs)
         _STEP["n"] += 1
         _STEP["valid"] = self.indices_len[0]
+        if KERNEL["lora_linear"] == "c++":
+            torch.ops.tunewire_cpp.set_step(_STEP["valid"])
 
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *,
                         buffer=None, **kwargs):

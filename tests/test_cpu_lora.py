@@ -178,7 +178,7 @@ def test_fused_add_lora_linear_matches_the_definition_and_skips_untargeted_slice
     x, y = torch.randn(10, 24), torch.randn(10, 20)
     want = _definition(y, x, a, b, 0.5, slices, w.token_lora_indices)
     base_rows = y[[1, 4, 9]].clone()
-    cpu_lora._FILLED.clear()
+    cpu_lora.forget()
     w.add_lora_linear(y, x, a, b, 0.5, slices)
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
     assert torch.equal(y[[1, 4, 9]], base_rows)  # no adapter: untouched, bit for bit
@@ -195,7 +195,7 @@ def test_fused_shrink_then_expand_as_row_parallel_layers_call_them(monkeypatch, 
     x, y = torch.randn(10, 24), torch.randn(10, 22)
     want = _definition(y, x, a, b, 1.0, slices, w.token_lora_indices)
     buffer = torch.full((2, 10, 8), 5.0)  # shrink assigns: nothing of this may survive
-    cpu_lora._FILLED.clear()
+    cpu_lora.forget()
     w.add_shrink(buffer, x, a, 1.0)
     assert torch.equal(buffer[:, [1, 4, 9]], torch.zeros(2, 3, 8))  # base rows
     assert torch.equal(buffer[1, [2, 3, 5, 7]], torch.zeros(4, 8))  # slots without weights there
@@ -216,12 +216,14 @@ def test_activating_an_adapter_forgets_which_slots_hold_weights():
     up = {"add_lora_linear": None, "add_shrink": None, "add_expand": None, "update_metadata": None,
           "activate_adapter": upstream_activate}
     fast = cpu_lora._fused_methods(up)
-    cpu_lora._FILLED.clear()
+    cpu_lora.forget()
     cpu_lora._FILLED[(1, 0)] = False
+    cpu_lora._PLANS[(1, 0, 1.0, None)] = None
     assert fast["activate_adapter"](object(), 3) is False  # vLLM calls it every step
     assert cpu_lora._FILLED == {(1, 0): False}  # nothing written: the scan is kept
+    assert cpu_lora._PLANS == {(1, 0, 1.0, None): None}
     assert fast["activate_adapter"](object(), 7) is True and calls == [3, 7]
-    assert cpu_lora._FILLED == {}  # new weights in a slot: every slot is looked at again
+    assert cpu_lora._FILLED == {} and cpu_lora._PLANS == {}  # every slot is looked at again
 
 
 _SUBPROCESS_CHECK = """
@@ -279,6 +281,7 @@ def test_compiled_mode_ops_trace_once_and_follow_every_step(monkeypatch):
         qkv, down = (12, 4, 4), (10,)
         a, b = _stacks(qkv)
         a2, b2 = _stacks(down)
+        cpu_lora.forget()  # plans are keyed by weight addresses, which earlier tests' freed
 
         def layer(x, y1, y2):  # a column-parallel (qkv) and a row-parallel (down) LoRA layer
             w.add_lora_linear(y1, x, a, b, 0.5, qkv)
@@ -302,3 +305,33 @@ def test_compiled_mode_ops_trace_once_and_follow_every_step(monkeypatch):
         cpu_lora.register()  # back to the plain fused mode for the other tests
     assert not hasattr(PunicaWrapperCPU.add_lora_embedding, cpu_lora._MARK)  # upstream's again
     assert not hasattr(CpuPlatform.check_and_update_config, cpu_lora._MARK)
+
+
+def test_cpp_kernel_is_built_and_computes_the_definition():
+    """tunewire::lora_linear's C++ kernel (serving_service/cpu_lora_ops.cpp) builds on this
+    machine and computes what the row-by-row definition and its Python twin compute: three slots
+    and base rows in one batch, slots whose weights are zeros in a slice, rows past the step's
+    own tokens (padding) left alone; weights rewritten in a slot are used after forget()."""
+    from serving_service import cpu_lora_compile
+
+    assert cpu_lora_compile.load_kernels() == "c++"  # a compiler is there: no silent fallback
+    torch.manual_seed(5)
+    slices = (12, 4, 4)
+    a, b = _stacks(slices)
+    cpu_lora.forget()
+    idx = torch.tensor([0, -1, 2, 2, -1, 3, 0, 3, 2, -1])
+    for valid, rewrite in ((10, False), (7, False), (10, True)):
+        if rewrite:  # as activate_adapter does: new weights in slot 0, then forget
+            a[0][0].mul_(-2.0)
+            cpu_lora.forget()
+        torch.ops.tunewire_cpp.set_step(valid)  # what update_metadata does every step
+        live = torch.where(torch.arange(10) < valid, idx, torch.tensor(-1))
+        x, y = torch.randn(10, 24), torch.randn(10, 20)
+        want = _definition(y, x, a, b, 0.5, slices, live)
+        got, twin = y.clone(), y.clone()
+        torch.ops.tunewire.lora_linear(got, x, list(a), list(b), 0.5, list(slices), idx)
+        cpu_lora.lora_linear(twin, x, a, b, 0.5, slices, cpu_lora._groups(live))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(twin, want, rtol=1e-4, atol=1e-4)
+        untouched = (live < 0).nonzero().squeeze(1)
+        assert torch.equal(got[untouched], y[untouched])  # base and padding rows, bit for bit
