@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -78,16 +79,25 @@ def lora_linear_op(y: torch.Tensor, x: torch.Tensor, a: list[torch.Tensor], b: l
 
 
 _SOURCE = Path(__file__).with_name("cpu_lora_ops.cpp")
+_STALE_LOCK_S = 600  # a build takes well under a minute here
 KERNEL = {"lora_linear": ""}  # which kernel tunewire::lora_linear runs: "c++" or "python"
 
 
 def build_kernels() -> None:
     """Compile (or find in TORCH_EXTENSIONS_DIR, keyed by the source's hash) and load
-    cpu_lora_ops.cpp: ~40 s the first time on this machine; `./dev setup` runs it ahead."""
+    cpu_lora_ops.cpp: 20-40 s the first time on this machine; `./dev setup` runs it ahead."""
     from torch.utils import cpp_extension
 
+    build = Path(cpp_extension.get_default_build_root()) / f"tunewire_cpu_lora-{torch.__version__}"
+    build.mkdir(parents=True, exist_ok=True)
+    # torch waits forever on the lock file of a build that was killed (a pod stopped mid-start
+    # keeps its emptyDir cache): a lock older than any real build is taken to be such a one.
+    lock = build / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+        log.warning("removing a stale C++ build lock %s", lock)
+        lock.unlink(missing_ok=True)
     cpp_extension.load(name="tunewire_cpu_lora", sources=[str(_SOURCE)], extra_cflags=["-O2"],
-                       is_python_module=False, verbose=False)
+                       build_directory=str(build), is_python_module=False, verbose=False)
 
 
 def load_kernels() -> str:

@@ -335,3 +335,24 @@ def test_cpp_kernel_is_built_and_computes_the_definition():
         torch.testing.assert_close(twin, want, rtol=1e-4, atol=1e-4)
         untouched = (live < 0).nonzero().squeeze(1)
         assert torch.equal(got[untouched], y[untouched])  # base and padding rows, bit for bit
+
+
+def test_a_stale_build_lock_does_not_hang_the_kernel_load():
+    """torch waits forever on the lock of a C++ build that was killed; build_kernels takes a
+    lock older than any real build for such a one (a fresh lock is a live build: left alone)."""
+    import os
+    import time
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    from serving_service import cpu_lora_compile
+
+    lock = (Path(cpp_extension.get_default_build_root())
+            / f"tunewire_cpu_lora-{torch.__version__}" / "lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    old = time.time() - cpu_lora_compile._STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    cpu_lora_compile.build_kernels()  # would never return with the lock left in place
+    assert not lock.exists()
