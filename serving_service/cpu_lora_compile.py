@@ -102,7 +102,7 @@ def build_kernels() -> None:
 
 def load_kernels() -> str:
     """Give tunewire::lora_linear its CPU kernel, once per process: the C++ one, or the Python
-    twin (same arithmetic, ~12 us a call slower) when no compiler or extension is available -
+    twin (same arithmetic, ~10 us a call slower) when no compiler or extension is available -
     say so in the log, serving goes on."""
     if KERNEL["lora_linear"]:
         return KERNEL["lora_linear"]
