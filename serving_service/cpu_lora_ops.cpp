@@ -12,7 +12,8 @@
 // plan is built once - the filled slices' A.T side by side in float32 with the scale folded in,
 // and B.T blocks at their output columns - so a slot's delta for the whole layer is two matmuls.
 // Slices whose slot weights are all zero are never multiplied. Rows with a negative slot, or
-// past the step's own tokens, get nothing.
+// past the step's own tokens, get nothing. A slot that has only some of the rows (a mixed batch)
+// gathers them and adds its delta back with plain row loops.
 //
 // Build: serving_service.cpu_lora_compile.load_kernels() (torch.utils.cpp_extension, ~40 s once,
 // cached under TORCH_EXTENSIONS_DIR; `./dev setup` builds it ahead). The schema of
@@ -20,8 +21,10 @@
 //   tunewire_cpp::set_step(int valid)  a new step whose first `valid` rows are real tokens
 //   tunewire_cpp::forget()             slot weights were written: drop every plan
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <map>
 #include <tuple>
 #include <vector>
@@ -30,7 +33,7 @@ namespace {
 
 struct Group {
   int64_t slot;
-  at::Tensor rows;  // undefined: every row
+  std::vector<int64_t> rows;  // empty: every row
 };
 
 struct Plan {
@@ -59,13 +62,16 @@ const std::vector<Group>& groups_now(const at::Tensor& indices, int64_t n) {
   const int64_t lo = lo_t.item<int64_t>(), hi = hi_t.item<int64_t>();
   if (hi < 0) return groups;
   if (lo == hi) {
-    groups.push_back({hi, at::Tensor()});
+    groups.push_back({hi, {}});
     return groups;
   }
   at::Tensor slots = std::get<0>(at::_unique(idx));
   for (int64_t i = 0; i < slots.size(0); ++i) {
     const int64_t s = slots[i].item<int64_t>();
-    if (s >= 0) groups.push_back({s, idx.eq(s).nonzero().squeeze(1)});
+    if (s < 0) continue;
+    at::Tensor rows = idx.eq(s).nonzero().squeeze(1).contiguous();
+    const int64_t* r = rows.data_ptr<int64_t>();
+    groups.push_back({s, std::vector<int64_t>(r, r + rows.size(0))});
   }
   return groups;
 }
@@ -103,6 +109,38 @@ const Plan& plan_for(at::TensorList a, at::TensorList b, double scale, c10::IntA
   return plans.emplace(key, std::move(plan)).first->second;
 }
 
+// x[rows] and out[rows] += d as plain row loops: on the few rows of a decode step
+// index_select + index_add_ cost ~40 us a layer inside the engine (measured, torch profiler;
+// index_add_ goes through scatter_add_ with an expanded index), more than the matmuls.
+at::Tensor gather_rows(const at::Tensor& x, const std::vector<int64_t>& rows) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  if (x.stride(1) != 1) return x.index_select(0, at::tensor(rows));
+  at::Tensor xs = at::empty({n, x.size(1)}, x.options());
+  const size_t bytes = x.size(1) * x.element_size();
+  const char* src = static_cast<const char*>(x.data_ptr());
+  char* dst = static_cast<char*>(xs.data_ptr());
+  for (int64_t i = 0; i < n; ++i)
+    std::memcpy(dst + i * bytes, src + rows[i] * x.stride(0) * x.element_size(), bytes);
+  return xs;
+}
+
+void scatter_add_rows(at::Tensor& out, const std::vector<int64_t>& rows, const at::Tensor& d) {
+  if (out.stride(1) != 1 || !d.is_contiguous()) {
+    out.index_add_(0, at::tensor(rows), d);
+    return;
+  }
+  const int64_t cols = out.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "lora_rows", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* s = d.data_ptr<scalar_t>();
+    for (size_t i = 0; i < rows.size(); ++i) {
+      scalar_t* dst = o + rows[i] * out.stride(0);
+      const scalar_t* src = s + i * cols;
+      for (int64_t c = 0; c < cols; ++c) dst[c] += src[c];
+    }
+  });
+}
+
 void lora_linear(const at::Tensor& y, const at::Tensor& x, at::TensorList a, at::TensorList b,
                  double scale, c10::IntArrayRef slices, const at::Tensor& indices) {
   at::Tensor x2 = x.view({-1, x.size(-1)}), y2 = y.view({-1, y.size(-1)});
@@ -110,11 +148,11 @@ void lora_linear(const at::Tensor& y, const at::Tensor& x, at::TensorList a, at:
     const Plan& p = plan_for(a, b, scale, slices, g.slot, y.scalar_type());
     if (!p.any) continue;
     at::Tensor out = y2.size(1) == p.b.size(1) ? y2 : y2.narrow(1, 0, p.b.size(1));
-    if (!g.rows.defined()) {
+    if (g.rows.empty()) {
       out.addmm_(x2.to(at::kFloat).mm(p.a).to(y.scalar_type()), p.b);
     } else {
-      at::Tensor xs = x2.index_select(0, g.rows).to(at::kFloat);
-      out.index_add_(0, g.rows, xs.mm(p.a).to(y.scalar_type()).mm(p.b));
+      at::Tensor xs = gather_rows(x2, g.rows).to(at::kFloat);
+      scatter_add_rows(out, g.rows, xs.mm(p.a).to(y.scalar_type()).mm(p.b));
     }
   }
 }

@@ -311,7 +311,8 @@ def test_cpp_kernel_is_built_and_computes_the_definition():
     """tunewire::lora_linear's C++ kernel (serving_service/cpu_lora_ops.cpp) builds on this
     machine and computes what the row-by-row definition and its Python twin compute: three slots
     and base rows in one batch, slots whose weights are zeros in a slice, rows past the step's
-    own tokens (padding) left alone; weights rewritten in a slot are used after forget()."""
+    own tokens (padding) left alone; weights rewritten in a slot are used after forget(); and in
+    bfloat16 (its row loops are typed), equal to the twin."""
     from serving_service import cpu_lora_compile
 
     assert cpu_lora_compile.load_kernels() == "c++"  # a compiler is there: no silent fallback
@@ -335,6 +336,17 @@ def test_cpp_kernel_is_built_and_computes_the_definition():
         torch.testing.assert_close(twin, want, rtol=1e-4, atol=1e-4)
         untouched = (live < 0).nonzero().squeeze(1)
         assert torch.equal(got[untouched], y[untouched])  # base and padding rows, bit for bit
+    # bfloat16 (the row loops are typed): the C++ kernel and the Python twin (index_add_) agree
+    a16, b16 = tuple(t.bfloat16() for t in a), tuple(t.bfloat16() for t in b)
+    cpu_lora.forget()
+    torch.ops.tunewire_cpp.set_step(10)
+    x, y = torch.randn(10, 24).bfloat16(), torch.randn(10, 20).bfloat16()
+    got, twin = y.clone(), y.clone()
+    torch.ops.tunewire.lora_linear(got, x, list(a16), list(b16), 0.5, list(slices), idx)
+    cpu_lora.lora_linear(twin, x, a16, b16, 0.5, slices, cpu_lora._groups(idx))
+    torch.testing.assert_close(got, twin)
+    assert torch.equal(got[[1, 4, 9]], y[[1, 4, 9]])
+    assert not torch.equal(got, y)
 
 
 def test_a_stale_build_lock_does_not_hang_the_kernel_load():
