@@ -82,6 +82,7 @@ class GenParams:
     top_k: int = 0                   # 0 = off
     seed: int | None = None          # per-request sampling seed
     stop: tuple[str, ...] = ()       # stop strings (not included in the output)
+    min_tokens: int = 0              # neither EOS nor a stop string ends the output before this
     json_schema: dict | None = None  # constrain the output to this JSON schema
     json_object: bool = False        # constrain the output to any JSON object
     regex: str = ""                  # constrain the whole output to this regular expression
@@ -96,6 +97,8 @@ class GenParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must be in [0, max_tokens]")
         if sum([self.json_schema is not None, self.json_object, bool(self.regex), bool(self.choices)]) > 1:
             raise ValueError("json_schema, json_object, regex and choices are exclusive")
 
@@ -228,7 +231,8 @@ class VllmEngine:
         sampling = SamplingParams(
             max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
             top_k=params.top_k, seed=params.seed, stop=list(params.stop) or None,
-            structured_outputs=structured, output_kind=RequestOutputKind.DELTA)
+            min_tokens=params.min_tokens, structured_outputs=structured,
+            output_kind=RequestOutputKind.DELTA)
 
         stream = engine.generate(prompt, sampling, request_id=request_id,
                                  lora_request=lora_request)

@@ -69,6 +69,7 @@ class GenerationRequest:
     top_k: int = 0                                # 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_tokens: int = 0                           # no EOS / stop string before this many tokens
     response_format: str = "text"                 # text | json_object | json_schema | regex | choice
     json_schema: str = ""                         # schema text for json_schema
     strict: bool = False                          # json_schema: reject keywords the backend cannot enforce
@@ -125,6 +126,8 @@ class Generator:
             raise invalid("sampling.top_k", "must be >= 0")
         if len(req.stop) > 16 or any(not s for s in req.stop):
             raise invalid("sampling.stop", "at most 16 non-empty strings")
+        if not 0 <= req.min_tokens <= max_tokens:
+            raise invalid("sampling.min_tokens", f"must be in [0, max_tokens = {max_tokens}]")
         if req.time_limit_ms < 0:
             raise invalid("time_limit_ms", "must be >= 0")
         if req.adapter:
@@ -165,6 +168,7 @@ class Generator:
                                               strict=req.strict, regex=req.regex, choices=req.choices)
             params = GenParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                top_k=req.top_k, seed=req.seed, stop=tuple(req.stop),
+                               min_tokens=req.min_tokens,
                                json_schema=c.engine_schema if c.kind == "json_schema" else None,
                                json_object=c.kind == "json_object", regex=c.regex, choices=c.choices)
             deadline = req.deadline

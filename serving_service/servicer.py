@@ -30,7 +30,8 @@ def request_from_proto(r, context=None) -> GenerationRequest:
     return GenerationRequest(
         adapter=r.adapter, prompt=r.prompt, messages=tuple((m.role, m.content) for m in r.messages),
         max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
-        seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop), response_format=fmt,
+        seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop), min_tokens=s.min_tokens,
+        response_format=fmt,
         json_schema=f.json_schema.schema if fmt == "json_schema" else "",
         strict=fmt == "json_schema" and f.json_schema.strict,
         regex=f.regex.pattern if fmt == "regex" else "",

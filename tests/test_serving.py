@@ -249,6 +249,26 @@ def test_each_validation_failure_is_failed_precondition_and_others_keep_serving(
     wait_state(srv, "good@v1", spb.Adapter.STATE_UNLOADED)
 
 
+def test_min_tokens_holds_off_stop_strings_and_eos(srv):
+    """sampling.min_tokens (TGIS min_new_tokens, vLLM min_tokens): a stop string the greedy output
+    reaches at once ends it early, unless min_tokens asks for more; out of [0, max_tokens] it is
+    INVALID_ARGUMENT on the field."""
+    def run(**sampling):
+        return srv.stub.Generate(spb.GenerateRequest(
+            prompt="alice is 21 years old", sampling=spb.SamplingParams(max_tokens=12, **sampling),
+            response_format=spb.ResponseFormat(text=spb.TextFormat())), timeout=120)
+
+    free = run()
+    assert len(free.text) >= 2
+    stopped = run(stop=[free.text[:2]])
+    assert stopped.finish_reason == spb.FINISH_REASON_STOP and stopped.completion_tokens < 12
+    held = run(stop=[free.text[:2]], min_tokens=12)
+    assert held.finish_reason == spb.FINISH_REASON_LENGTH and held.completion_tokens == 12
+    for bad in (13, -1):
+        _, fields = expect_error(lambda: run(min_tokens=bad), grpc.StatusCode.INVALID_ARGUMENT)
+        assert "sampling.min_tokens" in fields
+
+
 def test_watch_adapters_streams_state_changes(srv):
     srv.publish("watched", seed=30)
     events, started = [], threading.Event()

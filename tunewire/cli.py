@@ -269,7 +269,8 @@ def cmd_generate(args) -> int:
         fmt = pb.ResponseFormat(regex=pb.RegexFormat(pattern=args.regex))
     elif args.choice:
         fmt = pb.ResponseFormat(choice=pb.ChoiceFormat(choices=args.choice.split(",")))
-    sampling = pb.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    sampling = pb.SamplingParams(max_tokens=args.max_tokens, min_tokens=args.min_tokens,
+                                 temperature=args.temperature)
     common = dict(adapter=args.adapter, prompt=args.prompt, sampling=sampling, response_format=fmt,
                   time_limit_ms=args.time_limit_ms)
     stub = _serving(args)
@@ -471,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--choice", default="", help="comma-separated strings; the output is one of them")
     g.add_argument("--time-limit-ms", type=int, default=0)
     g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--min-tokens", type=int, default=0, help="no end-of-sequence or stop before this")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--stream", action="store_true")
     g.set_defaults(func=cmd_generate)
