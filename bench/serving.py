@@ -15,7 +15,8 @@ Parts (--parts, comma-separated; default all):
               and TTFT overhead (client-side, first streamed token).
   adapters    via gRPC: base only vs every request on an adapter, round-robin over 1, 4, 8
               random r=16 q/v peft adapters (init_lora_weights=False) published to a temp store
-              and loaded with LoadAdapter beforehand. Ratios vs base (target >= 0.8).
+              and loaded with LoadAdapter beforehand; min_tokens = max_tokens, so every request
+              generates the same number of tokens. Ratios vs base (target >= 0.8).
   structured  via gRPC: the same JSON-extraction prompts unconstrained vs `json_schema`
               constrained (max_tokens --json-max-tokens); tokens/s, requests/s, validity.
   hotload     via gRPC, while 8 background streams keep the engine busy: LoadAdapter of a newly
@@ -355,13 +356,15 @@ class Client:
         self.max_tokens = max_tokens
 
     async def stream(self, prompt: str, adapter: str = "", schema: dict | None = None,
-                     max_tokens: int | None = None, t_start: float | None = None):
+                     max_tokens: int | None = None, t_start: float | None = None,
+                     min_tokens: int = 0):
         """(ttft_s, latency_s, completion_tokens, extra); times from t_start if given."""
         pb = self.pb
         fmt = (pb.ResponseFormat(json_schema=pb.JsonSchemaFormat(schema=json.dumps(schema)))
                if schema is not None else None)
         req = pb.StreamGenerateRequest(prompt=prompt, adapter=adapter, response_format=fmt,
-                                       sampling=pb.SamplingParams(max_tokens=max_tokens or self.max_tokens))
+                                       sampling=pb.SamplingParams(max_tokens=max_tokens or self.max_tokens,
+                                                                  min_tokens=min_tokens))
         t = t_start if t_start is not None else time.perf_counter()
         ttft, n, last, text = None, 0, None, []
         async for m in self.stub.StreamGenerate(req, timeout=600):
@@ -410,9 +413,11 @@ async def grpc_parts(args, address: str, adapters: dict[str, Path], results: dic
             for label, k in (("base", 0), ("1 adapter", 1), ("4 adapters", 4), ("8 adapters", 8)):
                 idx = iter(range(10**9))
 
+                # min_tokens = max_tokens: every request generates the same number of tokens
+                # (otherwise base requests stop at EOS sooner than random adapters do)
                 async def send(p, k=k, idx=idx):
                     a = names[next(idx) % k] if k else ""
-                    return await cl.stream(p, adapter=a)
+                    return await cl.stream(p, adapter=a, min_tokens=args.max_tokens)
                 await run_workload(send, items[:max(c, k)], c)                  # warm-up
                 res[label] = await run_workload(send, items, c)
                 res[label]["adapters"] = k
