@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from tunewire.errors import DeadlineExceeded, ResourceExhausted
+from tunewire import reasons as R
+from tunewire.errors import TunewireError
 
 QUEUE_DEPTH = Gauge("tunewire_serving_admission_queue_depth", "Requests waiting for admission.")
 RUNNING = Gauge("tunewire_serving_requests_running", "Requests admitted to the engine.")
@@ -87,10 +88,10 @@ class Admission:
     async def _wait(self, key: str, deadline: float | None) -> None:
         if len(self._waiters) >= self.max_queued:
             REJECTED.labels("queue_full").inc()
-            raise ResourceExhausted("ADMISSION_QUEUE_FULL",
-                                    f"{self.running} requests running and {len(self._waiters)} queued; "
-                                    "retry later or on another replica", retry_after_s=self.retry_after_s,
-                                    metadata={"max_queued": str(self.max_queued)})
+            raise TunewireError(R.QUEUE_FULL,
+                                f"{self.running} requests running and {len(self._waiters)} queued; "
+                                "retry later or on another replica", retry_after_s=self.retry_after_s,
+                                metadata={"max_queued": str(self.max_queued)})
         w = _Waiter(key, asyncio.get_running_loop().create_future())
         self._waiters.append(w)
         QUEUE_DEPTH.set(len(self._waiters))
@@ -110,8 +111,8 @@ class Admission:
                 w.future.cancel()
             if isinstance(e, TimeoutError):
                 REJECTED.labels("deadline").inc()
-                raise DeadlineExceeded("DEADLINE_EXCEEDED_IN_QUEUE",
-                                       "the deadline passed while the request waited for admission") from None
+                raise TunewireError(R.DEADLINE_EXCEEDED_IN_QUEUE,
+                                    "the deadline passed while the request waited for admission") from None
             raise
         finally:
             if w in self._waiters:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunewire import features  # called as features.X, so a test can count the body loads
+from tunewire import features, loading  # called as loading.X, so a test can count the body loads
 from tunewire.adapters import base_model_fingerprint
 from tunewire.errors import invalid
 
@@ -102,8 +102,8 @@ class HeadClassifier:
         return self._model
 
     def _load(self) -> _Model:
-        tokenizer = features.load_tokenizer(self.base_model)
-        body = features.load_body(self.base_model)
+        tokenizer = loading.load_tokenizer(self.base_model)
+        body = loading.load_body(self.base_model)
         return _Model(tokenizer=tokenizer, body=body, pad_id=features.pad_id(tokenizer),
                       hidden_size=int(body.config.hidden_size),
                       fingerprint=base_model_fingerprint(self.base_model))

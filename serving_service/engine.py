@@ -170,10 +170,6 @@ class VllmEngine:
         """The HF tokenizer the engine uses (for chat templates)."""
         return self._require().get_tokenizer()
 
-    def render_chat(self, messages: list[dict]) -> str:
-        return self.tokenizer().apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False)
-
     async def add_lora(self, name: str, lora_id: int, path: str) -> None:
         """Load an adapter into the engine and register it; raises EngineError on failure."""
         from vllm.lora.request import LoRARequest

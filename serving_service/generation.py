@@ -28,7 +28,9 @@ from prometheus_client import Counter, Histogram
 from serving_service.admission import Admission
 from serving_service.registry import AdapterRegistry, parse_ref
 from serving_service.structured import STRUCTURED, StructuredOutputs, check_output
-from tunewire.errors import DeadlineExceeded, InvalidArgument, TunewireError, Unavailable, invalid
+from tunewire import reasons as R
+from tunewire.chat import ROLES, render_prompt
+from tunewire.errors import TunewireError, invalid
 
 REQUESTS = Counter("tunewire_serving_requests_total", "Generation requests by adapter and outcome.",
                    ["adapter", "outcome"])
@@ -37,7 +39,6 @@ TTFT = Histogram("tunewire_serving_ttft_seconds", "Time to first token.", ["adap
 LATENCY = Histogram("tunewire_serving_e2e_latency_seconds", "End-to-end generation latency.", ["adapter"],
                     buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
 TOKENS = Counter("tunewire_serving_tokens_total", "Prompt and completion tokens.", ["adapter", "kind"])
-ROLES = {"system", "user", "assistant"}
 
 
 class LabelLimiter:
@@ -110,11 +111,11 @@ class Generator:
         if bool(req.prompt) == bool(req.messages):
             raise invalid("prompt", "exactly one of prompt and messages is required")
         if len(req.prompt) + sum(len(c) for _, c in req.messages) > self.max_prompt_chars:
-            raise InvalidArgument("PROMPT_TOO_LONG", f"the prompt is over {self.max_prompt_chars} characters",
-                                  field_violations={"prompt": "longer than max_prompt_chars"})
+            raise TunewireError(R.PROMPT_TOO_LONG, f"the prompt is over {self.max_prompt_chars} characters",
+                                field_violations={"prompt": "longer than max_prompt_chars"})
         for i, (role, _) in enumerate(req.messages):
             if role not in ROLES:
-                raise invalid(f"messages[{i}].role", f"must be one of {sorted(ROLES)}")
+                raise invalid(f"messages[{i}].role", f"must be one of {ROLES}")
         max_tokens = req.max_tokens or self.default_max_tokens
         if not 1 <= max_tokens <= self.max_model_len:
             raise invalid("sampling.max_tokens", f"must be in [1, {self.max_model_len}]")
@@ -137,7 +138,7 @@ class Generator:
     def tokenize(self, adapter: str, text: str) -> list[tuple[int, str, int, int]]:
         """(id, token text, start, end) for each token of `text`, offsets into `text`."""
         if not self.engine.ready:
-            raise Unavailable("ENGINE_NOT_READY", "the engine is still starting")
+            raise TunewireError(R.ENGINE_NOT_READY, "the engine is still starting")
         if adapter:  # adapters share the base tokenizer; an unknown one is NOT_FOUND like Generate
             self.registry.check_known(adapter)
         enc = self.engine.tokenizer()(text, return_offsets_mapping=True)
@@ -156,7 +157,7 @@ class Generator:
         from serving_service.engine import GenParams  # engine imports vllm; keep it lazy
 
         if not self.engine.ready:
-            raise Unavailable("ENGINE_NOT_READY", "the engine is still starting")
+            raise TunewireError(R.ENGINE_NOT_READY, "the engine is still starting")
         # Metric label: "base", or the adapter's name once it resolved (bounded by LabelLimiter);
         # names that never resolve are "unknown", so random names cannot mint labels.
         label = "unknown" if req.adapter else "base"
@@ -175,13 +176,14 @@ class Generator:
             if req.time_limit_ms:
                 limit = time.monotonic() + req.time_limit_ms / 1000
                 deadline = limit if deadline is None else min(deadline, limit)
-            prompt = req.prompt or self.engine.render_chat([{"role": r, "content": t} for r, t in req.messages])
+            prompt = req.prompt or render_prompt(self.engine.tokenizer(),
+                                                 [{"role": r, "content": t} for r, t in req.messages])
             n_prompt = len(self.engine.tokenizer().encode(prompt))
             if n_prompt + max_tokens > self.max_model_len:
-                raise InvalidArgument("PROMPT_TOO_LONG",
-                                      f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds "
-                                      f"the context length {self.max_model_len}",
-                                      field_violations={"prompt": "too long for max_model_len"})
+                raise TunewireError(R.PROMPT_TOO_LONG,
+                                    f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds "
+                                    f"the context length {self.max_model_len}",
+                                    field_violations={"prompt": "too long for max_model_len"})
             rid = req.request_id or uuid.uuid4().hex
             async with self.admission.slot(req.adapter.partition("@")[0], deadline) as queued_ms:
                 adapter_ctx = self.registry.using(req.adapter) if req.adapter else _no_adapter()
@@ -194,9 +196,9 @@ class Generator:
                     try:
                         async for d in self.engine.generate(rid, prompt, params, lora):
                             if d.finish_reason == "abort" and watchdog.fired:
-                                raise DeadlineExceeded("DEADLINE_EXCEEDED",
-                                                       "the deadline passed while generating; the engine "
-                                                       "request was aborted")
+                                raise TunewireError(R.DEADLINE_EXCEEDED,
+                                                    "the deadline passed while generating; the engine "
+                                                    "request was aborted")
                             if first is None and (d.text or d.completion_tokens):
                                 first = time.perf_counter()
                                 TTFT.labels(label).observe(first - started)

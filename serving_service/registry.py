@@ -38,7 +38,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from serving_service.config import LORA_TARGETS
 from tunewire.adapters import NAME_RE, VERSION_RE, Manifest, read_manifest, resolve_in_store
-from tunewire.errors import FailedPrecondition, NotFound, ResourceExhausted, TunewireError, invalid
+from tunewire import reasons as R
+from tunewire.errors import TunewireError, invalid
 
 log = logging.getLogger("tunewire.serving.adapters")
 
@@ -148,7 +149,7 @@ def parse_ref(ref: str, field_name: str = "adapter") -> tuple[str, str]:
     name, _, version = ref.partition("@")
     if not NAME_RE.match(name) or ("@" in ref and not VERSION_RE.match(version)):
         raise invalid(field_name, "must be name or name@version (name: [a-z0-9][a-z0-9_-]{0,62}, "
-                      "version: v<N>)", "ADAPTER_NAME_INVALID")
+                      "version: v<N>)", R.ADAPTER_NAME_INVALID)
     return name, version
 
 
@@ -174,47 +175,47 @@ class AdapterRegistry:
     def validate(self, path: Path, *, version: str = "", manifest_sha256: str = "") -> Manifest:
         m = read_manifest(path)  # checksums of every file
         if manifest_sha256 and manifest_sha256 != m.sha256:
-            raise FailedPrecondition("ADAPTER_MANIFEST_SHA256_MISMATCH",
-                                     f"manifest sha256 is {m.sha256}, not {manifest_sha256}")
+            raise TunewireError(R.ADAPTER_MANIFEST_SHA256_MISMATCH,
+                                f"manifest sha256 is {m.sha256}, not {manifest_sha256}")
         if version and version != m.version:
-            raise FailedPrecondition("ADAPTER_VERSION_MISMATCH",
-                                     f"{path} holds version {m.version}, not {version}")
+            raise TunewireError(R.ADAPTER_VERSION_MISMATCH,
+                                f"{path} holds version {m.version}, not {version}")
         if m.kind != "lora":
-            raise FailedPrecondition("ADAPTER_KIND_UNSUPPORTED",
-                                     f"{path} holds a {m.kind}, not a LoRA adapter (use Classify)")
+            raise TunewireError(R.ADAPTER_KIND_UNSUPPORTED,
+                                f"{path} holds a {m.kind}, not a LoRA adapter (use Classify)")
         self._check_base(m)
         if json.loads((path / "adapter_config.json").read_text()).get("use_dora"):
-            raise FailedPrecondition("ADAPTER_DORA_UNSUPPORTED", "vLLM cannot serve DoRA adapters")
+            raise TunewireError(R.ADAPTER_DORA_UNSUPPORTED, "vLLM cannot serve DoRA adapters")
         if m.rank > self.max_lora_rank:
-            raise FailedPrecondition("ADAPTER_RANK_TOO_LARGE",
-                                     f"adapter rank {m.rank} exceeds max_lora_rank {self.max_lora_rank}")
+            raise TunewireError(R.ADAPTER_RANK_TOO_LARGE,
+                                f"adapter rank {m.rank} exceeds max_lora_rank {self.max_lora_rank}")
         unsupported = set(m.target_modules) - SUPPORTED_TARGETS
         if unsupported:
-            raise FailedPrecondition("ADAPTER_TARGET_UNSUPPORTED",
-                                     f"target modules {sorted(unsupported)} are not supported by the engine")
+            raise TunewireError(R.ADAPTER_TARGET_UNSUPPORTED,
+                                f"target modules {sorted(unsupported)} are not supported by the engine")
         undeployed = set(m.target_modules) - self.allowed_targets
         if undeployed:
-            raise FailedPrecondition("ADAPTER_TARGET_NOT_DEPLOYED",
-                                     f"target modules {sorted(undeployed)} are not among this server's "
-                                     f"lora_target_modules {sorted(self.allowed_targets)}")
+            raise TunewireError(R.ADAPTER_TARGET_NOT_DEPLOYED,
+                                f"target modules {sorted(undeployed)} are not among this server's "
+                                f"lora_target_modules {sorted(self.allowed_targets)}")
         return m
 
     def _check_base(self, m: Manifest) -> None:
         if m.base_model_fingerprint != self.base_fingerprint:
-            raise FailedPrecondition("BASE_MODEL_MISMATCH",
-                                     "the adapter was trained on a different base model than the one served",
-                                     metadata={"adapter_base": m.base_model_fingerprint[:16],
-                                               "served_base": self.base_fingerprint[:16]})
+            raise TunewireError(R.BASE_MODEL_MISMATCH,
+                                "the adapter was trained on a different base model than the one served",
+                                metadata={"adapter_base": m.base_model_fingerprint[:16],
+                                          "served_base": self.base_fingerprint[:16]})
 
     def resolve_head(self, ref: str) -> tuple[Path, Manifest]:
         """A feature-extraction head from the store ('name' = its latest version), verified."""
         name, version = parse_ref(ref, "head")
         path = self.store_root / name / (version or self._latest_in_store(name, "head"))
         if not path.is_dir():
-            raise NotFound("HEAD_NOT_FOUND", f"no head {ref!r} in the store", metadata={"head": ref})
+            raise TunewireError(R.HEAD_NOT_FOUND, f"no head {ref!r} in the store", metadata={"head": ref})
         m = read_manifest(path)
         if m.kind != "classifier":
-            raise FailedPrecondition("ADAPTER_KIND_UNSUPPORTED", f"{ref} is a {m.kind}, not a classifier head")
+            raise TunewireError(R.ADAPTER_KIND_UNSUPPORTED, f"{ref} is a {m.kind}, not a classifier head")
         self._check_base(m)
         return path, m
 
@@ -255,7 +256,7 @@ class AdapterRegistry:
                    if v.name == name and (not version or v.version == version)
                    and v.state == "READY"]
         if not targets and not (not version and name in self._active):
-            raise NotFound("ADAPTER_NOT_FOUND", f"adapter {ref!r} is not loaded", metadata={"adapter": ref})
+            raise TunewireError(R.ADAPTER_NOT_FOUND, f"adapter {ref!r} is not loaded", metadata={"adapter": ref})
         if not version or self._active.get(name) == version:
             self._active.pop(name, None)
         for v in targets:
@@ -310,14 +311,14 @@ class AdapterRegistry:
             version = self._active.get(name) or ""
         known = self._versions.get(f"{name}@{version}") if version else None
         if not self.lazy_load and trigger == "lazy":
-            raise NotFound("ADAPTER_NOT_FOUND", f"adapter {ref!r} is not loaded", metadata={"adapter": ref})
+            raise TunewireError(R.ADAPTER_NOT_FOUND, f"adapter {ref!r} is not loaded", metadata={"adapter": ref})
         if known is not None and known.state == "FAILED" and trigger == "lazy":
             raise known.failure  # a request does not retry a failed load; LoadAdapter does
         version = version or self._latest_in_store(name, "adapter")
         path = self.store_root / name / version
         if not path.is_dir():
-            raise NotFound("ADAPTER_NOT_FOUND", f"adapter {name}@{version} is not in the store",
-                           metadata={"adapter": ref})
+            raise TunewireError(R.ADAPTER_NOT_FOUND, f"adapter {name}@{version} is not in the store",
+                                metadata={"adapter": ref})
         entry = await self._ensure(name, version, path, trigger=trigger)
         if name not in self._active and "@" not in ref:
             self._active[name] = version  # first load of a bare name makes it the active one
@@ -329,8 +330,8 @@ class AdapterRegistry:
         nums = [int(p.name[1:]) for p in d.glob("v*") if VERSION_RE.match(p.name) and p.is_dir()] \
             if d.is_dir() else []
         if not nums:
-            raise NotFound("ADAPTER_NOT_FOUND", f"no adapter {name!r} is loaded or in the store",
-                           metadata={field_name: name})
+            raise TunewireError(R.ADAPTER_NOT_FOUND, f"no adapter {name!r} is loaded or in the store",
+                                metadata={field_name: name})
         return f"v{max(nums)}"
 
     async def _ensure(self, name: str, version: str, path: Path, *, trigger: str,
@@ -343,8 +344,8 @@ class AdapterRegistry:
             entry = self._versions.get(key)
             if entry is not None and entry.state == "READY" and entry.path == path:
                 if manifest_sha256 and entry.manifest and entry.manifest.sha256 != manifest_sha256:
-                    raise FailedPrecondition("ADAPTER_MANIFEST_SHA256_MISMATCH",
-                                             f"manifest sha256 is {entry.manifest.sha256}, not {manifest_sha256}")
+                    raise TunewireError(R.ADAPTER_MANIFEST_SHA256_MISMATCH,
+                                        f"manifest sha256 is {entry.manifest.sha256}, not {manifest_sha256}")
                 return entry
             while entry is not None and entry.state == "UNLOADING" and entry.lora_id:
                 await asyncio.sleep(0.01)  # it leaves the engine first (after draining); then a fresh id
@@ -362,7 +363,7 @@ class AdapterRegistry:
                 async with self._room:
                     try:
                         await self._make_room()
-                    except ResourceExhausted:  # a capacity problem, not the adapter's: not FAILED
+                    except TunewireError:  # ADAPTER_CAPACITY_EXHAUSTED: not the adapter's fault
                         entry.state = "EVICTED" if entry.load_time else "UNLOADED"
                         self._changed(entry)
                         raise
@@ -373,11 +374,11 @@ class AdapterRegistry:
                     phase("engine")
                 except Exception as e:  # noqa: BLE001 - the engine's reason goes to the caller
                     entry.lora_id = 0
-                    raise FailedPrecondition("ENGINE_REJECTED_ADAPTER",
-                                             f"the engine refused the adapter: {e}") from e
-            except ResourceExhausted:
-                raise
+                    raise TunewireError(R.ENGINE_REJECTED_ADAPTER,
+                                        f"the engine refused the adapter: {e}") from e
             except TunewireError as e:
+                if e.reason == R.ADAPTER_CAPACITY_EXHAUSTED:
+                    raise
                 entry.state, entry.failure = "FAILED", e
                 LOAD_FAILURES.labels(e.reason).inc()
                 self._changed(entry)
@@ -402,9 +403,9 @@ class AdapterRegistry:
                 if draining:  # a retired version leaves as soon as its requests finish
                     await asyncio.sleep(0.01)
                     continue
-                raise ResourceExhausted("ADAPTER_CAPACITY_EXHAUSTED",
-                                        f"all {self.max_resident} adapter slots hold pinned or busy adapters",
-                                        retry_after_s=1.0)
+                raise TunewireError(R.ADAPTER_CAPACITY_EXHAUSTED,
+                                    f"all {self.max_resident} adapter slots hold pinned or busy adapters",
+                                    retry_after_s=1.0)
             victim = min(idle, key=lambda v: v.last_used)
             victim.state = "EVICTED"  # synchronously: requests now reload it instead of using it
             lora_id = victim.lora_id
@@ -474,15 +475,15 @@ class AdapterRegistry:
         name, version = parse_ref(ref)
         version = version or self._active.get(name) or self._latest_in_store(name, "adapter")
         if f"{name}@{version}" not in self._versions and not (self.store_root / name / version).is_dir():
-            raise NotFound("ADAPTER_NOT_FOUND", f"no adapter {ref!r} is loaded or in the store",
-                           metadata={"adapter": ref})
+            raise TunewireError(R.ADAPTER_NOT_FOUND, f"no adapter {ref!r} is loaded or in the store",
+                                metadata={"adapter": ref})
 
     def get(self, ref: str) -> AdapterVersion:
         name, version = parse_ref(ref)
         version = version or self._active.get(name, "")
         entry = self._versions.get(f"{name}@{version}")
         if entry is None:
-            raise NotFound("ADAPTER_NOT_FOUND", f"adapter {ref!r} is not loaded", metadata={"adapter": ref})
+            raise TunewireError(R.ADAPTER_NOT_FOUND, f"adapter {ref!r} is not loaded", metadata={"adapter": ref})
         return entry
 
     async def watch(self, name: str = "") -> AsyncIterator[tuple[AdapterInfo, bool]]:

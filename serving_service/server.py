@@ -29,7 +29,7 @@ ENGINE_UNFINISHED = Gauge("tunewire_serving_engine_unfinished_requests",
                           "Requests the vLLM engine still tracks (queued or running).")
 
 
-async def serve(cfg: ServingConfig) -> None:
+async def serve(cfg: ServingConfig) -> int:
     from serving_service.engine import EngineConfig, VllmEngine
 
     model = str(Path(cfg.model).expanduser())
@@ -75,7 +75,7 @@ async def serve(cfg: ServingConfig) -> None:
     async def shutdown():
         engine.shutdown()
 
-    await run_server(name="serving", host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
+    return await run_server(name="serving", host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
                      add_servicers=add, startup=engine.start, drain=drain, shutdown=shutdown,
                      drain_seconds=cfg.drain_seconds, security=ServerSecurity.from_config(cfg),
                      health_port=cfg.health_port, max_message_bytes=cfg.max_message_bytes)
@@ -88,6 +88,7 @@ def _version(dist: str) -> str:
         return ""
 
 
-def main(cfg: ServingConfig) -> None:
+def main(cfg: ServingConfig) -> int:
+    """Runs the service until it is stopped; the process exit status (1: it could not start)."""
     setup_logging(cfg.log_level)
-    asyncio.run(serve(cfg))
+    return asyncio.run(serve(cfg))

@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2
 
 from serving_service.generation import Chunk, GenerationRequest, Generator
 from serving_service.registry import AdapterInfo, AdapterRegistry
+from tunewire import paging
 from tunewire.errors import TunewireError, invalid
+from tunewire.grpc_util import timestamp
 from tunewire.serving.v1 import serving_pb2 as pb
 from tunewire.serving.v1 import serving_pb2_grpc
 
@@ -41,22 +42,14 @@ def request_from_proto(r, context=None) -> GenerationRequest:
         deadline=time.monotonic() + remaining if remaining is not None else None)
 
 
-def _ts(unix: float) -> Timestamp | None:
-    if not unix:
-        return None
-    ts = Timestamp()
-    ts.FromNanoseconds(int(unix * 1e9))
-    return ts
-
-
 def adapter_to_proto(a: AdapterInfo) -> pb.Adapter:
     return pb.Adapter(
         name=a.name, version=a.version, uri=a.path, rank=a.rank, target_modules=a.target_modules,
         base_model_fingerprint=a.base_model_fingerprint, source_job=a.source_job,
-        state=pb.Adapter.State.Value(f"STATE_{a.state}"), load_time=_ts(a.load_time), load_ms=a.load_ms,
+        state=pb.Adapter.State.Value(f"STATE_{a.state}"), load_time=timestamp(a.load_time), load_ms=a.load_ms,
         request_count=a.requests, manifest_sha256=a.manifest_sha256,
         tier=pb.Adapter.Tier.Value(f"TIER_{a.tier}"), pinned=a.pinned, active=a.active,
-        size_bytes=a.size_bytes, last_used_time=_ts(a.last_used), inflight=a.inflight,
+        size_bytes=a.size_bytes, last_used_time=timestamp(a.last_used), inflight=a.inflight,
         failure_reason=a.failure_reason, failure_message=a.failure_message)
 
 
@@ -121,19 +114,14 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
 
     async def ListAdapters(self, request, context):
         adapters = self.registry.list(include_store=request.include_store)
-        if request.page_token and not request.page_token.isdigit():
-            raise invalid("page_token", "not a token from a previous ListAdapters")
-        start, size = int(request.page_token or 0), request.page_size or 100
-        if not 1 <= size <= 1000:
-            raise invalid("page_size", "must be in [1, 1000]")
-        page = adapters[start:start + size]
-        nxt = str(start + size) if start + size < len(adapters) else ""
+        page, nxt = paging.page(adapters, request.page_size, request.page_token,
+                                f"adapters/{int(request.include_store)}")
         return pb.ListAdaptersResponse(adapters=[adapter_to_proto(a) for a in page], next_page_token=nxt)
 
     async def WatchAdapters(self, request, context):
         async for info, initial in self.registry.watch(request.name):
             yield pb.WatchAdaptersResponse(adapter=adapter_to_proto(info), initial=initial,
-                                           time=_ts(time.time()))
+                                           time=timestamp(time.time()))
 
     async def Tokenize(self, request, context):
         tokens = self.generator.tokenize(request.adapter, request.text)

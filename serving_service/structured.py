@@ -1,7 +1,7 @@
 """Structured output: prepares the output constraint of one generation request, checks the answer.
 
     so = StructuredOutputs(engine.tokenizer)                      # once per server
-    c = await so.prepare("json_schema", schema=text, strict=False)  # raises InvalidArgument
+    c = await so.prepare("json_schema", schema=text, strict=False)  # raises TunewireError (INVALID_ARGUMENT)
     ... StructuredOutputsParams(json=c.engine_schema) ...          # regex=c.regex, choice=list(c.choices)
     ok, why = check_output(c, answer_text, finish_reason)
 
@@ -31,7 +31,8 @@ import regex as pyregex
 from jsonschema.validators import validator_for
 from prometheus_client import Counter, Histogram
 
-from tunewire.errors import InvalidArgument
+from tunewire import reasons as R
+from tunewire.errors import TunewireError
 
 COMPILE_SECONDS = Histogram("tunewire_serving_schema_compile_seconds",
                             "Structured-output grammar compile time.", ["cache"],
@@ -55,7 +56,7 @@ COMPILE_WORKERS = 2
 MATCH_TIMEOUT_S = 0.5
 _UNIMPLEMENTED = "Unimplemented keys: "
 _ONE_OF_FALLBACK = "oneOf not fully supported"
-_REASONS = {"regex": "REGEX_INVALID", "choice": "CHOICE_INVALID"}
+_REASONS = {"regex": R.REGEX_INVALID, "choice": R.CHOICE_INVALID}
 _STRICT_ONLY = (_UNIMPLEMENTED, "oneOf constraints are not supported")   # errors lenient mode lifts
 
 
@@ -72,14 +73,14 @@ class Constraint:
 
 
 @dataclass
-class _Failure(Exception):         # raised by the compile job, cached, re-raised as InvalidArgument
-    reason: str
+class _Failure(Exception):         # raised by the compile job, cached, re-raised as INVALID_ARGUMENT
+    reason: R.Reason
     problem: str
 
 
-def _error(kind: str, reason: str, problem: str) -> InvalidArgument:
+def _error(kind: str, reason: R.Reason, problem: str) -> TunewireError:
     f = FIELDS[kind]
-    return InvalidArgument(reason, f"{f}: {problem}", field_violations={f: problem})
+    return TunewireError(reason, f"{f}: {problem}", field_violations={f: problem})
 
 
 def _short(err: str) -> str:
@@ -115,8 +116,8 @@ class StructuredOutputs:
         if kind == "text":
             return Constraint("text")
         if kind not in KINDS:
-            raise InvalidArgument("INVALID_FIELD", f"response_format: unknown format {kind!r}",
-                                  field_violations={"response_format": f"must be one of {list(KINDS)}"})
+            raise TunewireError(R.INVALID_FIELD, f"response_format: unknown format {kind!r}",
+                                field_violations={"response_format": f"must be one of {list(KINDS)}"})
         started = time.perf_counter()
         payload = self._check_input(kind, schema, regex, choices)
         strict = strict and kind == "json_schema"
@@ -139,7 +140,7 @@ class StructuredOutputs:
                 parts = f
             except TimeoutError:   # a still-queued job is dropped, a running one finishes
                 # not cached: the schema may compile in time when the machine is less busy
-                raise _error(kind, "SCHEMA_COMPILE_TIMEOUT",
+                raise _error(kind, R.SCHEMA_COMPILE_TIMEOUT,
                              f"compiling took longer than {self.compile_timeout_s:g} s") from None
             self._cache[key] = parts
             if len(self._cache) > self.cache_size:
@@ -162,7 +163,7 @@ class StructuredOutputs:
                 except (pyregex.error, RecursionError, OverflowError) as e:
                     problem = f"invalid regex: {e}"
             if problem:
-                raise _error(kind, "REGEX_INVALID", problem)
+                raise _error(kind, R.REGEX_INVALID, problem)
             return regex
         if kind == "choice":
             choices = list(choices)
@@ -173,25 +174,25 @@ class StructuredOutputs:
                        f"longer than {self.max_schema_bytes} bytes in all"
                        if sum(len(c.encode()) for c in choices) > self.max_schema_bytes else "")
             if problem:
-                raise _error(kind, "CHOICE_INVALID", problem)
+                raise _error(kind, R.CHOICE_INVALID, problem)
             return choices
         size = len(schema.encode("utf-8"))
         if size > self.max_schema_bytes:
-            raise _error(kind, "SCHEMA_TOO_LARGE", f"{size} bytes, the limit is {self.max_schema_bytes}")
+            raise _error(kind, R.SCHEMA_TOO_LARGE, f"{size} bytes, the limit is {self.max_schema_bytes}")
         if not schema.strip():
-            raise _error(kind, "JSON_SCHEMA_INVALID", "required")
+            raise _error(kind, R.JSON_SCHEMA_INVALID, "required")
         try:
             parsed = json.loads(schema)
         except (ValueError, RecursionError) as e:
-            raise _error(kind, "JSON_SCHEMA_INVALID", f"not valid JSON: {e}") from None
+            raise _error(kind, R.JSON_SCHEMA_INVALID, f"not valid JSON: {e}") from None
         if parsed is True:
             parsed = {}                    # `true` matches anything, like {}
         if parsed is False:
-            raise _error(kind, "JSON_SCHEMA_INVALID", "the schema `false` matches nothing")
+            raise _error(kind, R.JSON_SCHEMA_INVALID, "the schema `false` matches nothing")
         if not isinstance(parsed, dict):
-            raise _error(kind, "JSON_SCHEMA_INVALID", "must be a JSON object")
+            raise _error(kind, R.JSON_SCHEMA_INVALID, "must be a JSON object")
         if _too_deep(parsed):
-            raise _error(kind, "SCHEMA_TOO_LARGE", f"nested more than {MAX_NESTING} levels deep")
+            raise _error(kind, R.SCHEMA_TOO_LARGE, f"nested more than {MAX_NESTING} levels deep")
         # Keys keep their order: llguidance emits properties in schema order, so two schemas that
         # differ only in key order are different constraints.
         return parsed
@@ -228,20 +229,20 @@ class StructuredOutputs:
             err, _ = self._match(_json_grammar({"type": "object"}) if kind == "json_object"
                                  else llguidance.grammar_from(kind, payload))
             if err:
-                raise _Failure(_REASONS.get(kind, "SCHEMA_COMPILE_FAILED"), _short(err))
+                raise _Failure(_REASONS.get(kind, R.SCHEMA_COMPILE_FAILED), _short(err))
             if kind == "regex":
                 return {"regex": payload}
             return {"choices": tuple(payload)} if kind == "choice" else {}
         try:
             validator_for(payload).check_schema(payload)   # pure Python, ~1 s for 100 kB: off the loop
         except jsonschema.SchemaError as e:
-            raise _Failure("JSON_SCHEMA_INVALID",
+            raise _Failure(R.JSON_SCHEMA_INVALID,
                            f"not a valid JSON schema: {e.message} (at {e.json_path})") from None
         err, warns = self._match(_json_grammar(payload))
         if not err and not warns:
             return {"schema": payload, "engine_schema": payload}
         if err and not err.startswith(_STRICT_ONLY):
-            raise _Failure("SCHEMA_COMPILE_FAILED", _short(err))
+            raise _Failure(R.SCHEMA_COMPILE_FAILED, _short(err))
         # Either llguidance refused a keyword, or the client's own x-guidance made it lenient. The
         # lenient compile lists every unenforceable keyword (the strict error names only the first).
         guidance = payload.get("x-guidance")
@@ -249,7 +250,7 @@ class StructuredOutputs:
         lenient = {**payload, "x-guidance": {**guidance, "lenient": True}}
         lerr, lwarns = self._match(_json_grammar(lenient))
         if lerr:
-            raise _Failure("SCHEMA_COMPILE_FAILED", _short(lerr))
+            raise _Failure(R.SCHEMA_COMPILE_FAILED, _short(lerr))
         keywords: set[str] = set()
         for w in lwarns:
             if w.startswith(_UNIMPLEMENTED):   # 'Unimplemented keys: ["if", "then"]'
@@ -258,12 +259,12 @@ class StructuredOutputs:
             elif w.startswith(_ONE_OF_FALLBACK):
                 keywords.add("oneOf")      # approximated with anyOf
             else:                          # e.g. "Unknown format: foo-bar": lenient would drop it
-                raise _Failure("SCHEMA_COMPILE_FAILED", _short(w))
+                raise _Failure(R.SCHEMA_COMPILE_FAILED, _short(w))
         if not keywords:
-            raise _Failure("SCHEMA_COMPILE_FAILED", _short(err or "; ".join(warns)))
+            raise _Failure(R.SCHEMA_COMPILE_FAILED, _short(err or "; ".join(warns)))
         names = json.dumps(sorted(keywords))
         if strict:
-            raise _Failure("SCHEMA_UNSUPPORTED", f"schema keywords not supported in strict mode: {names}")
+            raise _Failure(R.SCHEMA_UNSUPPORTED, f"schema keywords not supported in strict mode: {names}")
         return {"schema": payload, "engine_schema": lenient,
                 "warnings": (f"schema keywords not enforced while decoding: {names}",)}
 
@@ -274,7 +275,7 @@ def _json_grammar(schema: dict) -> str:
     try:   # as vLLM's guidance backend with disable_any_whitespace=True
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
     except (ValueError, TypeError) as e:
-        raise _Failure("SCHEMA_COMPILE_FAILED", _short(str(e))) from None
+        raise _Failure(R.SCHEMA_COMPILE_FAILED, _short(str(e))) from None
 
 
 def check_output(c: Constraint, text: str, finish_reason: str | None) -> tuple[bool, str]:

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tunewire.grpc_util import error_info
+from tunewire.status import error_info
 from tunewire.trainer.v1 import trainer_pb2 as tpb
 
 

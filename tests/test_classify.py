@@ -16,8 +16,8 @@ import pytest
 
 from serving_service.classify import HeadClassifier
 from trainer_service.recipe_classifier import ClassifierSettings, predict, run
-from tunewire import features
-from tunewire.errors import FailedPrecondition, InvalidArgument
+from tunewire import features, loading
+from tunewire.errors import TunewireError
 
 # Each label has its own names and cities in a shared template (as in test_recipe_classifier).
 WORDS = {"north": (("alice", "carol"), ("paris", "lima")),
@@ -110,13 +110,13 @@ def test_integer_labels_come_back_as_strings(clf, tiny_model_dir, tmp_path):
 
 def test_body_loads_once_for_concurrent_and_later_calls(tiny_model_dir, head, monkeypatch):
     loads = []
-    real = features.load_body
+    real = loading.load_body
 
     def counting(base_model):
         loads.append(base_model)
         return real(base_model)
 
-    monkeypatch.setattr(features, "load_body", counting)
+    monkeypatch.setattr(loading, "load_body", counting)
     c = HeadClassifier(tiny_model_dir)
     assert loads == []  # lazily: nothing at construction
 
@@ -151,7 +151,7 @@ def test_importing_the_module_is_cheap():
 ])
 def test_bad_texts_are_refused_before_anything_loads(tiny_model_dir, head, texts, field, problem):
     c = HeadClassifier(tiny_model_dir, max_texts=3, max_text_chars=10)
-    with pytest.raises(InvalidArgument) as e:
+    with pytest.raises(TunewireError) as e:
         classify(c, head, texts)
     assert e.value.reason == "INVALID_FIELD" and list(e.value.field_violations) == [field]
     assert problem in e.value.field_violations[field]
@@ -159,7 +159,7 @@ def test_bad_texts_are_refused_before_anything_loads(tiny_model_dir, head, texts
 
 
 def test_a_text_without_tokens_is_named_by_index(clf, head):
-    with pytest.raises(InvalidArgument) as e:
+    with pytest.raises(TunewireError) as e:
         classify(clf, head, ["alice", "bob", "carol", ""])  # this tokenizer adds no BOS
     assert e.value.field_violations == {"texts[3]": "the tokenizer makes no tokens of it"}
 
@@ -168,14 +168,14 @@ def test_a_text_without_tokens_is_named_by_index(clf, head):
 def test_a_head_of_another_base_model_is_refused(clf, head, tmp_path):
     other = broken_copy(head, tmp_path)
     edit_config(other, base_model_fingerprint="0" * 64)
-    with pytest.raises(FailedPrecondition) as e:
+    with pytest.raises(TunewireError) as e:
         classify(clf, other, ["alice"])
     assert e.value.reason == "CLASSIFIER_BASE_MODEL_MISMATCH"
 
     wider = broken_copy(head, tmp_path / "wider")
     hidden = json.loads((head / features.CONFIG_FILE).read_text())["hidden_size"]
     edit_config(wider, hidden_size=hidden * 2)
-    with pytest.raises(FailedPrecondition) as e:
+    with pytest.raises(TunewireError) as e:
         classify(clf, wider, ["alice"])
     assert e.value.reason == "CLASSIFIER_BASE_MODEL_MISMATCH" and "hidden size" in e.value.message
 
@@ -213,12 +213,12 @@ def _wrong_shape(d):
 def test_a_malformed_head_is_invalid(clf, head, tmp_path, breakage, problem):
     bad = broken_copy(head, tmp_path)
     breakage(bad)
-    with pytest.raises(FailedPrecondition) as e:
+    with pytest.raises(TunewireError) as e:
         classify(clf, bad, ["alice"])
     assert e.value.reason == "CLASSIFIER_INVALID" and problem in e.value.message, e.value.message
 
 
 def test_a_missing_directory_is_invalid(clf, tmp_path):
-    with pytest.raises(FailedPrecondition) as e:
+    with pytest.raises(TunewireError) as e:
         classify(clf, tmp_path / "nowhere", ["alice"])
     assert e.value.reason == "CLASSIFIER_INVALID"

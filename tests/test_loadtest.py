@@ -46,7 +46,7 @@ def _samples():
     S = lt.Sample
     return ([S("base", 0.010, tokens=8)] * 6 + [S("json", 0.020, tokens=5, valid=True)] * 2
             + [S("json", 0.030, tokens=16, valid=False)]
-            + [S("adapter", 0.001, "RESOURCE_EXHAUSTED", "ADMISSION_QUEUE_FULL", "queue full")] * 3
+            + [S("adapter", 0.001, "RESOURCE_EXHAUSTED", "QUEUE_FULL", "queue full")] * 3
             + [S("adapter", 0.002, "NOT_FOUND", "ADAPTER_NOT_FOUND", "no such adapter: x")])
 
 
@@ -56,7 +56,7 @@ def test_build_report_counts_histogram_errors_and_kinds():
     assert r.status == {"OK": 9, "RESOURCE_EXHAUSTED": 3, "NOT_FOUND": 1}
     assert list(r.status) == ["OK", "RESOURCE_EXHAUSTED", "NOT_FOUND"]  # OK first, then most frequent
     assert r.errors == [
-        {"code": "RESOURCE_EXHAUSTED", "reason": "ADMISSION_QUEUE_FULL", "count": 3, "message": "queue full"},
+        {"code": "RESOURCE_EXHAUSTED", "reason": "QUEUE_FULL", "count": 3, "message": "queue full"},
         {"code": "NOT_FOUND", "reason": "ADAPTER_NOT_FOUND", "count": 1, "message": "no such adapter: x"}]
     assert r.tokens == 6 * 8 + 2 * 5 + 16 and r.tokens_per_s == r.tokens / 2
     assert (r.json_ok, r.json_valid) == (3, 2)
@@ -68,7 +68,7 @@ def test_build_report_counts_histogram_errors_and_kinds():
     assert d["status"] == r.status and d["latency_ms"]["p99"] == pytest.approx(30)
     text = r.text()
     for needle in ("Count:         13", "Requests/sec:  6.50", "[OK]", "9 responses",
-                   "[3]  RESOURCE_EXHAUSTED ADMISSION_QUEUE_FULL: queue full", "JSON valid:    2/3",
+                   "[3]  RESOURCE_EXHAUSTED QUEUE_FULL: queue full", "JSON valid:    2/3",
                    "mix base=2,adapter=1,json=1", "p99"):
         assert needle in text, (needle, text)
 
@@ -100,7 +100,7 @@ class FakeServing(serving_pb2_grpc.ServingServiceServicer):
         await asyncio.sleep(0.005)
         if request.adapter == "full":
             info = any_pb2.Any()
-            info.Pack(error_details_pb2.ErrorInfo(reason="ADMISSION_QUEUE_FULL", domain="tunewire"))
+            info.Pack(error_details_pb2.ErrorInfo(reason="QUEUE_FULL", domain="tunewire"))
             st = status_pb2.Status(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="queue full",
                                    details=[info])
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full",
@@ -138,7 +138,7 @@ def test_run_load_closed_loop_mix_and_errors():
     assert set(report.kinds) == {"base", "adapter", "json"}
     full = sum(r.adapter == "full" for r in serving.seen)
     assert full > 0 and report.status["RESOURCE_EXHAUSTED"] == full and report.ok == report.count - full
-    assert report.errors[0]["reason"] == "ADMISSION_QUEUE_FULL" and report.errors[0]["message"] == "queue full"
+    assert report.errors[0]["reason"] == "QUEUE_FULL" and report.errors[0]["message"] == "queue full"
     assert report.json_ok == report.json_valid == report.kinds["json"]["ok"] > 0
     assert report.tokens == 4 * report.ok and all(r.sampling.max_tokens == 7 for r in serving.seen)
     assert report.latency_ms["min"] >= 5 and report.duration_s >= 0.5

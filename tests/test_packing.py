@@ -10,7 +10,7 @@ import torch
 from test_recipe import ListReporter, person_rows, spec_for, write_jsonl
 from trainer_service import common, data, packing
 from trainer_service.recipe_lora import run
-from tunewire.errors import JobFailure
+from tunewire.errors import TunewireError
 
 
 def random_rows(n: int, seed: int = 0, vocab: int = 300) -> list[dict]:
@@ -125,9 +125,9 @@ def test_recipe_with_packing_trains_on_fewer_steps_per_epoch(tiny_model_dir, tmp
 def test_packing_is_refused_with_several_processes(tiny_model_dir, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", person_rows())
     spec = spec_for(tiny_model_dir, path, packing=True, num_processes=2)
-    with pytest.raises(JobFailure) as e:
+    with pytest.raises(TunewireError) as e:
         run(spec, tmp_path / "out", ListReporter(), should_stop=lambda: False)
-    assert e.value.reason == "PACKING_UNSUPPORTED" and e.value.user_error
+    assert e.value.reason == "PACKING_UNSUPPORTED" and e.value.job_error()["user_error"]
 
 
 def _full_head_loss(model, batch, reduction):

@@ -9,7 +9,7 @@ import pytest
 
 from trainer_service import data
 from trainer_service.preflight import validate_dataset
-from tunewire.errors import InvalidArgument, JobFailure
+from tunewire.errors import TunewireError
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_jsonl_reports_every_bad_row(tmp_path, tokenizer):
     capped = validate_dataset(path, tokenizer, 256, max_errors=3)
     assert len(capped.errors) == 3 and capped.error_count == 10
     # load_examples stops at the first of them
-    with pytest.raises(JobFailure) as e:
+    with pytest.raises(TunewireError) as e:
         data.load_examples(path)
     assert e.value.message.startswith("training data line 2: field completion: is missing")
 
@@ -114,7 +114,7 @@ def test_parquet_problems_name_the_row(tmp_path, tokenizer):
     pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
     report = validate_dataset(tmp_path / "d.parquet", tokenizer, 256)
     assert codes(report) == [("train", 2, "completion")] and report.unit == "row"
-    with pytest.raises(JobFailure) as e:
+    with pytest.raises(TunewireError) as e:
         data.load_examples(tmp_path / "d.parquet")
     assert e.value.reason == "DATASET_INVALID" and "row 2: field completion" in e.value.message
 
@@ -212,7 +212,7 @@ def test_classification_counts_labels_and_is_not_tokenized_for_lm(tmp_path, toke
     assert report.coverage_mean is None and report.eos_untrained is None
     assert report.fit.trained_tokens_per_epoch is None and report.fit.steps == 1
     json.dumps(report.to_dict())
-    with pytest.raises(JobFailure, match="classification data for a feature-extraction"):
+    with pytest.raises(TunewireError, match="classification data for a feature-extraction"):
         data.tokenize_example(rows[0], tokenizer, 64)
     bad = write_jsonl(tmp_path / "b.jsonl", [rows[0], {"text": "x"}, {"text": "y", "label": "1"},
                                              {"text": "z", "label": 1.5}])
@@ -269,17 +269,17 @@ def test_text_rows_with_some_labels_are_classification_missing_labels():
 
 def test_mixed_formats_are_invalid(tmp_path):
     rows = [pc(0), {"text": "a"}, chat("q", "a"), {"text": "b"}]
-    with pytest.raises(JobFailure) as e:
+    with pytest.raises(TunewireError) as e:
         data.detect_format(rows, lines=[1, 3, 4, 7], unit="line")
     assert e.value.reason == "DATASET_INVALID"
     assert e.value.message.startswith("training data line 3: is a text row but the file's "
                                       "format is prompt_completion")
-    with pytest.raises(JobFailure) as e:
+    with pytest.raises(TunewireError) as e:
         data.load_examples(write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 0},
                                                               {"text": "b", "label": 1},
                                                               chat("q", "a")]))
     assert e.value.reason == "DATASET_INVALID" and "line 3: is a messages row" in e.value.message
-    with pytest.raises(JobFailure) as e:
+    with pytest.raises(TunewireError) as e:
         data.detect_format([])
     assert e.value.reason == "DATASET_EMPTY"
     # prompt/completion and chat rows both train only the completion, so they may share a file
@@ -317,7 +317,7 @@ def test_resolve_data_path_confines_to_the_root(tmp_path):
              ("missing.jsonl", "DATASET_NOT_FOUND"),
              ("sub", "DATASET_NOT_FOUND")]
     for path, reason in cases:
-        with pytest.raises(InvalidArgument) as e:
+        with pytest.raises(TunewireError) as e:
             data.resolve_data_path(path, root, field)
         assert e.value.reason == reason, path
         assert list(e.value.field_violations) == [field] and e.value.message.startswith(field)

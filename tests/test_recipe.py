@@ -11,7 +11,7 @@ import torch
 from trainer_service import data
 from trainer_service.recipe_lora import Cancelled, run
 from trainer_service.spec import Hyperparameters, JobSpec, LoraSpec
-from tunewire.errors import JobFailure
+from tunewire.errors import TunewireError
 
 PEOPLE = [("alice", 20, "paris"), ("bob", 21, "oslo"), ("carol", 22, "lima"), ("dave", 23, "rome")]
 
@@ -92,7 +92,7 @@ def test_truncation_keeps_the_start_and_drops_examples_without_labels(tokenizer)
     rows, stats = data.tokenize_dataset([ex, {"prompt": "x " * 50, "completion": "y"}], tokenizer,
                                         max_seq_length=n_prompt + 2)
     assert (stats.examples, stats.truncated, stats.dropped) == (1, 1, 1)
-    with pytest.raises(JobFailure) as e:
+    with pytest.raises(TunewireError) as e:
         data.tokenize_dataset([ex], tokenizer, max_seq_length=8)
     assert e.value.reason == "DATASET_EMPTY"
 
@@ -114,9 +114,9 @@ def test_collate_pads_dynamically():
 ])
 def test_bad_rows_name_their_line_and_field(tmp_path, bad, needle):
     path = write_jsonl(tmp_path / "d.jsonl", [person_rows()[0], "", bad, person_rows()[1]])
-    with pytest.raises(JobFailure) as e:
+    with pytest.raises(TunewireError) as e:
         data.load_examples(path)
-    assert e.value.reason == "DATASET_INVALID" and e.value.user_error
+    assert e.value.reason == "DATASET_INVALID" and e.value.job_error()["user_error"]
     assert "line 3:" in e.value.message and needle in e.value.message
 
 
@@ -124,9 +124,9 @@ def test_load_examples_reads_both_shapes_and_rejects_empty(tmp_path):
     msgs = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
     rows = data.load_examples(write_jsonl(tmp_path / "d.jsonl", [person_rows()[0], msgs]))
     assert rows == [person_rows()[0], msgs]
-    with pytest.raises(JobFailure) as e:
+    with pytest.raises(TunewireError) as e:
         data.load_examples(write_jsonl(tmp_path / "e.jsonl", [""]))
-    assert e.value.reason == "DATASET_EMPTY" and e.value.user_error
+    assert e.value.reason == "DATASET_EMPTY" and e.value.job_error()["user_error"]
 
 
 # -- the recipe -------------------------------------------------------------------------------
@@ -191,14 +191,14 @@ def test_unknown_target_module_fails_the_job(tiny_model_dir, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", person_rows())
     spec = JobSpec(base_model=str(tiny_model_dir), training_data=path, adapter_name="demo",
                    lora=LoraSpec(target_modules=("no_such_proj",)))
-    with pytest.raises(JobFailure) as e:
+    with pytest.raises(TunewireError) as e:
         run(spec, tmp_path / "out", ListReporter(), lambda: False)
-    assert e.value.reason == "TARGET_MODULES_INVALID" and e.value.user_error
+    assert e.value.reason == "TARGET_MODULES_INVALID" and e.value.job_error()["user_error"]
 
 
 def test_missing_base_model_is_a_user_error(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", person_rows())
     spec = JobSpec(base_model=str(tmp_path / "nope"), training_data=path, adapter_name="demo")
-    with pytest.raises(JobFailure) as e:
+    with pytest.raises(TunewireError) as e:
         run(spec, tmp_path / "out", ListReporter(), lambda: False)
-    assert e.value.reason == "BASE_MODEL_INVALID" and e.value.user_error
+    assert e.value.reason == "BASE_MODEL_INVALID" and e.value.job_error()["user_error"]

@@ -14,7 +14,7 @@ from trainer_service import recipe_classifier
 from trainer_service.recipe_classifier import (Cancelled, ClassifierSettings, macro_f1, predict,
                                                run)
 from tunewire.adapters import base_model_fingerprint, sha256_file
-from tunewire.errors import JobFailure
+from tunewire.errors import TunewireError
 
 # Each label has its own names and cities; the template and the ages are shared, so only those
 # words separate the classes. (A random body is a poor feature extractor: shuffled filler words
@@ -209,7 +209,7 @@ def expect_failure(model_dir, tmp_path, train_items, *, val_items=None, reason="
     train = write_jsonl(tmp_path / "train.jsonl", train_items)
     val = write_jsonl(tmp_path / "val.jsonl", val_items) if val_items is not None else None
     loaded = []
-    with pytest.raises(JobFailure) as e:
+    with pytest.raises(TunewireError) as e:
         mp = pytest.MonkeyPatch()
         mp.setattr(recipe_classifier, "_load_body", lambda b: loaded.append(b))
         try:
@@ -217,7 +217,7 @@ def expect_failure(model_dir, tmp_path, train_items, *, val_items=None, reason="
                 ListReporter(), should_stop=lambda: False)
         finally:
             mp.undo()
-    assert e.value.reason == reason and e.value.user_error
+    assert e.value.reason == reason and e.value.job_error()["user_error"]
     assert match in e.value.message, e.value.message
     assert not loaded  # data errors come before the model is loaded
     return e.value
@@ -255,10 +255,10 @@ def test_missing_and_empty_files_fail(tiny_model_dir, tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     for path, reason in ((tmp_path / "nope.jsonl", "DATASET_NOT_FOUND"),
                          (tmp_path / "empty.jsonl", "DATASET_EMPTY")):
-        with pytest.raises(JobFailure) as e:
+        with pytest.raises(TunewireError) as e:
             run(settings_for(tiny_model_dir, str(path)), tmp_path / "out", ListReporter(),
                 should_stop=lambda: False)
-        assert e.value.reason == reason and e.value.user_error
+        assert e.value.reason == reason and e.value.job_error()["user_error"]
 
 
 def test_settings_are_checked():

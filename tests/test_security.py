@@ -26,7 +26,8 @@ from harness import expect_error, free_port, health_status, start_service
 from trainer_service.config import TrainerConfig
 from trainer_service.server import ServingHandoff
 from tunewire import cli
-from tunewire.grpc_util import ServerInterceptor, error_info
+from tunewire.grpc_util import ServerInterceptor
+from tunewire.status import error_info
 from tunewire.security import ServerSecurity, channel, sync_channel
 from tunewire.serving.v1 import serving_pb2, serving_pb2_grpc
 from tunewire.trainer.v1 import trainer_pb2 as tpb

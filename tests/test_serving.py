@@ -482,7 +482,7 @@ def test_classify_with_a_published_head(srv):
 
 def test_loadtest_smoke_within_and_past_capacity(srv):
     """`run_load` on loopback: a base/adapter/JSON mix within capacity (6 <= 4 running + 4 queued)
-    has no error; a burst of 16 long generations is refused only with ADMISSION_QUEUE_FULL."""
+    has no error; a burst of 16 long generations is refused only with QUEUE_FULL."""
     import asyncio
 
     from tunewire.loadtest import DEFAULT_SCHEMA, run_load
@@ -509,6 +509,6 @@ def test_loadtest_smoke_within_and_past_capacity(srv):
     refused = burst.status.get("RESOURCE_EXHAUSTED", 0)
     assert refused > 0 and burst.ok >= 8, burst.text()
     assert set(burst.status) == {"OK", "RESOURCE_EXHAUSTED"}, burst.text()
-    assert [(e["code"], e["reason"]) for e in burst.errors] == [("RESOURCE_EXHAUSTED", "ADMISSION_QUEUE_FULL")]
+    assert [(e["code"], e["reason"]) for e in burst.errors] == [("RESOURCE_EXHAUSTED", "QUEUE_FULL")]
     srv.wait_engine_idle()
     assert srv.metrics()["tunewire_serving_admission_queue_depth"] == 0

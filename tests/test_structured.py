@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from serving_service.structured import Constraint, StructuredOutputs, check_output
-from tunewire.errors import InvalidArgument
+from tunewire.errors import TunewireError
 
 SCHEMA_FIELD = "response_format.json_schema.schema"
 REGEX_FIELD = "response_format.regex.pattern"
@@ -39,8 +39,8 @@ def prepare(so, kind, **kw) -> Constraint:
     return asyncio.run(so.prepare(kind, **kw))
 
 
-def refused(so, kind, **kw) -> InvalidArgument:
-    with pytest.raises(InvalidArgument) as e:
+def refused(so, kind, **kw) -> TunewireError:
+    with pytest.raises(TunewireError) as e:
         prepare(so, kind, **kw)
     return e.value
 

@@ -14,7 +14,7 @@ from trainer_service.spec import Hyperparameters, JobSpec, LoraSpec
 from trainer_service.store import JobStore
 from tunewire import adapters
 from tunewire.config import load_config
-from tunewire.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from tunewire.errors import TunewireError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def test_registry_refuses_adapters_outside_the_deployed_targets(tiny_model_dir, 
                          max_lora_rank=16, max_resident=2, deployed_targets=("q_proj", "v_proj"))
     assert qv.allowed_targets == {"q_proj", "k_proj", "v_proj"}
     assert qv.validate(publish("kv", ("k_proj", "v_proj"))).target_modules
-    with pytest.raises(FailedPrecondition) as e:
+    with pytest.raises(TunewireError) as e:
         qv.validate(publish("qo", ("q_proj", "o_proj")))
     assert e.value.reason == "ADAPTER_TARGET_NOT_DEPLOYED" and "o_proj" in e.value.message
     every = AdapterRegistry(None, store_root=tmp_path / "store", base_fingerprint=fingerprint,
@@ -83,7 +83,7 @@ def test_registry_refuses_adapters_outside_the_deployed_targets(tiny_model_dir, 
     (lambda: JobSpec(base_model="", training_data="d", adapter_name="a"), "training_job.base_model"),
 ])
 def test_spec_errors_name_the_field(make, field):
-    with pytest.raises(InvalidArgument) as e:
+    with pytest.raises(TunewireError) as e:
         make()
     assert field in e.value.field_violations
 
@@ -106,8 +106,9 @@ def test_store_seq_is_per_job_and_gapless(tmp_path):
     assert [e.seq for e in store.history(a.id)] == [1, 2, 3]
     assert [e.seq for e in store.history(a.id, after_seq=2)] == [3]
     assert store.get(b.id).state == "RUNNING" and store.get(b.id).last_seq == 1
-    with pytest.raises(NotFound):
+    with pytest.raises(TunewireError) as e:
         store.get("missing")
+    assert (e.value.code, e.value.reason) == ("NOT_FOUND", "JOB_NOT_FOUND")
 
 
 def test_store_idempotent_create_and_paging(tmp_path):
@@ -115,8 +116,9 @@ def test_store_idempotent_create_and_paging(tmp_path):
     first, created = store.create('{"x": 1}', "h", "req-1")
     again, created2 = store.create('{"x": 1}', "h", "req-1")
     assert created and not created2 and again.id == first.id
-    with pytest.raises(AlreadyExists):
+    with pytest.raises(TunewireError) as e:
         store.create('{"x": 2}', "h", "req-1")
+    assert (e.value.code, e.value.reason) == ("ALREADY_EXISTS", "REQUEST_ID_REUSED")
     for i in range(4):
         store.create(json.dumps({"i": i}), "h", None)
     seen, token = [], ""
@@ -126,8 +128,14 @@ def test_store_idempotent_create_and_paging(tmp_path):
         if not token:
             break
     assert len(seen) == len(set(seen)) == 5
-    with pytest.raises(InvalidArgument):
-        store.list(page_token="%%%")
+    for bad in ("%%%", "NQ==", token_of_another_list(store)):  # garbage, a raw offset, another filter
+        with pytest.raises(TunewireError) as e:
+            store.list(page_size=2, page_token=bad)
+        assert (e.value.code, e.value.reason) == ("INVALID_ARGUMENT", "PAGE_TOKEN_INVALID")
+
+
+def token_of_another_list(store) -> str:
+    return store.list(state="QUEUED", page_size=1)[1]
 
 
 def _fake_adapter(d: Path, r: int = 8, targets=("q_proj", "v_proj")) -> Path:
@@ -146,7 +154,7 @@ def test_publish_writes_versions_with_verified_manifests(tmp_path, tiny_model_di
     assert m1.rank == 8 and m1.target_modules == ("q_proj", "v_proj")
     assert m1.base_model_fingerprint == adapters.base_model_fingerprint(tiny_model_dir)
     (d1 / "adapter_model.safetensors").write_bytes(b"tampered")
-    with pytest.raises(FailedPrecondition) as e:
+    with pytest.raises(TunewireError) as e:
         adapters.read_manifest(d1)
     assert e.value.reason == "ADAPTER_CHECKSUM_MISMATCH"
     assert adapters.read_manifest(d2).version == "v2"
@@ -170,10 +178,12 @@ def test_store_paths_cannot_escape(tmp_path):
     (store / "a" / "v1").mkdir(parents=True)
     assert adapters.resolve_in_store(store, "a/v1") == (store / "a" / "v1").resolve()
     for uri in ("../outside", "/etc", "a/../../x"):
-        with pytest.raises(InvalidArgument):
+        with pytest.raises(TunewireError) as e:
             adapters.resolve_in_store(store, uri)
-    with pytest.raises(NotFound):
+        assert e.value.reason == "ADAPTER_URI_OUTSIDE_STORE" and e.value.code == "INVALID_ARGUMENT"
+    with pytest.raises(TunewireError) as e:
         adapters.resolve_in_store(store, "a/v9")
+    assert e.value.reason == "ADAPTER_NOT_IN_STORE" and e.value.code == "NOT_FOUND"
 
 
 def test_serving_endpoints_resolve_every_address():

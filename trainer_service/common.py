@@ -1,6 +1,6 @@
-"""Pieces every training recipe shares: loading the tokenizer and model, the learning-rate
-schedule, the completion-only loss, and saving. Recipes stay readable top to bottom and call
-these; nothing here knows which method is being trained.
+"""Pieces every training recipe shares: the learning-rate schedule, the completion-only loss,
+and saving an adapter (loading the base model is tunewire/loading.py). Recipes stay readable top
+to bottom and call these; nothing here knows which method is being trained.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from trainer_service import data
-from tunewire.errors import JobFailure
 
 
 def save_adapter(model, path: Path) -> Path:
@@ -21,46 +20,6 @@ def save_adapter(model, path: Path) -> Path:
     # peft also writes a model card; the adapter store holds only weights and config.
     (path / "README.md").unlink(missing_ok=True)
     return path
-
-
-def load_tokenizer(base_model: str):
-    from transformers import AutoTokenizer
-
-    if not (Path(base_model) / "config.json").is_file():
-        raise JobFailure("BASE_MODEL_INVALID", f"no model directory (config.json) at {base_model}",
-                         user_error=True)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base_model)
-    except Exception as e:  # noqa: BLE001 - any loader error means the directory is unusable
-        raise JobFailure("BASE_MODEL_INVALID", f"cannot load the tokenizer from {base_model}: "
-                         f"{type(e).__name__}: {e}", user_error=True) from None
-    if tokenizer.eos_token_id is None:
-        raise JobFailure("BASE_MODEL_INVALID", f"the tokenizer of {base_model} has no EOS token, "
-                         f"so the model could not learn to stop", user_error=True)
-    return tokenizer
-
-
-def stop_ids(base_model: str, tokenizer) -> set[int]:
-    """Tokens that end a generation on the server: the tokenizer's EOS and generation_config's."""
-    from transformers import GenerationConfig
-
-    ids = {tokenizer.eos_token_id}
-    try:
-        eos = GenerationConfig.from_pretrained(base_model).eos_token_id
-    except (OSError, ValueError):  # no generation_config.json: the tokenizer's EOS is all
-        return ids
-    return ids | ({eos} if isinstance(eos, int) else set(eos or ()))
-
-
-def load_model(base_model: str):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        # fp32: LoRA on CPU; half precision brings no speed there and costs accuracy.
-        return AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    except Exception as e:  # noqa: BLE001 - any loader error means the directory is unusable
-        raise JobFailure("BASE_MODEL_INVALID", f"cannot load a causal LM from {base_model}: "
-                         f"{type(e).__name__}: {e}", user_error=True) from None
 
 
 def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int) -> float:

@@ -46,7 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunewire.errors import JobFailure, invalid
+from tunewire import reasons as R
+from tunewire.chat import ROLES, render_prompt
+from tunewire.errors import TunewireError, invalid
 
 if TYPE_CHECKING:
     import torch
@@ -54,7 +56,6 @@ if TYPE_CHECKING:
 IGNORE = -100  # label of positions that carry no loss (prompt, padding)
 FORMATS = ("prompt_completion", "messages", "text", "classification")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
-ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 # The fields that mark a row's format; text/label rows are classification once any row has a label.
 _FAMILIES = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",),
              "text": ("text", "label")}
@@ -94,29 +95,29 @@ def resolve_data_path(path: str, data_root: str | Path, field: str) -> Path:
     """The real path of a data file named in a request, confined to `data_root`.
 
     `path` is absolute or relative to data_root. It must resolve (symlinks included) inside the
-    root, else InvalidArgument DATASET_PATH_INVALID; it must be an existing file (else
+    root, else INVALID_ARGUMENT DATASET_PATH_INVALID; it must be an existing file (else
     DATASET_NOT_FOUND) with a supported extension (else DATASET_PATH_INVALID). Returning the
     resolved path means a symlink swapped afterwards cannot redirect the read.
     """
     root = Path(data_root).resolve()
     if not path:
-        raise invalid(field, "is required", "DATASET_PATH_INVALID")
+        raise invalid(field, "is required", R.DATASET_PATH_INVALID)
     try:
         real = (root / path).resolve()  # an absolute `path` replaces the root here
     except (OSError, ValueError, RuntimeError) as e:  # NUL byte, symlink loop
         raise invalid(field, f"{path!r} is not a usable path ({e})",
-                      "DATASET_PATH_INVALID") from None
+                      R.DATASET_PATH_INVALID) from None
     if not real.is_relative_to(root):
         # Do not say where it leads: that would map files outside the root.
         raise invalid(field, f"{path!r} is outside the data directory (paths are relative to it)",
-                      "DATASET_PATH_INVALID")
+                      R.DATASET_PATH_INVALID)
     if not real.exists():
-        raise invalid(field, f"no file at {path!r}", "DATASET_NOT_FOUND")
+        raise invalid(field, f"no file at {path!r}", R.DATASET_NOT_FOUND)
     if not real.is_file():
-        raise invalid(field, f"{path!r} is not a file", "DATASET_NOT_FOUND")
+        raise invalid(field, f"{path!r} is not a file", R.DATASET_NOT_FOUND)
     if real.suffix.lower() not in EXTENSIONS:
         raise invalid(field, f"{path!r} is not a supported data file; use one of "
-                             f"{', '.join(EXTENSIONS)}", "DATASET_PATH_INVALID")
+                             f"{', '.join(EXTENSIONS)}", R.DATASET_PATH_INVALID)
     return real
 
 
@@ -329,9 +330,9 @@ def detect_format(rows: Sequence[object], *, lines: Sequence[int] | None = None,
     raw = list(zip(lines if lines is not None else range(1, len(rows) + 1), rows))
     fmt, _, issues = _detect(raw, unit)
     if issues:
-        raise JobFailure("DATASET_INVALID", issues[0].describe(unit), user_error=True)
+        raise TunewireError(R.DATASET_INVALID, issues[0].describe(unit))
     if fmt is None:
-        raise JobFailure("DATASET_EMPTY", "training data has no examples", user_error=True)
+        raise TunewireError(R.DATASET_EMPTY, "training data has no examples")
     return fmt
 
 
@@ -391,12 +392,12 @@ def load_examples(path: str | Path, *, scan: FileScan | None = None) -> list[dic
     """
     p = Path(path)
     if not p.is_file():
-        raise JobFailure("DATASET_NOT_FOUND", f"no training data file at {path}", user_error=True)
+        raise TunewireError(R.DATASET_NOT_FOUND, f"no training data file at {path}")
     scan = scan or scan_file(p)
     if scan.issues:
-        raise JobFailure("DATASET_INVALID", scan.issues[0].describe(scan.unit), user_error=True)
+        raise TunewireError(R.DATASET_INVALID, scan.issues[0].describe(scan.unit))
     if not scan.examples:
-        raise JobFailure("DATASET_EMPTY", f"training data {path} has no examples", user_error=True)
+        raise TunewireError(R.DATASET_EMPTY, f"training data {path} has no examples")
 
     import datasets  # heavy import; only the worker needs it
 
@@ -412,11 +413,11 @@ def load_examples(path: str | Path, *, scan: FileScan | None = None) -> list[dic
             ds = datasets.load_dataset(kind, data_files=str(p), split="train", cache_dir=cache,
                                        **options)
         except Exception as e:  # noqa: BLE001 - e.g. an extra field whose type changes
-            raise JobFailure("DATASET_INVALID", f"training data could not be loaded: "
-                             f"{type(e).__name__}: {e}", user_error=True) from None
+            raise TunewireError(R.DATASET_INVALID, f"training data could not be loaded: "
+                                f"{type(e).__name__}: {e}") from None
         if ds.num_rows != len(scan.examples):  # the two readers disagree: trust neither
-            raise JobFailure("DATASET_INVALID", f"training data: datasets read {ds.num_rows} "
-                             f"rows where the file has {len(scan.examples)}", user_error=True)
+            raise TunewireError(R.DATASET_INVALID, f"training data: datasets read {ds.num_rows} "
+                                f"rows where the file has {len(scan.examples)}")
         # The scan knows each row's format; Arrow rows carry every column, None where absent.
         return [_shape(row, example_format(ex)) for row, ex in zip(ds, scan.examples)]
 
@@ -431,25 +432,23 @@ def encode_example(example: dict, tokenizer, *,
 def _encode(example: dict, tokenizer, eos_ids: Collection[int]) -> tuple[list[int], list[int]]:
     eos = tokenizer.eos_token_id
     if "label" in example:
-        raise JobFailure("DATASET_INVALID", "text/label rows are classification data for a "
-                         "feature-extraction method, not causal-LM training; use prompt/"
-                         "completion, messages or text rows", user_error=True)
+        raise TunewireError(R.DATASET_INVALID, "text/label rows are classification data for a "
+                            "feature-extraction method, not causal-LM training; use prompt/"
+                            "completion, messages or text rows")
     if "text" in example:
         ids = tokenizer(example["text"]).input_ids
         ids = ids if ids and ids[-1] == eos else ids + [eos]  # unless the tokenizer adds it
         return ids, list(ids)
     if "messages" in example:
         msgs = example["messages"]
-        prefix_text = tokenizer.apply_chat_template(msgs[:-1], tokenize=False,
-                                                    add_generation_prompt=True)
+        prefix_text = render_prompt(tokenizer, msgs[:-1])  # exactly what serving sends
         full_text = tokenizer.apply_chat_template(msgs, tokenize=False)
         prefix = tokenizer(prefix_text, add_special_tokens=False).input_ids
         full = tokenizer(full_text, add_special_tokens=False).input_ids
         if full[:len(prefix)] != prefix:
-            raise JobFailure("DATASET_INVALID", "the chat template renders the conversation "
-                             "without the generation prompt as a prefix, so the assistant turn "
-                             "cannot be told apart; use prompt/completion rows instead",
-                             user_error=True)
+            raise TunewireError(R.DATASET_INVALID, "the chat template renders the conversation "
+                                "without the generation prompt as a prefix, so the assistant turn "
+                                "cannot be told apart; use prompt/completion rows instead")
         answer = full[len(prefix):]
         end = next((i for i, t in enumerate(answer) if t in eos_ids), None)
         # Keep the answer through its end-of-turn token; the template's text after it is never
@@ -484,7 +483,7 @@ def tokenize_example(example: dict, tokenizer, max_seq_length: int, *,
 def end_ids(tokenizer, eos_ids: Collection[int] | None = None) -> set[int]:
     """The tokens that end a turn: `eos_ids` (e.g. generation_config's) and the tokenizer's EOS."""
     if tokenizer.eos_token_id is None:
-        raise JobFailure("BASE_MODEL_INVALID", "the tokenizer has no EOS token", user_error=True)
+        raise TunewireError(R.BASE_MODEL_INVALID, "the tokenizer has no EOS token")
     return set(eos_ids or ()) | {tokenizer.eos_token_id}
 
 
@@ -512,9 +511,8 @@ def tokenize_dataset(examples: list[dict], tokenizer, max_seq_length: int, *,
         truncated += cut
         rows.append({"input_ids": ids, "labels": labels})
     if not rows:
-        raise JobFailure("DATASET_EMPTY", f"none of the {dropped} examples has a completion token "
-                         f"within max_seq_length={max_seq_length}, leaving nothing to train on",
-                         user_error=True)
+        raise TunewireError(R.DATASET_EMPTY, f"none of the {dropped} examples has a completion token "
+                            f"within max_seq_length={max_seq_length}, leaving nothing to train on")
     stats = TokenStats(examples=len(rows), truncated=truncated, dropped=dropped,
                        tokens=sum(len(r["input_ids"]) for r in rows),
                        label_tokens=sum(trained_tokens(r["labels"]) for r in rows))

@@ -34,12 +34,13 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from trainer_service.launcher import Launcher, WorkerHandle
 from trainer_service import artifacts, data, publisher
-from trainer_service.publisher import Handoff, HandoffError, error as _error
+from trainer_service.publisher import Handoff, HandoffError
 from trainer_service.spec import METHOD_FORMATS, Hyperparameters, JobSpec
 from trainer_service.uploads import Upload
 from trainer_service.store import STATES, TERMINAL, Entry, Job, JobStore
-from tunewire.errors import (FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
-                             Unauthenticated, invalid)
+from tunewire import paging
+from tunewire import reasons as R
+from tunewire.errors import TunewireError, invalid
 
 log = logging.getLogger("tunewire.trainer.jobs")
 
@@ -150,9 +151,9 @@ class JobService:
         if request_id is None or not self.store.find_request(request_id):
             queued = len(self.store.queued())
             if queued >= self.max_queued:
-                raise ResourceExhausted("QUEUE_FULL", f"{queued} jobs are queued (max_queued_jobs "
-                                        f"{self.max_queued}); retry after some finish",
-                                        metadata={"queued": str(queued), "retry_after_seconds": "60"})
+                raise TunewireError(R.QUEUE_FULL, f"{queued} jobs are queued (max_queued_jobs "
+                                    f"{self.max_queued}); retry after some finish",
+                                    metadata={"queued": str(queued)}, retry_after_s=60)
         job, created = self.store.create(spec.to_json(), "", request_id, spec.priority)
         if created:
             CREATED.inc()
@@ -165,9 +166,9 @@ class JobService:
         the data root, and the method can learn from the data's format. Returns the spec with the
         data paths resolved."""
         if spec.hyperparameters.num_nodes > 1 and not getattr(self.launcher, "multi_node", False):
-            raise FailedPrecondition("MULTI_NODE_UNSUPPORTED",
-                                     "num_nodes > 1 needs the Kubernetes launcher (launcher = \"kubernetes\")",
-                                     metadata={"num_nodes": str(spec.hyperparameters.num_nodes)})
+            raise TunewireError(R.MULTI_NODE_UNSUPPORTED,
+                                "num_nodes > 1 needs the Kubernetes launcher (launcher = \"kubernetes\")",
+                                metadata={"num_nodes": str(spec.hyperparameters.num_nodes)})
         base = self.resolve_model(spec.base_model, "training_job.base_model")
         spec = dataclasses.replace(spec, base_model=str(base))
         train = data.resolve_data_path(spec.training_data, self.data_root, "training_job.training_data.path")
@@ -175,12 +176,12 @@ class JobService:
                if spec.validation_data else "")
         for f, path in (("training_job.training_data.path", train), ("training_job.validation_data.path", val)):
             if path and path.stat().st_size > self.max_dataset_bytes:
-                raise InvalidArgument("DATASET_TOO_LARGE", f"{path.name} is over {self.max_dataset_bytes} bytes",
-                                      field_violations={f: f"larger than max_dataset_bytes ({self.max_dataset_bytes})"})
+                raise TunewireError(R.DATASET_TOO_LARGE, f"{path.name} is over {self.max_dataset_bytes} bytes",
+                                    field_violations={f: f"larger than max_dataset_bytes ({self.max_dataset_bytes})"})
         fmt = data.scan_file(train).format
         if fmt and fmt not in METHOD_FORMATS[spec.method]:
-            raise InvalidArgument(
-                "METHOD_DATA_MISMATCH", f"{spec.method} cannot learn from {fmt} rows; it needs "
+            raise TunewireError(
+                R.METHOD_DATA_MISMATCH, f"{spec.method} cannot learn from {fmt} rows; it needs "
                 f"{' or '.join(METHOD_FORMATS[spec.method])}",
                 field_violations={"training_job.training_data.path": f"{fmt} data does not fit {spec.method}"})
         return dataclasses.replace(spec, training_data=str(train), validation_data=str(val) if val else "")
@@ -193,9 +194,9 @@ class JobService:
         try:
             real = (self.model_root / Path(path).expanduser()).resolve()
         except (OSError, ValueError, RuntimeError):
-            raise invalid(field, f"{path!r} is not a usable path", "MODEL_PATH_INVALID") from None
+            raise invalid(field, f"{path!r} is not a usable path", R.MODEL_PATH_INVALID) from None
         if not real.is_relative_to(self.model_root):
-            raise invalid(field, f"{path!r} is outside the model directory", "MODEL_PATH_INVALID")
+            raise invalid(field, f"{path!r} is outside the model directory", R.MODEL_PATH_INVALID)
         if not (real / "config.json").is_file():
             raise invalid(field, f"no model directory at {path}")
         return real
@@ -208,13 +209,14 @@ class JobService:
                          measure_step_time: bool = False):
         """The pre-flight report (blocking: run it in a thread). Paths are confined to the data root.
         With measure_step_time a warm-up step is timed in a subprocess (this process loads no model)."""
-        from trainer_service import common, preflight  # tokenizers: loaded only when asked
+        from trainer_service import preflight  # tokenizers: loaded only when asked
+        from tunewire import loading
 
         base_model = str(self.resolve_model(base_model, "base_model"))
         train = data.resolve_data_path(training_data, self.data_root, "training_data.path")
         val = data.resolve_data_path(validation_data, self.data_root, "validation_data.path") if validation_data else None
-        tokenizer = common.load_tokenizer(base_model)
-        eos = common.stop_ids(base_model, tokenizer)
+        tokenizer = loading.load_tokenizer(base_model)
+        eos = loading.stop_ids(base_model, tokenizer)
         args = dict(validation_path=val, eos_ids=eos, batch_size=batch_size, num_epochs=num_epochs,
                     max_steps=max_steps)
         report = preflight.validate_dataset(train, tokenizer, max_seq_length, **args)
@@ -225,7 +227,7 @@ class JobService:
         done = subprocess.run([sys.executable, "-m", "trainer_service.warmup"], input=spec.to_json(),
                               capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
-            raise FailedPrecondition("WARMUP_FAILED", f"the warm-up step failed: {done.stderr.strip()[-500:]}")
+            raise TunewireError(R.WARMUP_FAILED, f"the warm-up step failed: {done.stderr.strip()[-500:]}")
         seconds = json.loads(done.stdout.strip().splitlines()[-1])["step_seconds"]
         return preflight.validate_dataset(train, tokenizer, max_seq_length, step_seconds=seconds, **args)
 
@@ -247,7 +249,7 @@ class JobService:
     async def cancel(self, job_id: str) -> Job:
         job = self.store.get(job_id)
         if job.terminal:
-            raise FailedPrecondition("JOB_ALREADY_TERMINAL", f"job {job_id} is already {job.state}")
+            raise TunewireError(R.JOB_ALREADY_TERMINAL, f"job {job_id} is already {job.state}")
         if job.state == "PUBLISHING":  # the publisher finishes the cancel at its next step
             self._cancel_publish.add(job_id)
             self._event(job_id, "CANCEL_REQUESTED", "stopping the publication")
@@ -289,7 +291,7 @@ class JobService:
     def authenticate(self, job_id: str, token: str) -> Job:
         job = self.store.get(job_id)
         if not token or not hmac.compare_digest(job.token_hash, _hash(token)):
-            raise Unauthenticated("WORKER_TOKEN_INVALID", "bad worker token for this job")
+            raise TunewireError(R.WORKER_TOKEN_INVALID, "bad worker token for this job")
         return job
 
     def report_started(self, job_id: str, *, trainable: int, total: int, total_steps: int, pid: int) -> None:
@@ -321,6 +323,10 @@ class JobService:
             RESUMES.inc()
 
     def checkpoints(self, job_id: str, *, page_size: int, page_token: str) -> tuple[list[CheckpointInfo], str]:
+        """One page of the job's checkpoints (tunewire/paging.py rules)."""
+        return paging.page(self._checkpoints(job_id), page_size, page_token, f"checkpoints/{job_id}")
+
+    def _checkpoints(self, job_id: str) -> list[CheckpointInfo]:
         """The job's checkpoints, from its CHECKPOINT_SAVED events; the lowest eval_loss is best."""
         self.store.get(job_id)
         found = [CheckpointInfo(step=int(e.payload["metrics"].get("step", 0)), metrics=e.payload["metrics"],
@@ -330,27 +336,25 @@ class JobService:
         if found:
             best = min(found, key=lambda c: (c.metrics.get("eval_loss", math.inf), c.step))
             best.best = True
-        start = int(page_token) if page_token.isdigit() else 0
-        nxt = str(start + page_size) if start + page_size < len(found) else ""
-        return found[start:start + page_size], nxt
+        return found
 
     async def publish_checkpoint(self, job_id: str, step: int) -> dict:
         """Publishes one checkpoint of a finished job (and hands it to serving); returns the result."""
         job = self.store.get(job_id)
         if not job.terminal:
-            raise FailedPrecondition("JOB_NOT_FINISHED", f"job {job_id} is {job.state}; wait for it to end")
-        found = [c for c in self.checkpoints(job_id, page_size=1 << 30, page_token="")[0] if c.step == step]
+            raise TunewireError(R.JOB_NOT_FINISHED, f"job {job_id} is {job.state}; wait for it to end")
+        found = [c for c in self._checkpoints(job_id) if c.step == step]
         if not found:
-            raise NotFound("CHECKPOINT_NOT_FOUND", f"job {job_id} has no checkpoint at step {step}")
+            raise TunewireError(R.CHECKPOINT_NOT_FOUND, f"job {job_id} has no checkpoint at step {step}")
         if not Path(found[0].uri).is_dir():
-            raise FailedPrecondition("CHECKPOINT_DELETED", f"the checkpoint at step {step} is no longer on disk")
+            raise TunewireError(R.CHECKPOINT_DELETED, f"the checkpoint at step {step} is no longer on disk")
         state, result, error = await publisher.publish(
             JobSpec.from_json(job.spec), job_id, Path(found[0].uri), found[0].metrics,
             adapter_store=self.adapter_store, handoff=self.handoff,
             emit=lambda kind, msg, data=None, m=None: self._event(job_id, kind, msg, data, m),
             cancelled=lambda: False)
         if error:
-            raise FailedPrecondition(error["reason"], error["message"])
+            raise error
         self.store.update(job_id, result=result)
         return result
 
@@ -373,7 +377,7 @@ class JobService:
         job_dir = (self.data_dir / "jobs" / job_id).resolve()
         path = Path(adapter_dir).resolve()
         if job_dir not in path.parents:
-            raise InvalidArgument("ADAPTER_DIR_OUTSIDE_JOB", f"{adapter_dir} is outside the job directory")
+            raise TunewireError(R.ADAPTER_DIR_OUTSIDE_JOB, f"{adapter_dir} is outside the job directory")
         self._set_state(job_id, "PUBLISHING")
         self._spawn(self._publish(job_id, path, metrics))
 
@@ -404,7 +408,7 @@ class JobService:
                                                 report_address=self.report_address, token=token)
         except OSError as e:
             self._set_state(job.id, "FAILED", end_time=time.time(),
-                            error=_error("LAUNCH_FAILED", str(e), retryable=True))
+                            error=TunewireError(R.LAUNCH_FAILED, str(e)).job_error())
             return
         self._workers[job.id] = handle
         self.store.update(job.id, worker_pid=handle.pid)
@@ -432,9 +436,9 @@ class JobService:
                             f"{self.max_retries}, resuming from the last checkpoint")
                 self._set_state(job_id, "QUEUED")
             else:
-                self._set_state(job_id, "FAILED", end_time=time.time(), error=_error(
-                    "WORKER_CRASHED", f"worker exited with code {rc} before finishing, "
-                    f"{attempts} attempts; see worker.log", retryable=True))
+                self._set_state(job_id, "FAILED", end_time=time.time(), error=TunewireError(
+                    R.WORKER_CRASHED, f"worker exited with code {rc} before finishing, "
+                    f"{attempts} attempts; see worker.log").job_error())
         self._kick.set()
 
     async def _publish(self, job_id: str, artifact: Path, metrics: dict[str, float]) -> None:
@@ -448,13 +452,13 @@ class JobService:
         except Exception as e:  # noqa: BLE001 - a bug here must fail the job, not leave it PUBLISHING
             log.exception("publishing %s failed", job_id)
             state, result = "FAILED", None
-            error = publisher.error("PUBLISH_FAILED", f"publishing failed: {type(e).__name__}: {e}",
-                                         retryable=True)
+            error = TunewireError(R.PUBLISH_FAILED, f"publishing failed: {type(e).__name__}: {e}")
         PUBLISH_SECONDS.observe(time.perf_counter() - started)
         if job_id in self._cancel_publish and state == "SUCCEEDED":
             state = "CANCELLED"
         self._cancel_publish.discard(job_id)
-        self._set_state(job_id, state, result=result, error=error, end_time=time.time())
+        self._set_state(job_id, state, result=result, error=error and error.job_error(),
+                        end_time=time.time())
 
     def _append(self, job_id: str, kind: str, payload: dict, **fields) -> Entry:
         entry = self.store.append(job_id, kind, payload, **fields)

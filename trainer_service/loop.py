@@ -39,9 +39,11 @@ from typing import Protocol
 import torch
 
 from trainer_service import common, data, distributed, evaluation, packing, resume
+from tunewire import loading
 from trainer_service.resume import TrainState
 from trainer_service.spec import JobSpec
-from tunewire.errors import JobFailure
+from tunewire import reasons as R
+from tunewire.errors import TunewireError
 
 
 class Reporter(Protocol):
@@ -100,7 +102,7 @@ def prepare_data(spec: JobSpec, tokenizer, reporter: Reporter):
     the training rows, or packed rows with packing —, token stats). Reports DATASET_LOADED."""
     hp = spec.hyperparameters
     examples = data.load_examples(spec.training_data)
-    eos_ids = common.stop_ids(spec.base_model, tokenizer)
+    eos_ids = loading.stop_ids(spec.base_model, tokenizer)
     rows, stats = data.tokenize_dataset(examples, tokenizer, hp.max_seq_length, eos_ids=eos_ids)
     if spec.validation_data:
         val_rows, _ = data.tokenize_dataset(data.load_examples(spec.validation_data), tokenizer,
@@ -142,7 +144,7 @@ def train(spec: JobSpec, model, params: list[torch.nn.Parameter], optimizer: tor
     them), `train_rows` what the steps draw from (packed or not).
 
     Raises Cancelled when should_stop() is true (before every step and before saving),
-    JobFailure for a diverged loss or a resume state that does not continue the run.
+    TunewireError for a diverged loss or a resume state that does not continue the run.
     """
     hp = spec.hyperparameters
     rank = distributed.rank()
@@ -162,8 +164,8 @@ def train(spec: JobSpec, model, params: list[torch.nn.Parameter], optimizer: tor
         m = {"step": float(st.step), "loss_before": st.probe_loss, "loss_after": after,
              "abs_diff": abs(after - st.probe_loss)}
         if not resume.continuous(st.probe_loss, after):
-            raise JobFailure("RESUME_MISMATCH", f"the checkpoint at step {st.step} gives probe loss "
-                             f"{after:.6f}, not the {st.probe_loss:.6f} it was saved with")
+            raise TunewireError(R.RESUME_MISMATCH, f"the checkpoint at step {st.step} gives probe loss "
+                                f"{after:.6f}, not the {st.probe_loss:.6f} it was saved with")
         reporter.event("RESUMED", f"resumed at step {st.step}: probe loss {st.probe_loss:.6f} before, "
                        f"{after:.6f} after", {"from_step": str(st.step)}, m)
     t_start = time.perf_counter()
@@ -184,8 +186,8 @@ def train(spec: JobSpec, model, params: list[torch.nn.Parameter], optimizer: tor
 
         loss, loss_value, real_tokens = step_loss(train_model, chosen, counts, pad_id)
         if not math.isfinite(loss_value):
-            raise JobFailure("TRAINING_DIVERGED", f"loss is {loss_value} at step {step}; "
-                             f"try a lower learning_rate", user_error=True)
+            raise TunewireError(R.TRAINING_DIVERGED, f"loss is {loss_value} at step {step}; "
+                                f"try a lower learning_rate")
         with distributed.collective():  # DDP all-reduces the gradients during backward
             loss.backward()
         # Infinite max norm computes the norm without clipping (max_grad_norm 0 = no clip).

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from trainer_service import data
 from trainer_service.data import DatasetIssue
-from tunewire.errors import JobFailure
+from tunewire.errors import TunewireError
 
 __all__ = ["DatasetIssue", "DatasetReport", "FitEstimate", "Leakage", "LengthStats", "Repeats",
            "validate_dataset"]
@@ -168,7 +168,7 @@ def _as_trained(scan: data.FileScan, issues: list[DatasetIssue]) -> list[dict]:
         return scan.examples
     try:
         return data.load_examples(scan.path, scan=scan)
-    except JobFailure as e:
+    except TunewireError as e:
         issues.append(DatasetIssue(0, "", e.message))
         return scan.examples
 
@@ -188,7 +188,7 @@ def _measure_lm(examples: list[dict], lines: list[int], tokenizer, max_seq_lengt
     for ex, line in zip(examples, lines):
         try:
             ids, labels = data.encode_example(ex, tokenizer, eos_ids=eos_ids)
-        except JobFailure as e:  # e.g. a chat template that does not extend its own prefix
+        except TunewireError as e:  # e.g. a chat template that does not extend its own prefix
             if e.reason == "BASE_MODEL_INVALID":
                 raise
             issues.append(DatasetIssue(line, "messages" if "messages" in ex else "", e.message))

@@ -22,7 +22,8 @@ from typing import Protocol
 from trainer_service import data
 from trainer_service.spec import JobSpec
 from tunewire import adapters, evals
-from tunewire.errors import JobFailure
+from tunewire import reasons as R
+from tunewire.errors import TunewireError
 
 log = logging.getLogger("tunewire.trainer.publisher")
 
@@ -36,13 +37,9 @@ class Handoff(Protocol):
     async def generate(self, *, adapter: str, prompt: str, messages: list[dict], max_tokens: int) -> str: ...
 
 
-def error(reason: str, message: str, *, user_error: bool = False, retryable: bool = False) -> dict:
-    return {"reason": reason, "message": message, "user_error": user_error, "retryable": retryable}
-
-
 async def publish(spec: JobSpec, job_id: str, artifact: Path, metrics: dict[str, float], *,
                   adapter_store: Path, handoff: Handoff | None, emit: Callable,
-                  cancelled: Callable[[], bool]) -> tuple[str, dict | None, dict | None]:
+                  cancelled: Callable[[], bool]) -> tuple[str, dict | None, TunewireError | None]:
     if spec.method == "full":
         emit("ADAPTER_PUBLISHED", f"full model ready at {artifact}", {"uri": str(artifact)})
         return "SUCCEEDED", {"adapter": spec.adapter_name, "version": "", "uri": str(artifact),
@@ -54,7 +51,7 @@ async def publish(spec: JobSpec, job_id: str, artifact: Path, metrics: dict[str,
             base_model_dir=spec.base_model, source_job=f"trainingJobs/{job_id}")
     except Exception as e:  # noqa: BLE001 - any failure here fails the job, with the reason
         log.exception("publish failed", extra={"job": job_id})
-        return "FAILED", None, error("PUBLISH_FAILED", f"{type(e).__name__}: {e}", retryable=True)
+        return "FAILED", None, TunewireError(R.PUBLISH_FAILED, f"{type(e).__name__}: {e}")
     result = {"adapter": spec.adapter_name, "version": manifest.version, "uri": str(dest),
               "manifest_sha256": manifest.sha256, "metrics": metrics,
               "serving_loaded": False, "serving_message": "no serving endpoint configured"}
@@ -73,8 +70,8 @@ async def publish(spec: JobSpec, job_id: str, artifact: Path, metrics: dict[str,
     except HandoffError as e:
         result["serving_message"] = str(e)
         emit("SERVING_LOAD_FAILED", str(e))
-        return "FAILED", result, error("HANDOFF_FAILED", f"serving did not load the adapter (it stays "
-                                       f"in the store at {dest}): {e}", retryable=True)
+        return "FAILED", result, TunewireError(R.HANDOFF_FAILED, f"serving did not load the adapter "
+                                               f"(it stays in the store at {dest}): {e}")
     result.update(serving_loaded=True, serving_message=msg)
     emit("SERVING_LOADED", msg)
     if spec.json_schema and spec.validation_data:
@@ -119,7 +116,7 @@ async def json_eval(spec: JobSpec, handoff: Handoff, emit: Callable, limit: int 
                                                            max_tokens=max_tokens) for p, m, _ in cases))
 
         metrics = score_cases(await answers(spec.adapter_name), await answers(""), cases, schema)
-    except (HandoffError, ValueError, KeyError, JobFailure) as e:
+    except (HandoffError, ValueError, KeyError, TunewireError) as e:
         emit("EVAL_COMPLETED", f"JSON eval skipped: {e}")
         return {}
     emit("EVAL_COMPLETED", describe(metrics, len(cases), "through serving"), {}, metrics)

@@ -48,11 +48,11 @@ import torch.nn.functional as F
 
 from tunewire.adapters import base_model_fingerprint
 from trainer_service.recipe_lora import Cancelled, Reporter  # one protocol for every recipe
-from tunewire.errors import FailedPrecondition, JobFailure
-# The loaders are this module's attributes so that tests can replace them; predict was defined here.
-from tunewire.features import (POOLINGS, Label, encode, load_body as _load_body,
-                               load_tokenizer as _load_tokenizer, pad_id, pooled_features, predict,
-                               write_head)
+from tunewire import reasons as R
+from tunewire.errors import TunewireError
+from tunewire.features import POOLINGS, Label, encode, pad_id, pooled_features, predict, write_head
+# The body loader is this module's attribute so that tests can count or replace it.
+from tunewire.loading import load_body as _load_body, load_tokenizer
 
 __all__ = ["ClassifierSettings", "run", "predict", "macro_f1"]
 
@@ -111,7 +111,7 @@ def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
     """Trains the head and saves it to out_dir/"classifier"; returns the final metrics.
 
     Raises Cancelled when should_stop() is true (checked before every feature batch, every step
-    and before saving), JobFailure for bad input (user_error) or training that cannot go on.
+    and before saving), TunewireError for bad input or training that cannot go on.
     """
     s = settings
 
@@ -121,8 +121,7 @@ def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
     set_seed(s.seed)  # python, numpy and torch: head init and shuffling repeat
     torch.set_num_threads(int(os.environ.get("TUNEWIRE_TRAIN_THREADS", os.cpu_count() or 1)))
 
-    with _user_error():
-        tokenizer = _load_tokenizer(s.base_model)
+    tokenizer = load_tokenizer(s.base_model)
     # Data before the model: a bad file fails in seconds instead of after loading the weights.
     train_rows = _read_rows(s.training_data, "training")
     if s.validation_data is not None:
@@ -144,8 +143,7 @@ def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
                     "labels": str(len(labels)), "tokens": str(sum(train_tokens)),
                     "truncated": str(truncated), "max_seq_length": str(s.max_seq_length)})
 
-    with _user_error():
-        body = _load_body(s.base_model)
+    body = _load_body(s.base_model)
     body_params = sum(p.numel() for p in body.parameters())
     hidden = int(body.config.hidden_size)
     reporter.event("MODEL_LOADED", f"loaded {s.base_model}",
@@ -206,8 +204,8 @@ def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
 
                 loss = F.cross_entropy(head(train_z[batch]), train_y[batch])
                 if not torch.isfinite(loss):
-                    raise JobFailure("TRAINING_DIVERGED", f"loss is {loss.item()} at step {step}; "
-                                     f"try a lower learning_rate", user_error=True)
+                    raise TunewireError(R.TRAINING_DIVERGED, f"loss is {loss.item()} at step {step}; "
+                                        f"try a lower learning_rate")
                 loss.backward()
                 # An infinite max norm computes the norm and clips nothing.
                 grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), math.inf)
@@ -280,15 +278,15 @@ def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
-def _invalid(what: str, line: int, message: str) -> JobFailure:
-    return JobFailure("DATASET_INVALID", f"{what} data line {line}: {message}", user_error=True)
+def _invalid(what: str, line: int, message: str) -> TunewireError:
+    return TunewireError(R.DATASET_INVALID, f"{what} data line {line}: {message}")
 
 
 def _read_rows(path: str, what: str) -> list[_Row]:
     """Reads and checks a {"text", "label"} JSONL file; errors name the line and the field."""
     p = Path(path)
     if not p.is_file():
-        raise JobFailure("DATASET_NOT_FOUND", f"no {what} data file at {path}", user_error=True)
+        raise TunewireError(R.DATASET_NOT_FOUND, f"no {what} data file at {path}")
     rows: list[_Row] = []
     label_type: type | None = None
     try:
@@ -325,10 +323,9 @@ def _read_rows(path: str, what: str) -> list[_Row]:
                 label_type = type(label)
                 rows.append(_Row(line_no, text, label))
     except UnicodeDecodeError as e:
-        raise JobFailure("DATASET_INVALID", f"{what} data is not UTF-8 text: {e}",
-                         user_error=True) from None
+        raise TunewireError(R.DATASET_INVALID, f"{what} data is not UTF-8 text: {e}") from None
     if not rows:
-        raise JobFailure("DATASET_EMPTY", f"{what} data {path} has no examples", user_error=True)
+        raise TunewireError(R.DATASET_EMPTY, f"{what} data {path} has no examples")
     return rows
 
 
@@ -346,9 +343,8 @@ def _hold_out(rows: list[_Row], fraction: float, seed: int) -> tuple[list[_Row],
     if not held:  # tiny data: take one row of the largest label that can spare one
         largest = max(by_label.values(), key=len)
         if len(largest) < 2:
-            raise JobFailure("DATASET_INVALID", f"too few training examples ({len(rows)}) to hold "
-                             "out a validation split; add examples or give validation_data",
-                             user_error=True)
+            raise TunewireError(R.DATASET_INVALID, f"too few training examples ({len(rows)}) to hold "
+                                "out a validation split; add examples or give validation_data")
         held.add(largest[0])
     return ([r for i, r in enumerate(rows) if i not in held],
             [r for i, r in enumerate(rows) if i in held])
@@ -362,8 +358,8 @@ def _label_list(train: list[_Row], val: list[_Row], val_is_file: bool) -> list[L
     """The classes in a stable order (sorted), checked: at least 2, none only in validation."""
     labels = sorted({r.label for r in train}, key=_label_key)
     if len(labels) < 2:
-        raise JobFailure("DATASET_INVALID", f"training data has {len(labels)} label "
-                         f"({labels[0]!r}); a classifier needs at least 2", user_error=True)
+        raise TunewireError(R.DATASET_INVALID, f"training data has {len(labels)} label "
+                            f"({labels[0]!r}); a classifier needs at least 2")
     known = set(labels)
     for r in val:
         if r.label not in known:
@@ -376,15 +372,6 @@ def _tokenize(tokenizer, rows: list[_Row], max_seq_length: int,
               what: str) -> tuple[list[list[int]], int]:
     return encode(tokenizer, [r.text for r in rows], max_seq_length, no_tokens=lambda i: _invalid(
         what, rows[i].line, "field text: the tokenizer makes no tokens of it"))
-
-
-@contextmanager
-def _user_error() -> Iterator[None]:
-    """The shared loaders raise FailedPrecondition; in a job that is the input's fault."""
-    try:
-        yield
-    except FailedPrecondition as e:
-        raise JobFailure(e.reason, e.message, user_error=True) from None
 
 
 @contextmanager

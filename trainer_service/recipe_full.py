@@ -44,7 +44,8 @@ from pathlib import Path
 
 import torch
 
-from trainer_service import common, loop
+from trainer_service import loop
+from tunewire import loading
 from trainer_service.loop import Cancelled, Reporter
 from trainer_service.spec import JobSpec
 
@@ -56,7 +57,7 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     """Trains all weights and saves the model to out_dir/"model"; returns the final metrics.
 
     Raises Cancelled when should_stop() is true (checked before every step and before saving),
-    JobFailure for bad input (user_error) or training that cannot go on.
+    TunewireError for bad input (a user error) or training that cannot go on.
     """
     hp = spec.hyperparameters
 
@@ -66,11 +67,11 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     set_seed(hp.seed)  # python, numpy and torch: dropout and shuffling repeat
     torch.set_num_threads(int(os.environ.get("TUNEWIRE_TRAIN_THREADS", os.cpu_count() or 1)))
 
-    tokenizer = common.load_tokenizer(spec.base_model)
+    tokenizer = loading.load_tokenizer(spec.base_model)
     # Data before the model: a bad file fails in seconds instead of after loading the weights.
     rows, val_rows, train_rows, stats = loop.prepare_data(spec, tokenizer, reporter)
 
-    model = common.load_model(spec.base_model)  # fp32
+    model = loading.load_causal_lm(spec.base_model)  # fp32
     # parameters() yields a shared (tied) tensor once: tied embeddings count, train and decay once.
     params = list(model.parameters())
     for p in params:

@@ -40,9 +40,11 @@ from pathlib import Path
 import torch
 
 from trainer_service import common, distributed, loop
+from tunewire import loading
 from trainer_service.loop import Cancelled, Reporter
 from trainer_service.spec import JobSpec
-from tunewire.errors import JobFailure
+from tunewire import reasons as R
+from tunewire.errors import TunewireError
 
 __all__ = ["Cancelled", "Reporter", "run"]
 
@@ -52,7 +54,7 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     """Trains and saves the adapter to out_dir/"adapter"; returns the final metrics.
 
     Raises Cancelled when should_stop() is true (checked before every step and before saving),
-    JobFailure for bad input (user_error) or training that cannot go on.
+    TunewireError for bad input (a user error) or training that cannot go on.
     """
     hp = spec.hyperparameters
 
@@ -62,16 +64,15 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     set_seed(hp.seed)  # python, numpy and torch: LoRA init, dropout and shuffling repeat
     world = distributed.world_size()  # 1 without torchrun
     if hp.packing and max(world, hp.num_processes) > 1:
-        raise JobFailure("PACKING_UNSUPPORTED", "packing is not supported with num_processes > 1",
-                         user_error=True)
+        raise TunewireError(R.PACKING_UNSUPPORTED, "packing is not supported with num_processes > 1")
     threads = int(os.environ.get("TUNEWIRE_TRAIN_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(max(1, threads // world))
 
-    tokenizer = common.load_tokenizer(spec.base_model)
+    tokenizer = loading.load_tokenizer(spec.base_model)
     # Data before the model: a bad file fails in seconds instead of after loading the weights.
     rows, val_rows, train_rows, stats = loop.prepare_data(spec, tokenizer, reporter)
 
-    model = common.load_model(spec.base_model)
+    model = loading.load_causal_lm(spec.base_model)
     reporter.event("MODEL_LOADED", f"loaded {spec.base_model}",
                    {"base_model": spec.base_model,
                     "parameters": str(sum(p.numel() for p in model.parameters()))})
@@ -130,5 +131,5 @@ def add_lora(model, spec: JobSpec):
         return get_peft_model(model, config)
     except ValueError as e:  # peft: module names not in the model, or no default for it
         targets = list(lora.target_modules) or "peft's default"
-        raise JobFailure("TARGET_MODULES_INVALID", f"cannot apply LoRA to target_modules="
-                         f"{targets}: {e}", user_error=True) from None
+        raise TunewireError(R.TARGET_MODULES_INVALID, f"cannot apply LoRA to target_modules="
+                            f"{targets}: {e}") from None

@@ -18,7 +18,8 @@ from trainer_service.jobs import HandoffError, JobService
 from trainer_service.launcher import LocalLauncher
 from trainer_service.servicer import TrainerServicer, WorkerServicer
 from trainer_service.store import JobStore
-from tunewire.grpc_util import ServerInterceptor, error_info, run_server
+from tunewire.grpc_util import ServerInterceptor, run_server
+from tunewire.status import error_info
 from tunewire.logs import setup_logging
 from tunewire.security import ServerSecurity, channel
 from tunewire.serving.v1 import serving_pb2, serving_pb2_grpc
@@ -101,7 +102,7 @@ def make_launcher(cfg: TrainerConfig):
     return LocalLauncher(threads=cfg.worker_threads)
 
 
-async def serve(cfg: TrainerConfig) -> None:
+async def serve(cfg: TrainerConfig) -> int:
     store = JobStore(cfg.db_path)
     handoff = ServingHandoff(cfg.serving_address, cfg.handoff_timeout_seconds,
                              ca_file=cfg.serving_tls_ca_file, cert_file=cfg.serving_tls_cert_file,
@@ -154,12 +155,13 @@ async def serve(cfg: TrainerConfig) -> None:
             await reports.stop(0)
         store.close()
 
-    await run_server(name="trainer", host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
+    return await run_server(name="trainer", host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
                      add_servicers=add, startup=startup, drain=drain, shutdown=shutdown,
                      drain_seconds=cfg.drain_seconds, security=security, health_port=cfg.health_port,
                      max_message_bytes=cfg.max_message_bytes)
 
 
-def main(cfg: TrainerConfig) -> None:
+def main(cfg: TrainerConfig) -> int:
+    """Runs the service until it is stopped; the process exit status (1: it could not start)."""
     setup_logging(cfg.log_level)
-    asyncio.run(serve(cfg))
+    return asyncio.run(serve(cfg))

@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from trainer_service.jobs import JobService
 from trainer_service.spec import EvalSpec, Hyperparameters, JobSpec, LoraSpec
 from trainer_service.store import Entry, Job
-from tunewire.errors import InvalidArgument, invalid
+from tunewire import reasons as R
+from tunewire.errors import TunewireError, invalid
+from tunewire.grpc_util import timestamp
 from tunewire.trainer.v1 import trainer_pb2 as pb
 from tunewire.trainer.v1 import trainer_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -23,14 +24,6 @@ _BIAS = {pb.LoraMethod.BIAS_UNSPECIFIED: "none", pb.LoraMethod.BIAS_NONE: "none"
 
 _POOLING = {pb.FeatureExtractionMethod.POOLING_UNSPECIFIED: "mean",
             pb.FeatureExtractionMethod.POOLING_MEAN: "mean", pb.FeatureExtractionMethod.POOLING_LAST: "last"}
-
-
-def _ts(t: float | None) -> Timestamp | None:
-    if t is None:
-        return None
-    ts = Timestamp()
-    ts.FromNanoseconds(int(t * 1e9))
-    return ts
 
 
 def spec_from_proto(job: pb.TrainingJob) -> JobSpec:
@@ -86,8 +79,8 @@ def job_to_proto(job: Job) -> pb.TrainingJob:
         trainable_params=job.trainable_params, total_params=job.total_params,
         progress=pb.Progress(**{k: v for k, v in job.progress.items()
                                 if k in pb.Progress.DESCRIPTOR.fields_by_name}),
-        create_time=_ts(job.create_time), start_time=_ts(job.start_time),
-        end_time=_ts(job.end_time), request_id=job.request_id or "")
+        create_time=timestamp(job.create_time), start_time=timestamp(job.start_time),
+        end_time=timestamp(job.end_time), request_id=job.request_id or "")
     if spec.method == "lora":
         out.lora.CopyFrom(pb.LoraMethod(r=spec.lora.r, lora_alpha=spec.lora.alpha,
                                         target_modules=spec.lora.target_modules,
@@ -105,7 +98,7 @@ def job_to_proto(job: Job) -> pb.TrainingJob:
 
 
 def entry_to_proto(e: Entry) -> pb.WatchTrainingJobResponse:
-    out = pb.WatchTrainingJobResponse(seq=e.seq, time=_ts(e.time))
+    out = pb.WatchTrainingJobResponse(seq=e.seq, time=timestamp(e.time))
     p = e.payload
     if e.kind == "state":
         out.state_change.state = pb.TrainingJob.State.Value(f"STATE_{p['state']}")
@@ -160,12 +153,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return pb.GetTrainingJobResponse(training_job=job_to_proto(self.jobs.get(_job_id(request.name))))
 
     async def ListTrainingJobs(self, request, context):
-        if not 0 <= request.page_size <= 1000:
-            raise invalid("page_size", "must be in [0, 1000]")
         state = None
         if request.state:
             state = pb.TrainingJob.State.Name(request.state).removeprefix("STATE_")
-        jobs, nxt = self.jobs.list(state=state, page_size=request.page_size or 50,
+        jobs, nxt = self.jobs.list(state=state, page_size=request.page_size,
                                    page_token=request.page_token)
         return pb.ListTrainingJobsResponse(training_jobs=[job_to_proto(j) for j in jobs],
                                            next_page_token=nxt)
@@ -175,12 +166,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return pb.CancelTrainingJobResponse(training_job=job_to_proto(job))
 
     async def ListCheckpoints(self, request, context):
-        if not 0 <= request.page_size <= 1000:
-            raise invalid("page_size", "must be in [0, 1000]")
-        checkpoints, nxt = self.jobs.checkpoints(_job_id(request.name), page_size=request.page_size or 100,
+        checkpoints, nxt = self.jobs.checkpoints(_job_id(request.name), page_size=request.page_size,
                                                  page_token=request.page_token)
         return pb.ListCheckpointsResponse(next_page_token=nxt, checkpoints=[
-            pb.Checkpoint(step=c.step, metrics=c.metrics, uri=c.uri, best=c.best, create_time=_ts(c.time))
+            pb.Checkpoint(step=c.step, metrics=c.metrics, uri=c.uri, best=c.best, create_time=timestamp(c.time))
             for c in checkpoints])
 
     async def PublishCheckpoint(self, request, context):
@@ -253,5 +242,5 @@ class WorkerServicer(worker_pb2_grpc.TrainerWorkerServiceServicer):
             self.jobs.report_failed(job_id, {"reason": e.reason, "message": e.message,
                                              "user_error": e.user_error, "retryable": e.retryable})
         else:
-            raise InvalidArgument("REPORT_EMPTY", "a report is required")
+            raise TunewireError(R.REPORT_EMPTY, "a report is required")
         return worker_pb2.ReportProgressResponse(cancel_requested=self.jobs.cancel_requested(job_id))

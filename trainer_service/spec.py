@@ -10,6 +10,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
+from tunewire import reasons as R
 from tunewire.errors import invalid
 
 ADAPTER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -170,4 +171,4 @@ def _check_schema(text: str) -> None:
         schema = json.loads(text)
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except (ValueError, jsonschema.SchemaError) as e:
-        raise invalid("training_job.json_schema", f"not a valid JSON schema: {e}", "JSON_SCHEMA_INVALID") from None
+        raise invalid("training_job.json_schema", f"not a valid JSON schema: {e}", R.JSON_SCHEMA_INVALID) from None

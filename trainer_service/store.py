@@ -8,7 +8,6 @@ a metric point, an event) gets the next `seq` of its job in the same transaction
 
 from __future__ import annotations
 
-import base64
 import json
 import sqlite3
 import time
@@ -16,7 +15,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunewire.errors import AlreadyExists, InvalidArgument, NotFound
+from tunewire import paging
+from tunewire import reasons as R
+from tunewire.errors import TunewireError
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 STATES = ("QUEUED", "RUNNING", "PUBLISHING", "SUCCEEDED", "FAILED", "CANCELLING", "CANCELLED")
@@ -123,7 +124,7 @@ class JobStore:
             if r is not None:
                 job = self._row(r)
                 if json.loads(job.spec) != json.loads(spec_json):
-                    raise AlreadyExists("REQUEST_ID_REUSED",
+                    raise TunewireError(R.REQUEST_ID_REUSED,
                                         f"request_id {request_id!r} was used for a different job",
                                         metadata={"job": job.id})
                 return job, False
@@ -141,8 +142,8 @@ class JobStore:
     def get(self, job_id: str) -> Job:
         r = self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         if r is None:
-            raise NotFound("JOB_NOT_FOUND", f"training job {job_id!r} not found",
-                           metadata={"job": job_id})
+            raise TunewireError(R.JOB_NOT_FOUND, f"training job {job_id!r} not found",
+                                metadata={"job": job_id})
         return self._row(r)
 
     def update(self, job_id: str, **fields) -> Job:
@@ -174,20 +175,15 @@ class JobStore:
             (job_id, after_seq, limit)).fetchall()
         return [Entry(r["seq"], r["time"], r["kind"], json.loads(r["payload"])) for r in rows]
 
-    def list(self, *, state: str | None = None, page_size: int = 50,
+    def list(self, *, state: str | None = None, page_size: int = 0,
              page_token: str = "") -> tuple[list[Job], str]:
-        """Newest first. The page token is an opaque offset."""
-        try:
-            offset = int(base64.urlsafe_b64decode(page_token.encode()).decode()) if page_token else 0
-        except ValueError as e:
-            raise InvalidArgument("PAGE_TOKEN_INVALID", "page_token is not valid",
-                                  field_violations={"page_token": "not a token this API returned"}) from e
+        """Newest first, one page (tunewire/paging.py rules) and the next page's token."""
+        scope = f"jobs/{state or 'all'}"  # a token of one filter is refused by another
+        size, offset = paging.start(page_size, page_token, scope)
         where, args = ("WHERE state=?", [state]) if state else ("", [])
         rows = self.db.execute(f"SELECT * FROM jobs {where} ORDER BY create_time DESC, id DESC "
-                               "LIMIT ? OFFSET ?", (*args, page_size + 1, offset)).fetchall()
-        jobs = [self._row(r) for r in rows[:page_size]]
-        nxt = base64.urlsafe_b64encode(str(offset + page_size).encode()).decode() if len(rows) > page_size else ""
-        return jobs, nxt
+                               "LIMIT ? OFFSET ?", (*args, size + 1, offset)).fetchall()
+        return [self._row(r) for r in rows[:size]], paging.next_token(scope, offset, size, len(rows) > size)
 
     def count_by_state(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())

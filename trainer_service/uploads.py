@@ -12,7 +12,8 @@ import uuid
 from pathlib import Path
 
 from trainer_service.data import EXTENSIONS
-from tunewire.errors import ResourceExhausted, invalid
+from tunewire import reasons as R
+from tunewire.errors import TunewireError, invalid
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -24,7 +25,7 @@ class Upload:
         ext = Path(filename).suffix.lower()
         if not NAME_RE.match(filename or "") or ext not in EXTENSIONS:
             raise invalid("header.filename", f"a plain file name ending in one of {', '.join(EXTENSIONS)}",
-                          "DATASET_PATH_INVALID")
+                          R.DATASET_PATH_INVALID)
         self.dir = Path(data_root) / "uploads"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ext, self.max_bytes, self.size = ext, max_bytes, 0
@@ -36,8 +37,8 @@ class Upload:
         self.size += len(chunk)
         if self.size > self.max_bytes:
             self.abort()
-            raise ResourceExhausted("UPLOAD_TOO_LARGE", f"uploads are limited to {self.max_bytes} bytes",
-                                    metadata={"max_bytes": str(self.max_bytes)})
+            raise TunewireError(R.UPLOAD_TOO_LARGE, f"uploads are limited to {self.max_bytes} bytes",
+                                metadata={"max_bytes": str(self.max_bytes)})
         self.hash.update(chunk)
         self.file.write(chunk)
 
@@ -46,7 +47,7 @@ class Upload:
         self.file.close()
         if self.size == 0:
             self.abort()
-            raise invalid("chunk", "the upload is empty", "DATASET_EMPTY")
+            raise invalid("chunk", "the upload is empty", R.DATASET_EMPTY)
         digest = self.hash.hexdigest()
         final = self.dir / f"{digest[:32]}{self.ext}"
         dedup = final.exists()

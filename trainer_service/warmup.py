@@ -16,14 +16,15 @@ from trainer_service.spec import JobSpec
 
 
 def measure(spec: JobSpec) -> float:
-    from trainer_service import common, data, loop, recipe_lora
+    from trainer_service import data, loop, recipe_lora
+    from tunewire import loading
 
     hp = spec.hyperparameters
-    tokenizer = common.load_tokenizer(spec.base_model)
+    tokenizer = loading.load_tokenizer(spec.base_model)
     examples = data.load_examples(spec.training_data)[:hp.batch_size]
     rows, _ = data.tokenize_dataset(examples, tokenizer, hp.max_seq_length,
-                                    eos_ids=common.stop_ids(spec.base_model, tokenizer))
-    model = common.load_model(spec.base_model)
+                                    eos_ids=loading.stop_ids(spec.base_model, tokenizer))
+    model = loading.load_causal_lm(spec.base_model)
     if spec.method == "lora":
         model = recipe_lora.add_lora(model, spec)
     pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id

@@ -28,7 +28,9 @@ from pathlib import Path
 import grpc
 
 from trainer_service.spec import JobSpec
-from tunewire.errors import JobFailure
+from tunewire import chat, loading
+from tunewire import reasons as R
+from tunewire.errors import TunewireError
 from tunewire.logs import setup_logging
 from tunewire.trainer.v1 import trainer_pb2, worker_pb2, worker_pb2_grpc
 
@@ -72,9 +74,8 @@ class GrpcReporter:
     def finished(self, adapter_dir: Path, metrics: dict[str, float]) -> None:
         self._send(finished=worker_pb2.WorkerFinished(adapter_dir=str(adapter_dir), metrics=metrics))
 
-    def failed(self, reason: str, message: str, user_error: bool, retryable: bool) -> None:
-        self._send(failed=worker_pb2.WorkerFailed(error=trainer_pb2.JobError(
-            reason=reason, message=message, user_error=user_error, retryable=retryable)))
+    def failed(self, error: dict) -> None:
+        self._send(failed=worker_pb2.WorkerFailed(error=trainer_pb2.JobError(**error)))
 
 
 class NullReporter:
@@ -92,20 +93,18 @@ class NullReporter:
 
 def preflight(spec: JobSpec, reporter) -> None:
     """The dataset report before any training: a dataset with errors fails the job as user_error."""
-    from trainer_service import common
     from trainer_service.preflight import validate_dataset
 
-    tokenizer = common.load_tokenizer(spec.base_model)
+    tokenizer = loading.load_tokenizer(spec.base_model)
     hp = spec.hyperparameters
     report = validate_dataset(spec.training_data, tokenizer, hp.max_seq_length,
                               validation_path=spec.validation_data or None,
-                              eos_ids=common.stop_ids(spec.base_model, tokenizer), batch_size=hp.batch_size,
+                              eos_ids=loading.stop_ids(spec.base_model, tokenizer), batch_size=hp.batch_size,
                               num_epochs=hp.num_epochs, max_steps=hp.max_steps)
     if not report.ok:
         shown = "; ".join(e.describe(report.unit) for e in report.errors[:5])
         more = f" (and {report.error_count - 5} more)" if report.error_count > 5 else ""
-        raise JobFailure("DATASET_INVALID", f"{report.error_count} problem(s) in the data: {shown}{more}",
-                         user_error=True)
+        raise TunewireError(R.DATASET_INVALID, f"{report.error_count} problem(s) in the data: {shown}{more}")
     numbers = {"examples": report.num_examples, "validation_examples": report.num_validation_examples,
                "truncated": report.truncated, "duplicates": report.duplicates.count,
                "leakage": report.leakage.exact.count, "steps": report.fit.steps}
@@ -146,20 +145,20 @@ def json_eval_in_process(spec: JobSpec, job_dir: Path, reporter, limit: int = 20
     import torch
     from peft import PeftModel
 
-    from trainer_service import common, publisher
+    from trainer_service import publisher
 
     try:
         cases = publisher.json_cases(spec.validation_data, limit)
-    except (ValueError, KeyError, JobFailure) as e:  # references that are not JSON: nothing to score
+    except (ValueError, KeyError, TunewireError) as e:  # references that are not JSON: nothing to score
         reporter.event("EVAL_COMPLETED", f"JSON eval skipped: {e}", {})
         return {}
-    tokenizer = common.load_tokenizer(spec.base_model)
-    stop = list(common.stop_ids(spec.base_model, tokenizer))
+    tokenizer = loading.load_tokenizer(spec.base_model)
+    stop = list(loading.stop_ids(spec.base_model, tokenizer))
 
     def answers(model) -> list[str]:
         out = []
         for prompt, messages, _ in cases:
-            text = prompt or tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = prompt or chat.render_prompt(tokenizer, messages)
             ids = tokenizer(text, return_tensors="pt", add_special_tokens=bool(prompt)).input_ids
             with torch.no_grad():
                 gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=256,
@@ -167,7 +166,7 @@ def json_eval_in_process(spec: JobSpec, job_dir: Path, reporter, limit: int = 20
             out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
         return out
 
-    model = common.load_model(spec.base_model).eval()
+    model = loading.load_causal_lm(spec.base_model).eval()
     base = answers(model)
     tuned = answers(PeftModel.from_pretrained(model, job_dir / "adapter").eval())
     metrics = publisher.score_cases(tuned, base, cases, json.loads(spec.json_schema))
@@ -207,15 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     except recipe_lora.Cancelled:
         log.info("cancelled", extra={"job": args.job_id, "rank": rank})
         return 0
-    except JobFailure as e:
-        reporter.failed(e.reason, e.message, e.user_error, e.retryable)
+    except TunewireError as e:  # bad input, or training that cannot go on: the job's error
+        reporter.failed(e.job_error())
         return 1
     except distributed.PeerLost as e:  # no report: the job is retried like after a crash
         log.error("another rank is gone: %s", e, extra={"job": args.job_id, "rank": rank})
         return 1
     except Exception as e:  # noqa: BLE001 - reported as a system error, details in worker.log
         traceback.print_exc()
-        reporter.failed("TRAINING_ERROR", f"{type(e).__name__}: {e}", False, False)
+        reporter.failed(TunewireError(R.TRAINING_ERROR, f"{type(e).__name__}: {e}").job_error())
         return 1
     finally:
         distributed.destroy()

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunewire.errors import FailedPrecondition, InvalidArgument, NotFound
+from tunewire import reasons as R
+from tunewire.errors import TunewireError
 
 MANIFEST = "manifest.json"
 CLASSIFIER = "classifier.json"  # marks a feature-extraction head (see recipe_classifier)
@@ -65,7 +66,7 @@ class Manifest:
 def _adapter_config(adapter_dir: Path) -> dict:
     path = adapter_dir / "adapter_config.json"
     if not path.is_file():
-        raise FailedPrecondition("ADAPTER_CONFIG_MISSING", f"{path} does not exist")
+        raise TunewireError(R.ADAPTER_CONFIG_MISSING, f"{path} does not exist")
     return json.loads(path.read_text())
 
 
@@ -101,7 +102,7 @@ def read_manifest(adapter_dir: str | Path, *, verify_files: bool = True) -> Mani
     d = Path(adapter_dir)
     path = d / MANIFEST
     if not path.is_file():
-        raise FailedPrecondition("ADAPTER_MANIFEST_MISSING", f"{path} does not exist")
+        raise TunewireError(R.ADAPTER_MANIFEST_MISSING, f"{path} does not exist")
     raw = path.read_bytes()
     try:
         body = json.loads(raw)
@@ -112,17 +113,17 @@ def read_manifest(adapter_dir: str | Path, *, verify_files: bool = True) -> Mani
                      created_unix=float(body.get("created_unix", 0)),
                      sha256=hashlib.sha256(raw).hexdigest(), kind=body.get("kind", "lora"))
     except (ValueError, KeyError, TypeError) as e:
-        raise FailedPrecondition("ADAPTER_MANIFEST_INVALID", f"{path}: {e}") from e
+        raise TunewireError(R.ADAPTER_MANIFEST_INVALID, f"{path}: {e}") from e
     if verify_files:
         needed = CLASSIFIER if m.kind == "classifier" else "adapter_config.json"
         if needed not in m.files:
-            raise FailedPrecondition("ADAPTER_MANIFEST_INVALID", f"manifest lists no {needed}")
+            raise TunewireError(R.ADAPTER_MANIFEST_INVALID, f"manifest lists no {needed}")
         for fname, digest in m.files.items():
             f = d / fname
             if "/" in fname or not f.is_file():
-                raise FailedPrecondition("ADAPTER_FILE_MISSING", f"{fname} listed but missing")
+                raise TunewireError(R.ADAPTER_FILE_MISSING, f"{fname} listed but missing")
             if sha256_file(f) != digest:
-                raise FailedPrecondition("ADAPTER_CHECKSUM_MISMATCH", f"{fname} does not match its sha256")
+                raise TunewireError(R.ADAPTER_CHECKSUM_MISMATCH, f"{fname} does not match its sha256")
     return m
 
 
@@ -132,10 +133,10 @@ def resolve_in_store(store_root: str | Path, uri: str) -> Path:
     p = Path(uri.removeprefix("file://"))
     p = (p if p.is_absolute() else root / p).resolve()
     if p != root and root not in p.parents:
-        raise InvalidArgument("ADAPTER_URI_OUTSIDE_STORE", f"{uri} is outside the adapter store",
-                              field_violations={"uri": "must lie inside the adapter store"})
+        raise TunewireError(R.ADAPTER_URI_OUTSIDE_STORE, f"{uri} is outside the adapter store",
+                            field_violations={"uri": "must lie inside the adapter store"})
     if not p.is_dir():
-        raise NotFound("ADAPTER_NOT_IN_STORE", f"no adapter directory at {uri}")
+        raise TunewireError(R.ADAPTER_NOT_IN_STORE, f"no adapter directory at {uri}")
     return p
 
 
@@ -153,7 +154,7 @@ def publish(src_dir: str | Path, store_root: str | Path, name: str, *, base_mode
     sees a half-written version.
     """
     if not NAME_RE.match(name):
-        raise InvalidArgument("ADAPTER_NAME_INVALID", f"bad adapter name {name!r}")
+        raise TunewireError(R.ADAPTER_NAME_INVALID, f"bad adapter name {name!r}")
     root = Path(store_root)
     (root / name).mkdir(parents=True, exist_ok=True)
     for _ in range(5):  # another publisher may take the same version number: retry with the next
@@ -170,4 +171,4 @@ def publish(src_dir: str | Path, store_root: str | Path, name: str, *, base_mode
             continue
         dest = root / name / version
         return dest, read_manifest(dest)
-    raise FailedPrecondition("ADAPTER_PUBLISH_CONFLICT", f"could not allocate a version of {name}")
+    raise TunewireError(R.ADAPTER_PUBLISH_CONFLICT, f"could not allocate a version of {name}")

@@ -32,7 +32,7 @@ def _client_errors(fn):
         try:
             return fn(args)
         except grpc.RpcError as e:
-            from tunewire.grpc_util import error_info
+            from tunewire.status import error_info
 
             reason, fields = error_info(e)
             print(f"error: {e.code().name} {reason}: {e.details()}", file=sys.stderr)
@@ -76,13 +76,12 @@ def cmd_serve(args) -> int:
         from trainer_service.config import TrainerConfig
         from trainer_service.server import main
 
-        main(load_config(TrainerConfig, args.config, overrides))
+        return main(load_config(TrainerConfig, args.config, overrides))
     else:
         from serving_service.config import ServingConfig
         from serving_service.server import main
 
-        main(load_config(ServingConfig, args.config, overrides))
-    return 0
+        return main(load_config(ServingConfig, args.config, overrides))
 
 
 # -- jobs -------------------------------------------------------------------------------------

@@ -8,8 +8,7 @@ vector the same way, so everything that does it lives here, once:
 
     encode()           token ids as the tokenizer makes them by default (special tokens
                        included), truncated to the head's max_seq_length
-    load_tokenizer(),  the tokenizer and the frozen body of a base model directory
-    load_body()
+    (tunewire/loading.py loads the tokenizer and the frozen body of a base model directory)
     pooled_features()  "mean" over the real tokens or the "last" real token, in batches of texts
                        of similar length
     write_head(),      the saved head and its checks against the base model it is applied to
@@ -25,7 +24,7 @@ A head directory holds:
 (a published one also has the adapter store's manifest.json, see tunewire/adapters.py).
 
 torch and transformers are imported inside the functions, so importing this module is cheap.
-Errors are tunewire.errors types (FailedPrecondition); a training job maps them to its own.
+Errors are `TunewireError`s (FAILED_PRECONDITION reasons), in a service and in a training job alike.
 """
 
 from __future__ import annotations
@@ -37,7 +36,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunewire.adapters import base_model_fingerprint
-from tunewire.errors import FailedPrecondition
+from tunewire import reasons as R
+from tunewire.errors import TunewireError
+from tunewire.loading import load_body, load_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -78,33 +79,6 @@ def pad_id(tokenizer) -> int:
         if tid is not None:
             return tid
     return 0
-
-
-def load_tokenizer(base_model: str | Path):
-    """The base model's tokenizer; FailedPrecondition BASE_MODEL_INVALID if it cannot load."""
-    from transformers import AutoTokenizer
-
-    if not (Path(base_model) / "config.json").is_file():
-        raise FailedPrecondition("BASE_MODEL_INVALID",
-                                 f"no model directory (config.json) at {base_model}")
-    try:
-        return AutoTokenizer.from_pretrained(base_model)
-    except Exception as e:  # noqa: BLE001 - any loader error means the directory is unusable
-        raise FailedPrecondition("BASE_MODEL_INVALID", f"cannot load the tokenizer from "
-                                 f"{base_model}: {type(e).__name__}: {e}") from None
-
-
-def load_body(base_model: str | Path):
-    """The model without its LM head, fp32, frozen and in eval mode (no dropout)."""
-    import torch
-    from transformers import AutoModel
-
-    try:
-        body = AutoModel.from_pretrained(base_model, dtype=torch.float32)
-    except Exception as e:  # noqa: BLE001 - any loader error means the directory is unusable
-        raise FailedPrecondition("BASE_MODEL_INVALID", f"cannot load the model from "
-                                 f"{base_model}: {type(e).__name__}: {e}") from None
-    return body.eval().requires_grad_(False)
 
 
 def length_batches(lengths: list[int], budget: int) -> Iterator[list[int]]:
@@ -188,14 +162,14 @@ def read_head(head_dir: str | Path, base_fingerprint: str, hidden_size: int | No
     """Reads a head for the base model with fingerprint `base_fingerprint` (and, when given, the
     body's hidden size).
 
-    FailedPrecondition CLASSIFIER_BASE_MODEL_MISMATCH when it was trained on another base model,
+    CLASSIFIER_BASE_MODEL_MISMATCH when it was trained on another base model,
     CLASSIFIER_INVALID when the directory is not a well-formed head. The base model is checked
     before the tensors are read: a head for another model is refused without loading it.
     """
     d = Path(head_dir)
 
-    def bad(problem: str) -> FailedPrecondition:
-        return FailedPrecondition("CLASSIFIER_INVALID", f"{d}: {problem}")
+    def bad(problem: str) -> TunewireError:
+        return TunewireError(R.CLASSIFIER_INVALID, f"{d}: {problem}")
 
     try:
         config = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -228,9 +202,9 @@ def read_head(head_dir: str | Path, base_fingerprint: str, hidden_size: int | No
         raise bad("base_model_fingerprint is missing")
 
     if config["base_model_fingerprint"] != base_fingerprint:
-        raise FailedPrecondition("CLASSIFIER_BASE_MODEL_MISMATCH",
-                                 f"{d} was trained on another base model than the one it is "
-                                 f"applied to (fingerprints differ)")
+        raise TunewireError(R.CLASSIFIER_BASE_MODEL_MISMATCH,
+                            f"{d} was trained on another base model than the one it is "
+                            f"applied to (fingerprints differ)")
     if hidden_size is not None:
         check_hidden_size(config["hidden_size"], hidden_size, d)
 
@@ -245,7 +219,7 @@ def predict(head_dir: str | Path, base_model: str | Path,
     """Classifies `texts` with a saved head on `base_model`: (label, probabilities by index).
 
     The reference, for a script or a test: it loads the tokenizer and the body on every call
-    (serving_service/classify.py keeps them). Raises FailedPrecondition when the head was trained
+    (serving_service/classify.py keeps them). Raises CLASSIFIER_BASE_MODEL_MISMATCH when the head was trained
     on another base model or is malformed, ValueError for a text that has no tokens.
     """
     if not texts:
@@ -264,13 +238,13 @@ def check_hidden_size(head_hidden: int, body_hidden: int, where: str | Path) -> 
     # The fingerprint covers the model's config, so this fails only for a hand-edited head; the
     # matrix product would fail later anyway, with a less useful message.
     if head_hidden != body_hidden:
-        raise FailedPrecondition("CLASSIFIER_BASE_MODEL_MISMATCH",
-                                 f"{where} expects hidden size {head_hidden}, the base model "
-                                 f"has {body_hidden}")
+        raise TunewireError(R.CLASSIFIER_BASE_MODEL_MISMATCH,
+                            f"{where} expects hidden size {head_hidden}, the base model "
+                            f"has {body_hidden}")
 
 
 def _read_tensors(d: Path, num_labels: int, hidden: int,
-                  bad: Callable[[str], FailedPrecondition]) -> tuple[torch.Tensor, torch.Tensor]:
+                  bad: Callable[[str], TunewireError]) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
     from safetensors.torch import load_file
 

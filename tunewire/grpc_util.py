@@ -1,8 +1,8 @@
-"""gRPC plumbing shared by both services: error mapping, the server interceptor, and `run_server`.
+"""gRPC plumbing shared by both services: the server interceptor, `run_server`, `timestamp`.
 
 - Servicers raise `tunewire.errors.TunewireError`; the interceptor turns it into the canonical
-  status with a `google.rpc.ErrorInfo` (domain "tunewire") and, for field problems, a
-  `google.rpc.BadRequest`. Anything else becomes INTERNAL without a traceback for the client.
+  status with `google.rpc` details (tunewire/status.py). Anything else becomes INTERNAL without
+  a traceback for the client.
 - The interceptor also counts and times every RPC (`grpc_server_handled_total`,
   `grpc_server_handling_seconds`) and logs one structured line per RPC with its request id.
 - `run_server` wires health (NOT_SERVING until `startup` finishes and again while draining),
@@ -22,19 +22,19 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
+from tunewire import reasons as R
 from tunewire.errors import TunewireError
 from tunewire.logs import request_id_var
 from tunewire.security import ServerSecurity
+from tunewire.status import status_of
 
 log = logging.getLogger("tunewire.grpc")
-DOMAIN = "tunewire"
 
 HANDLED = Counter("grpc_server_handled_total", "RPCs completed on the server, by status code.",
                   ["grpc_service", "grpc_method", "grpc_code"])
@@ -43,46 +43,13 @@ LATENCY = Histogram("grpc_server_handling_seconds", "RPC handling time on the se
                     buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
 
 
-def status_of(err: TunewireError) -> tuple[grpc.StatusCode, str, tuple]:
-    """(code, message, trailing metadata with google.rpc.Status details) for a domain error."""
-    code = grpc.StatusCode[err.code]
-    st = status_pb2.Status(code=getattr(code_pb2, err.code), message=err.message)
-    info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata))
-    st.details.append(info)
-    if err.field_violations:
-        br = error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-            for f, d in err.field_violations.items()])
-        any_br = any_pb2.Any()
-        any_br.Pack(br)
-        st.details.append(any_br)
-    if err.retry_after_s is not None:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(err.retry_after_s * 1e9))
-        any_retry = any_pb2.Any()
-        any_retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-        st.details.append(any_retry)
-    return code, err.message, (("grpc-status-details-bin", st.SerializeToString()),)
-
-
-def error_info(call_error: grpc.RpcError) -> tuple[str, dict[str, str]]:
-    """Client side: (ErrorInfo.reason, BadRequest field -> description) from a failed call."""
-    reason, fields = "", {}
-    for key, value in (call_error.trailing_metadata() or ()):
-        if key != "grpc-status-details-bin":
-            continue
-        st = status_pb2.Status.FromString(value)
-        for d in st.details:
-            if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                d.Unpack(info)
-                reason = info.reason
-            elif d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                br = error_details_pb2.BadRequest()
-                d.Unpack(br)
-                fields.update({v.field: v.description for v in br.field_violations})
-    return reason, fields
+def timestamp(unix: float | None) -> Timestamp | None:
+    """A protobuf Timestamp for unix seconds; None (the field stays unset) for None or 0."""
+    if not unix:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(unix * 1e9))
+    return ts
 
 
 def _request_id(request, context) -> str:
@@ -120,7 +87,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             except Exception as e:  # noqa: BLE001 - mapped, never leaked as a traceback
                 if not isinstance(e, TunewireError):
                     log.exception("unhandled error in %s", details.method)
-                    e = TunewireError("INTERNAL", f"internal error: {type(e).__name__}")
+                    e = TunewireError(R.INTERNAL, f"internal error: {type(e).__name__}")
                 code, msg, trailers = status_of(e)
                 await context.abort(code, msg, trailing_metadata=trailers)
             finally:
@@ -172,10 +139,11 @@ async def run_server(*, name: str, host: str, port: int, metrics_port: int,
                      shutdown: Callable[[], Awaitable[None]] | None = None,
                      drain_seconds: float = 5.0, stop_grace_seconds: float = 30.0,
                      max_message_bytes: int = 64 << 20,
-                     security: ServerSecurity | None = None, health_port: int = 0) -> None:
+                     security: ServerSecurity | None = None, health_port: int = 0) -> int:
     """Serves until SIGTERM/SIGINT, then drains: health NOT_SERVING for `drain_seconds` (load
     balancers notice while requests are still answered), then stop with `stop_grace_seconds`
-    for in-flight RPCs, then `shutdown`."""
+    for in-flight RPCs, then `shutdown`. Returns the process exit status: 0 after a stop, 1 when
+    `startup` failed (the service then shuts down at once: Kubernetes restarts it)."""
     security = security or ServerSecurity()
     # the token check sits inside ServerInterceptor, so refusals are counted and logged too
     server = grpc.aio.server(interceptors=[ServerInterceptor(), *security.interceptors()], options=[
@@ -219,11 +187,14 @@ async def run_server(*, name: str, host: str, port: int, metrics_port: int,
     starter = asyncio.create_task(start_then_serve())
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({starter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if starter in done and starter.exception():
+    failed = starter in done and starter.exception() is not None
+    if failed:
         log.error("start-up failed: %s", starter.exception())
         stop.set()
+        drain_seconds = 0.0  # nothing was served: no load balancer to warn
     await stop.wait()
     starter.cancel()
+    stopper.cancel()
     log.info("draining", extra={"service": name, "drain_seconds": drain_seconds})
     await health.enter_graceful_shutdown()
     if drain:
@@ -234,4 +205,5 @@ async def run_server(*, name: str, host: str, port: int, metrics_port: int,
         await probes.stop(0)
     if shutdown:
         await shutdown()
-    log.info("stopped", extra={"service": name})
+    log.info("stopped", extra={"service": name, "exit_status": int(failed)})
+    return int(failed)

@@ -209,7 +209,7 @@ async def run_load(address: str, *, target: str = "serving", concurrency: int = 
     """Runs the load for `duration` seconds and returns the report. `response_format` (a
     serving_pb2.ResponseFormat) replaces plain text for the base and adapter kinds;
     `channel_kwargs` go to tunewire.security.channel (TLS, token)."""
-    from tunewire.grpc_util import error_info
+    from tunewire.status import error_info
     from tunewire.security import channel
 
     if target not in ("serving", "trainer"):

@@ -7,7 +7,7 @@ Server side (`run_server` uses these when the settings are set; see README "Secu
 - `TokenAuthInterceptor` wants `authorization: Bearer <token>` on every RPC except health,
   reflection (probes, tooling) and the trainer's worker service (workers carry their per-job
   token in `x-tunewire-job-token` instead). Refusals are UNAUTHENTICATED with an ErrorInfo
-  reason TOKEN_MISSING or TOKEN_INVALID, built by `grpc_util.status_of` like every other error.
+  reason TOKEN_MISSING or TOKEN_INVALID, built by `status.status_of` like every other error.
 
 Client side: `channel(address, ca_file=..., cert_file=..., key_file=..., token_file=...)` gives a
 grpc.aio channel, `sync_channel(...)` the same for the CLI.
@@ -25,7 +25,9 @@ from pathlib import Path
 
 import grpc
 
-from tunewire.errors import Unauthenticated
+from tunewire import reasons as R
+from tunewire.errors import TunewireError
+from tunewire.status import status_of
 
 log = logging.getLogger("tunewire.security")
 
@@ -86,15 +88,15 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token_file: str):
         self.token = _TokenFile(token_file)
 
-    def check(self, metadata) -> Unauthenticated | None:
+    def check(self, metadata) -> TunewireError | None:
         header = next((v for k, v in metadata or () if k == "authorization"), "")
         scheme, _, given = (header if isinstance(header, str) else "").partition(" ")
         if not header or (scheme.lower() == "bearer" and not given.strip()):
-            return Unauthenticated("TOKEN_MISSING", "missing 'authorization: Bearer <token>' metadata")
+            return TunewireError(R.TOKEN_MISSING, "missing 'authorization: Bearer <token>' metadata")
         # compare_digest: the time taken must not tell how much of a guess was right
         if scheme.lower() != "bearer" or not hmac.compare_digest(
                 given.strip().encode(), self.token.get().encode()):
-            return Unauthenticated("TOKEN_INVALID", "invalid bearer token")
+            return TunewireError(R.TOKEN_INVALID, "invalid bearer token")
         return None
 
     async def intercept_service(self, continuation, details):
@@ -105,11 +107,9 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return handler if err is None else _refusal(handler, err)
 
 
-def _refusal(handler: grpc.RpcMethodHandler, err: Unauthenticated) -> grpc.RpcMethodHandler:
+def _refusal(handler: grpc.RpcMethodHandler, err: TunewireError) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that only aborts with `err` (the servicer never
     runs, a client stream is never read)."""
-    from tunewire.grpc_util import status_of  # grpc_util imports this module
-
     code, message, trailers = status_of(err)
 
     async def deny(_request, context):
