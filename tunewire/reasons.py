@@ -8,8 +8,8 @@ its meaning and, for a training job's error, whether the input is at fault (`use
 whether a retry may succeed (`retryable`); a reason without a code only ever appears in a job's
 error. Raise sites name a reason from here (`TunewireError` refuses anything else), so clients,
 docs and code agree on what a reason means and which status carries it. docs/errors.md is the
-catalogue printed (`python -m tunewire.reasons`; a test keeps them equal), and the README's
-error summary groups the same reasons by code.
+catalogue printed (`python -m tunewire.reasons`), and the README's error summary is the same
+reasons grouped by code (`--by-code`); a test keeps both equal to this.
 """
 
 from __future__ import annotations
@@ -60,5 +60,17 @@ def table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":
-    print(table())
+def by_code() -> str:
+    """The README's summary: the reasons each status code carries."""
+    rows = ["| status code | reasons |", "|---|---|"]
+    for code in (*CODES, None):
+        names = [f"`{r}`" for r in ALL.values() if r.code == code]
+        if names:
+            rows.append(f"| {code or 'job error only'} | {', '.join(names)} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m tunewire.reasons [--by-code]
+    import sys
+
+    print(by_code() if "--by-code" in sys.argv else table())
