@@ -13,21 +13,21 @@ one after the other in one invocation so the numbers sit side by side:
     adapter       every request on the adapter
     half          half base, half adapter (mixed batches)
 
-Every LoRA configuration runs once per ops mode of serving_service.cpu_lora (the vLLM general
-plugin): `fused` (the default: grouped ops plus the fused add_lora_linear that skips untargeted
-projections), `grouped` (the grouped ops alone), `masked` (upstream ops with no-adapter rows
-zeroed, the first fix) and, with --modes, `upstream`
-(TUNEWIRE_DISABLE_CPU_LORA_FIX=1: vLLM's ops untouched; mixed batches are wrong there);
-`compiled` is fused with torch.compile kept on (the serving default) and its C++ kernel,
-`compiled_py` the same with the kernel's Python twin. It prints
-tok/s and the ratio to base_nolora, checks that the generated token ids of every configuration
-are the same in every correct mode, and writes docs/bench/lora_cpu.json.
+Every LoRA configuration runs once per mode of serving_service.cpu_lora (the vLLM general
+plugin): `compiled` (the serving default: the fused path with torch.compile kept on and the C++
+kernel, TUNEWIRE_CPU_LORA_COMPILE=1), `compiled_py` (the same with the kernel's Python twin),
+`fused` (the fused path eager, as vLLM runs LoRA on CPU: compilation off) and `upstream`
+(TUNEWIRE_DISABLE_CPU_LORA_FIX=1: vLLM's ops untouched; mixed batches are wrong there). It
+prints tok/s and the ratio to base_nolora, checks that the generated token ids of every
+configuration are the same in every correct mode, and writes docs/bench/lora_cpu.json.
+(The earlier `grouped` and `masked` modes are gone; their numbers are in docs/cpu-lora.md.)
 
-Run (takes minutes: each engine starts in ~35 s; the machine should be otherwise idle):
+Run (takes minutes: each engine starts in ~35 s, ~90 s compiled; the machine should be
+otherwise idle):
 
-    .venv/bin/python bench/lora_cpu.py                       # fused vs grouped vs masked
+    .venv/bin/python bench/lora_cpu.py                       # compiled vs fused
     .venv/bin/python bench/lora_cpu.py --modes fused,upstream --requests 48
-    .venv/bin/python bench/lora_cpu.py --modes fused,compiled,compiled+qv --requests 48
+    .venv/bin/python bench/lora_cpu.py --modes compiled,compiled+qv --requests 48
     .venv/bin/python bench/lora_cpu.py --modes compiled,compiled_py --requests 48 --repeat 2
 
 `--repeat N` runs the whole plan N times round-robin and reports each row's median run (the
@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 CONFIGS = ("base_nolora", "base_nolora_eager", "base_lora", "adapter", "half")
 NO_LORA = ("base_nolora", "base_nolora_eager")
+MODES = ("compiled", "compiled_py", "fused", "upstream")
 PROMPTS = _COMMON_PROMPTS[:8]  # shared with bench/serving.py
 
 
@@ -135,16 +136,15 @@ def run_config(config: str, mode: str, model: str, adapter: str, args) -> dict:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.pop("TUNEWIRE_DISABLE_CPU_LORA_FIX", None)
-    env.pop("TUNEWIRE_CPU_LORA_OPS", None)
     env.pop("TUNEWIRE_CPU_LORA_COMPILE", None)
     env.pop("TUNEWIRE_CPU_LORA_KERNEL", None)
     mode, plus, targets = mode.partition("+")  # "compiled+qv": the engine wraps only q/k/v
     if plus and targets != "qv":
         raise SystemExit(f"unknown mode suffix +{targets} (only +qv)")
+    if mode not in MODES:
+        raise SystemExit(f"unknown mode {mode!r}: one of {MODES}")
     if mode == "upstream":
         env["TUNEWIRE_DISABLE_CPU_LORA_FIX"] = "1"
-    elif mode in ("grouped", "masked"):
-        env["TUNEWIRE_CPU_LORA_OPS"] = mode
     elif mode in ("compiled", "compiled_py"):  # fused + torch.compile kept on (cpu_lora_compile.py)
         env["TUNEWIRE_CPU_LORA_COMPILE"] = "1"
         if mode == "compiled_py":  # the op's Python kernel instead of the C++ one
@@ -162,10 +162,9 @@ def run_config(config: str, mode: str, model: str, adapter: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--modes", default="fused,grouped,masked",
-                    help="comma-separated cpu_lora modes: fused, compiled, compiled_py, grouped, "
-                         "masked, upstream; "
-                         "a +qv suffix (e.g. compiled+qv) also sets lora_target_modules=q_proj,v_proj")
+    ap.add_argument("--modes", default="compiled,fused",
+                    help=f"comma-separated cpu_lora modes, of {', '.join(MODES)}; a +qv suffix "
+                         "(e.g. compiled+qv) also sets lora_target_modules=q_proj,v_proj")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--requests", type=int, default=32, help="measured requests per config")
@@ -222,7 +221,7 @@ def main() -> None:
         if len({json.dumps(v) for v in ids.values()}) > 1:
             mismatches.append(config)
     print("token ids equal across modes:", "yes" if not mismatches else f"NO: {mismatches}")
-    base_ids = {r["config"]: r["token_ids"] for r in rows if r["mode"] in ("-", "fused")}
+    base_ids = {r["config"]: r["token_ids"] for r in rows if r["mode"] in ("-", modes[0])}
     if "base_lora" in base_ids:  # informational: LoRA off lets vLLM torch.compile the model
         print("base_lora == base_nolora token ids:",
               base_ids["base_lora"] == base_ids["base_nolora"])

@@ -26,8 +26,10 @@ Parts (--parts, comma-separated; default all):
               after the server stopped): compile ms cold (fresh cache) vs cached for 5 real-world
               schemas of varied complexity; the one-time tokenizer build is reported apart.
 
-Outputs: a table per part on stdout (ready to paste in the README), docs/bench/serving_<part>.json
-and, when matplotlib is installed, docs/bench/serving_<part>.png.
+Outputs: a table per part on stdout (ready to paste in docs/serving.md),
+docs/bench/serving_<part>.json and, when matplotlib is installed, docs/bench/serving_<part>.png.
+Beside this file: serving_grpc.py (the service subprocess and its client), serving_schemas.py
+(the schemas part), serving_report.py (tables and files).
 
 Run (about 5 minutes on 2 cores; two engine start-ups of ~30-40 s each):
 
@@ -43,9 +45,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,8 +55,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import (OUT_DIR, PROMPTS, bar_png, conditions, have_matplotlib, md_table,  # noqa: E402
-                     median, other_benches, pct, write_json)
+from _common import PROMPTS, conditions, other_benches, pct  # noqa: E402
+from serving_grpc import Client, load_phases, start_server, stop_server, wait_serving  # noqa: E402
+from serving_report import report  # noqa: E402
+from serving_schemas import PERSON_SCHEMA, schema_part  # noqa: E402
 
 PARTS = ("overhead", "adapters", "structured", "hotload", "schemas")
 PEOPLE = [
@@ -70,117 +71,9 @@ PEOPLE = [
     "Fatima is 64 and lives in Rabat; she gardens.",
     "Liam, 23, Dublin, likes surfing and coding.",
 ]
-PERSON_SCHEMA = {
-    "type": "object",
-    "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
-                   "city": {"type": "string"},
-                   "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
-    "required": ["name", "age", "city", "hobbies"], "additionalProperties": False,
-}
-
-
 def json_prompt(i: int) -> str:
     return ("Extract the person as JSON with keys name, age, city, hobbies.\nText: "
             f"{PEOPLE[i % len(PEOPLE)]}\nJSON: ")
-
-
-# --- real-world schemas for the compile benchmark (small -> large) ----------------------------
-SCHEMAS = {
-    "person (4 props)": PERSON_SCHEMA,
-    "address (enum, pattern)": {
-        "type": "object",
-        "properties": {
-            "street": {"type": "string", "maxLength": 80},
-            "city": {"type": "string"},
-            "postal_code": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{3}$"},
-            "country": {"type": "string", "enum": ["PT", "ES", "FR", "DE", "IT", "GB", "US"]},
-            "kind": {"enum": ["home", "work", "billing"]},
-        },
-        "required": ["street", "city", "country"], "additionalProperties": False,
-    },
-    "tool call (anyOf, arrays)": {
-        "type": "object",
-        "properties": {
-            "tool": {"enum": ["search", "get_weather", "send_email", "create_event"]},
-            "arguments": {"anyOf": [
-                {"type": "object", "properties": {"query": {"type": "string"},
-                                                  "top_k": {"type": "integer", "minimum": 1, "maximum": 20}},
-                 "required": ["query"], "additionalProperties": False},
-                {"type": "object", "properties": {"city": {"type": "string"},
-                                                  "units": {"enum": ["metric", "imperial"]}},
-                 "required": ["city"], "additionalProperties": False},
-                {"type": "object", "properties": {"to": {"type": "array", "items": {"type": "string"},
-                                                         "minItems": 1, "maxItems": 5},
-                                                  "subject": {"type": "string"}, "body": {"type": "string"}},
-                 "required": ["to", "subject", "body"], "additionalProperties": False},
-                {"type": "object", "properties": {"title": {"type": "string"},
-                                                  "start": {"type": "string", "format": "date-time"},
-                                                  "minutes": {"type": "integer", "minimum": 5}},
-                 "required": ["title", "start"], "additionalProperties": False},
-            ]},
-        },
-        "required": ["tool", "arguments"], "additionalProperties": False,
-    },
-    "invoice ($defs, nested)": {
-        "$defs": {
-            "money": {"type": "object", "properties": {
-                "amount": {"type": "number", "minimum": 0},
-                "currency": {"type": "string", "pattern": "^[A-Z]{3}$"}},
-                "required": ["amount", "currency"], "additionalProperties": False},
-            "party": {"type": "object", "properties": {
-                "name": {"type": "string"}, "vat_id": {"type": "string"},
-                "email": {"type": "string", "format": "email"}},
-                "required": ["name"], "additionalProperties": False},
-            "line": {"type": "object", "properties": {
-                "sku": {"type": "string"}, "description": {"type": "string"},
-                "quantity": {"type": "integer", "minimum": 1}, "unit_price": {"$ref": "#/$defs/money"}},
-                "required": ["description", "quantity", "unit_price"], "additionalProperties": False},
-        },
-        "type": "object",
-        "properties": {
-            "number": {"type": "string"}, "issued": {"type": "string", "format": "date"},
-            "seller": {"$ref": "#/$defs/party"}, "buyer": {"$ref": "#/$defs/party"},
-            "lines": {"type": "array", "items": {"$ref": "#/$defs/line"}, "minItems": 1, "maxItems": 50},
-            "total": {"$ref": "#/$defs/money"}, "paid": {"type": "boolean"},
-            "notes": {"type": ["string", "null"]},
-        },
-        "required": ["number", "issued", "seller", "buyer", "lines", "total"],
-        "additionalProperties": False,
-    },
-    "github issue (large)": {
-        "type": "object",
-        "properties": {
-            "title": {"type": "string", "minLength": 1, "maxLength": 256},
-            "body": {"type": "string"},
-            "state": {"enum": ["open", "closed"]},
-            "state_reason": {"enum": ["completed", "not_planned", "reopened", None]},
-            "labels": {"type": "array", "items": {"type": "object", "properties": {
-                "name": {"type": "string"}, "color": {"type": "string", "pattern": "^[0-9a-f]{6}$"},
-                "description": {"type": ["string", "null"]}},
-                "required": ["name"], "additionalProperties": False}, "maxItems": 20},
-            "assignees": {"type": "array", "items": {"type": "string",
-                                                     "pattern": "^[A-Za-z0-9-]{1,39}$"}, "maxItems": 10},
-            "milestone": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
-                "title": {"type": "string"}, "due_on": {"type": "string", "format": "date-time"},
-                "open_issues": {"type": "integer", "minimum": 0}}, "required": ["title"],
-                "additionalProperties": False}]},
-            "reactions": {"type": "object", "properties": {
-                k: {"type": "integer", "minimum": 0} for k in
-                ("+1", "-1", "laugh", "hooray", "confused", "heart", "rocket", "eyes")},
-                "additionalProperties": False},
-            "comments": {"type": "array", "maxItems": 100, "items": {"type": "object", "properties": {
-                "author": {"type": "string"}, "created_at": {"type": "string", "format": "date-time"},
-                "body": {"type": "string"},
-                "author_association": {"enum": ["OWNER", "MEMBER", "COLLABORATOR", "CONTRIBUTOR",
-                                                "FIRST_TIMER", "NONE"]}},
-                "required": ["author", "body"], "additionalProperties": False}},
-            "locked": {"type": "boolean"},
-            "number": {"type": "integer", "minimum": 1},
-            "created_at": {"type": "string", "format": "date-time"},
-        },
-        "required": ["title", "state", "number"], "additionalProperties": False,
-    },
-}
 
 
 # --- workload runner (shared by the in-process engine and the gRPC client) ---------------------
@@ -278,108 +171,6 @@ def make_adapters(model_dir: str, out: Path, n: int) -> list[Path]:
     return dirs
 
 
-# --- the gRPC service --------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args, store: Path, log_path: Path):
-    """(process, gRPC address, metrics URL)."""
-    port, metrics_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "tunewire.cli", "serve", "serving", "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", str(metrics_port), "--model", args.model,
-           "--adapter-store", str(store), "--max-loras", str(args.max_loras),
-           "--max-cpu-loras", str(args.max_cpu_loras), "--max-model-len", str(args.max_model_len),
-           "--max-queued-requests", "1024", "--config", str(store.parent / "serving.toml")]
-    # no CLI flags for these two: a config file (field names of ServingConfig)
-    (store.parent / "serving.toml").write_text(
-        f"max_num_seqs = {args.max_num_seqs}\nkv_cache_gib = {args.kv_cache_gib}\n")
-    if args.enforce_eager:
-        cmd.append("--enforce-eager")
-    env = {**os.environ}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-    return proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
-
-
-def load_phases(metrics_url: str) -> dict[str, float]:
-    """Cumulative seconds per adapter-load phase (validate, room, engine) from the server."""
-    import urllib.request
-
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    pat = re.compile(r'^tunewire_serving_adapter_load_phase_seconds_sum\{phase="(\w+)"\} (\S+)$', re.M)
-    return {k: float(v) for k, v in pat.findall(text)}
-
-
-def wait_serving(proc, address: str, log_path: Path, timeout: float) -> float:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            with grpc.insecure_channel(address) as ch:
-                st = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
-            if st == health_pb2.HealthCheckResponse.SERVING:
-                return time.monotonic() - t0
-        except grpc.RpcError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"not SERVING after {timeout}s:\n{log_path.read_text()[-4000:]}")
-
-
-def stop_server(proc) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-class Client:
-    def __init__(self, address: str, max_tokens: int):
-        import grpc
-
-        from tunewire.serving.v1 import serving_pb2 as pb
-        from tunewire.serving.v1 import serving_pb2_grpc as pbg
-
-        self.pb = pb
-        self.channel = grpc.aio.insecure_channel(address)
-        self.stub = pbg.ServingServiceStub(self.channel)
-        self.max_tokens = max_tokens
-
-    async def stream(self, prompt: str, adapter: str = "", schema: dict | None = None,
-                     max_tokens: int | None = None, t_start: float | None = None,
-                     min_tokens: int = 0):
-        """(ttft_s, latency_s, completion_tokens, extra); times from t_start if given."""
-        pb = self.pb
-        fmt = (pb.ResponseFormat(json_schema=pb.JsonSchemaFormat(schema=json.dumps(schema)))
-               if schema is not None else None)
-        req = pb.StreamGenerateRequest(prompt=prompt, adapter=adapter, response_format=fmt,
-                                       sampling=pb.SamplingParams(max_tokens=max_tokens or self.max_tokens,
-                                                                  min_tokens=min_tokens))
-        t = t_start if t_start is not None else time.perf_counter()
-        ttft, n, last, text = None, 0, None, []
-        async for m in self.stub.StreamGenerate(req, timeout=600):
-            if ttft is None and (m.text or m.completion_tokens):
-                ttft = time.perf_counter() - t
-            n = max(n, m.completion_tokens)
-            text.append(m.text)
-            last = m
-        total = time.perf_counter() - t
-        extra = {"valid": bool(last.structured_output_valid) if last is not None else False,
-                 "version": last.adapter_version if last is not None else "",
-                 "text": "".join(text)}
-        return (ttft if ttft is not None else total), total, n, extra
-
-
 async def grpc_parts(args, address: str, adapters: dict[str, Path], results: dict) -> None:
     from tunewire.serving.v1 import serving_pb2 as pb
 
@@ -462,152 +253,6 @@ async def grpc_parts(args, address: str, adapters: dict[str, Path], results: dic
                                   "rows": rows}
     finally:
         await cl.channel.close()
-
-
-# --- schema compile (no engine) ----------------------------------------------------------------
-async def schema_part(args) -> dict:
-    from transformers import AutoTokenizer
-
-    from serving_service.structured import StructuredOutputs
-
-    tok = AutoTokenizer.from_pretrained(args.model)
-    so = StructuredOutputs(lambda: tok, compile_timeout_s=60)
-    t = time.perf_counter()
-    so._ll_tokenizer()
-    tok_ms = (time.perf_counter() - t) * 1000
-    rows = []
-    for label, schema in SCHEMAS.items():
-        text = json.dumps(schema)
-        cold, warm = [], []
-        for _ in range(args.schema_repeats):
-            fresh = StructuredOutputs(lambda: tok, compile_timeout_s=60)
-            fresh._ll_tok = so._ll_tok            # the tokenizer is built once per server
-            c = await fresh.prepare("json_schema", schema=text)
-            assert not c.cached
-            cold.append(c.compile_ms)
-            for _ in range(5):
-                w = await fresh.prepare("json_schema", schema=text)
-                assert w.cached
-                warm.append(w.compile_ms)
-        rows.append({"schema": label, "bytes": len(text), "cold_ms_median": median(cold),
-                     "cold_ms_max": max(cold), "cached_ms_median": median(warm),
-                     "warnings": list(c.warnings) if hasattr(c, "warnings") else []})
-    return {"tokenizer_build_ms": tok_ms, "repeats": args.schema_repeats, "rows": rows}
-
-
-# --- report ------------------------------------------------------------------------------------
-def report(args, results: dict, cond: dict) -> None:
-    cmd = "python bench/serving.py " + " ".join(sys.argv[1:])
-    common = {"command": cmd.strip(), "conditions": cond, "model": args.model,
-              "max_tokens": args.max_tokens, "engine": {
-                  "dtype": "float32", "enforce_eager": args.enforce_eager,
-                  "max_loras": args.max_loras, "max_cpu_loras": args.max_cpu_loras,
-                  "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs},
-              "start_s": results.get("start_s", {})}
-    plot_note = "" if have_matplotlib() else " (matplotlib not installed: no PNG)"
-
-    def strip(r):
-        return {k: v for k, v in r.items() if k != "extra"}
-
-    if "overhead_inproc" in results and "overhead_grpc" in results:
-        rows, data = [], []
-        for c in args.conc:
-            a, g = results["overhead_inproc"][str(c)], results["overhead_grpc"][str(c)]
-            ratio = g["tok_s"] / a["tok_s"]
-            d_ttft = g["ttft_ms_p50"] - a["ttft_ms_p50"]
-            rows.append([c, a["requests"], f"{a['tok_s']:.1f}", f"{g['tok_s']:.1f}", f"{ratio:.3f}",
-                         f"{a['ttft_ms_p50']:.1f}", f"{g['ttft_ms_p50']:.1f}", f"{d_ttft:+.1f}",
-                         f"{a['latency_ms_p50']:.0f}", f"{g['latency_ms_p50']:.0f}"])
-            data.append({"concurrency": c, "inproc": strip(a), "grpc": strip(g),
-                         "throughput_ratio": ratio, "ttft_overhead_ms_p50": d_ttft,
-                         "ttft_overhead_ms_p95": g["ttft_ms_p95"] - a["ttft_ms_p95"],
-                         "tokens_equal": a["tokens"] == g["tokens"]})
-        print("\n## Serving overhead: gRPC service vs the same AsyncLLM in-process\n")
-        print(md_table(["concurrency", "requests", "in-process tok/s", "gRPC tok/s", "ratio",
-                        "TTFT p50 in-proc ms", "TTFT p50 gRPC ms", "TTFT overhead ms",
-                        "latency p50 in-proc ms", "latency p50 gRPC ms"], rows))
-        print("tokens generated equal (in-proc vs gRPC):",
-              ", ".join(f"c={d['concurrency']}: {d['tokens_equal']}" for d in data))
-        write_json("serving_overhead" + args.suffix, {**common, "target_ratio": 0.95, "rows": data})
-        bar_png("serving_overhead" + args.suffix, "gRPC service vs in-process AsyncLLM (tok/s)",
-                [f"c={c}" for c in args.conc],
-                {"in-process": [d["inproc"]["tok_s"] for d in data],
-                 "gRPC": [d["grpc"]["tok_s"] for d in data]}, "tokens/s")
-
-    if "adapters" in results:
-        res = results["adapters"]
-        base = res["base"]["tok_s"]
-        rows = [[k, v["requests"], f"{v['tok_s']:.1f}", f"{v['tok_s'] / base:.2f}",
-                 f"{v['ttft_ms_p50']:.0f}", f"{v['latency_ms_p50']:.0f}"] for k, v in res.items()]
-        print(f"\n## Multi-adapter via gRPC (concurrency {max(args.conc)})\n")
-        print(md_table(["workload", "requests", "tok/s", "vs base", "TTFT p50 ms", "latency p50 ms"], rows))
-        write_json("serving_adapters" + args.suffix, {**common, "target_ratio": 0.8, "concurrency": max(args.conc),
-                                        "rows": [{"workload": k, **strip(v), "vs_base": v["tok_s"] / base}
-                                                 for k, v in res.items()]})
-        bar_png("serving_adapters" + args.suffix, "Multi-adapter throughput vs base (gRPC)", list(res),
-                {"vs base": [v["tok_s"] / base for v in res.values()]}, "ratio", ref_line=0.8)
-
-    if "structured" in results:
-        res = results["structured"]
-        u = res["unconstrained"]
-        rows = []
-        for k, v in res.items():
-            valid = sum(1 for e in v["extra"] if e["valid"]) if k != "unconstrained" else None
-            parsed = sum(1 for e in v["extra"] if _parses(e["text"]))
-            v["valid"], v["parses_as_json"] = valid, parsed
-            rows.append([k, v["requests"], f"{v['tokens'] / v['requests']:.1f}", f"{v['tok_s']:.1f}",
-                         f"{v['tok_s'] / u['tok_s']:.2f}", f"{v['req_s']:.2f}",
-                         f"{v['req_s'] / u['req_s']:.2f}", f"{parsed}/{v['requests']}",
-                         "-" if valid is None else f"{valid}/{v['requests']}"])
-        print(f"\n## Structured output via gRPC (concurrency {max(args.conc)}, "
-              f"max_tokens {args.json_max_tokens})\n")
-        print(md_table(["mode", "requests", "tokens/request", "tok/s", "tok/s vs unconstrained",
-                        "req/s", "req/s vs unconstrained", "parses as JSON", "schema-valid"], rows))
-        write_json("serving_structured" + args.suffix, {**common, "json_max_tokens": args.json_max_tokens,
-                                          "schema": PERSON_SCHEMA,
-                                          "rows": [{"mode": k, **strip(v)} for k, v in res.items()]})
-        bar_png("serving_structured" + args.suffix, "JSON-schema constrained vs unconstrained (gRPC)", list(res),
-                {"tok/s": [v["tok_s"] for v in res.values()]}, "tokens/s")
-
-    if "schemas" in results:
-        s = results["schemas"]
-        rows = [[r["schema"], r["bytes"], f"{r['cold_ms_median']:.1f}", f"{r['cold_ms_max']:.1f}",
-                 f"{r['cached_ms_median']:.3f}"] for r in s["rows"]]
-        print(f"\n## Schema compile (StructuredOutputs.prepare, guidance; median of {s['repeats']} "
-              f"cold, 5x{s['repeats']} cached; one-time tokenizer build {s['tokenizer_build_ms']:.0f} ms)\n")
-        print(md_table(["schema", "bytes", "cold ms (median)", "cold ms (max)", "cached ms"], rows))
-        write_json("serving_schemas" + args.suffix, {**common, **s})
-        bar_png("serving_schemas" + args.suffix, "Schema compile time: cold vs cached (ms)",
-                [r["schema"] for r in s["rows"]],
-                {"cold": [r["cold_ms_median"] for r in s["rows"]],
-                 "cached": [r["cached_ms_median"] for r in s["rows"]]}, "ms")
-
-    if "hotload" in results:
-        h = results["hotload"]
-        rows = [[r["adapter"], f"{r['load_adapter_ms']:.0f}",
-                 " / ".join(f"{r.get(k + '_ms', 0):.0f}" for k in ("validate", "room", "engine")),
-                 f"{r['load_to_first_token_ms']:.0f}",
-                 f"{r['first_request_ttft_ms']:.0f}", f"{r['base_ttft_under_load_ms']:.0f}",
-                 r["served_version"]] for r in h["rows"]]
-        print(f"\n## Hot-load via gRPC ({h['background_streams']} background streams of "
-              f"{h['bg_tokens']} tokens running)\n")
-        print(md_table(["adapter", "LoadAdapter ms", "validate / room / engine ms", "LoadAdapter call -> first token ms",
-                        "of which first request TTFT ms", "base request TTFT ms (same load)",
-                        "version served"], rows))
-        write_json("serving_hotload" + args.suffix, {**common, **h})
-        bar_png("serving_hotload" + args.suffix, "Hot-load under load (ms)", [r["adapter"] for r in h["rows"]],
-                {"LoadAdapter": [r["load_adapter_ms"] for r in h["rows"]],
-                 "call -> first token": [r["load_to_first_token_ms"] for r in h["rows"]],
-                 "base TTFT": [r["base_ttft_under_load_ms"] for r in h["rows"]]}, "ms")
-    print(f"\nJSON{plot_note} written to {OUT_DIR}")
-
-
-def _parses(text: str) -> bool:
-    try:
-        json.loads(text)
-        return True
-    except ValueError:
-        return False
 
 
 def main() -> None:

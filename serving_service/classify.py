@@ -6,9 +6,14 @@ so `HeadClassifier` keeps its own copy of the body: HF transformers, fp32, on th
 training ran it. Turning texts into features is tunewire/features.py, the code training used, so
 a served result equals `tunewire.features.predict` for the same head and texts.
 
-The caller picks and verifies the head directory (the registry's `resolve_head`: store
-confinement, manifest checksums, kind "classifier"); this module reads it, checks it against the
-base model (fingerprint, hidden size) and applies it.
+Heads are published to the adapter store like adapters (`<store>/<name>/v<N>/`, with a
+manifest) but are not adapters: the engine never sees them. `resolve_head` finds one for a
+request ('name' = its newest version) and verifies it (manifest checksums, kind "classifier",
+base-model fingerprint); `HeadClassifier` reads it, checks it against the loaded body (hidden
+size) and applies it.
+
+    path, manifest = resolve_head(registry.checks, "region")       # blocking: checksums
+    results = await HeadClassifier(base_model).classify(path, ["alice lives in paris"])
 
 Cost model: the tokenizer and the body load once, on the first request, and stay; heads are small
 (hidden x labels floats) and are cached by path. Requests run one at a time in a worker thread:
@@ -30,11 +35,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serving_service.adapter_checks import AdapterChecks, check_base, latest_version, parse_ref
 from tunewire import features, loading  # called as loading.X, so a test can count the body loads
-from tunewire.adapters import base_model_fingerprint
-from tunewire.errors import invalid
+from tunewire import reasons as R
+from tunewire.adapters import Manifest, base_model_fingerprint, read_manifest
+from tunewire.errors import TunewireError, invalid
 
 HEAD_CACHE_SIZE = 16  # heads kept loaded; a head is hidden x labels floats, a few KB to a few MB
+
+
+def resolve_head(checks: AdapterChecks, ref: str) -> tuple[Path, Manifest]:
+    """The head `ref` names in the store ('name' = its newest version), verified for this server."""
+    name, version = parse_ref(ref, "head")
+    path = checks.store_root / name / (version or latest_version(checks.store_root, name, "head"))
+    if not path.is_dir():
+        raise TunewireError(R.HEAD_NOT_FOUND, f"no head {ref!r} in the store", metadata={"head": ref})
+    m = read_manifest(path)
+    if m.kind != "classifier":
+        raise TunewireError(R.ADAPTER_KIND_UNSUPPORTED, f"{ref} is a {m.kind}, not a classifier head")
+    check_base(m, checks.base_fingerprint)
+    return path, m
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,11 @@ service sets it from its `cpu_lora_compile` setting, on by default unless enforc
 Why: vLLM 0.32 sets the compilation mode to NONE on CPU whenever LoRA is enabled
 (`vllm/platforms/cpu.py`, `check_and_update_config`), because its CPU LoRA path branches in
 Python on per-step state (`is_prefill`, `indices_len`), which a graph traced once would bake
-in. Compiling is worth ~1.3-1.4x on this CPU (bench/lora_cpu.py: base_nolora vs
-base_nolora_eager), more than all the LoRA arithmetic. Here the fused methods of
-`serving_service.cpu_lora` become three torch custom ops that dynamo and inductor treat as
-opaque calls: the traced graph holds no per-step Python state, and the ops read the step's row
-grouping when they run. The platform hook then keeps the compile settings vLLM picks for the
+in. Compiling is worth 1.06-1.29x on this CPU (bench/lora_cpu.py: base_nolora vs
+base_nolora_eager, docs/cpu-lora.md), more than all the LoRA arithmetic. Here the fused methods
+of `serving_service.cpu_lora` become three torch custom ops (their arithmetic:
+serving_service/cpu_lora_kernels.py) that dynamo and inductor treat as opaque calls: the traced
+graph holds no per-step Python state, and the ops read the step's row grouping when they run. The platform hook then keeps the compile settings vLLM picks for the
 same configuration without LoRA.
 
 tunewire::lora_linear, called 4x per decoder layer every step, runs a C++ kernel
@@ -16,8 +16,9 @@ tunewire::lora_linear, called 4x per decoder layer every step, runs a C++ kernel
 kernel costs ~10 us more per call just to be entered. Where it cannot be built (no compiler) the
 Python twin runs, with a warning; TUNEWIRE_CPU_LORA_KERNEL=python picks the twin on purpose.
 
-Installed by `cpu_lora.register()` (mode "fused" and TUNEWIRE_CPU_LORA_COMPILE=1), in every
-vLLM process. Replaces, on top of the fused mode:
+Installed by `cpu_lora.register()` with TUNEWIRE_CPU_LORA_COMPILE=1, in every vLLM process;
+`forget()` drops the Python and C++ kernels' plans (the fused activate_adapter calls it).
+Replaces, on top of the fused methods:
     PunicaWrapperCPU.add_lora_linear / add_shrink / add_expand / add_lora_embedding -> ops
     PunicaWrapperCPU.update_metadata (also records the step for the ops)
     CpuPlatform.check_and_update_config (called with lora_config hidden)
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from serving_service import cpu_lora
+from serving_service import cpu_lora_kernels as kernels
 
 log = logging.getLogger(__name__)
 _STEP = {"n": 0, "valid": 0}  # bumped by update_metadata; valid = this step's token count
@@ -51,7 +52,7 @@ def _groups_now(indices: torch.Tensor, n: int) -> list:
             idx = idx.clone()
             idx[_STEP["valid"]:] = -1
         _GROUPS.clear()
-        groups = _GROUPS[key] = cpu_lora._groups(idx)
+        groups = _GROUPS[key] = kernels.row_groups(idx)
     return groups
 
 
@@ -75,7 +76,7 @@ def _op(name: str, mutates: tuple[str, ...], kernel: bool = True):
 def lora_linear_op(y: torch.Tensor, x: torch.Tensor, a: list[torch.Tensor], b: list[torch.Tensor],
                    scale: float, slices: list[int], indices: torch.Tensor) -> None:
     x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-    cpu_lora.lora_linear(y2, x2, a, b, scale, slices, _groups_now(indices, x2.shape[0]))
+    kernels.lora_linear(y2, x2, a, b, scale, slices, _groups_now(indices, x2.shape[0]))
 
 
 _SOURCE = Path(__file__).with_name("cpu_lora_ops.cpp")
@@ -84,11 +85,13 @@ KERNEL = {"lora_linear": ""}  # which kernel tunewire::lora_linear runs: "c++" o
 
 
 def build_kernels() -> None:
-    """Compile (or find in TORCH_EXTENSIONS_DIR, keyed by the source's hash) and load
-    cpu_lora_ops.cpp: 20-40 s the first time on this machine; `./dev setup` runs it ahead."""
+    """Compile (or find already built, rebuilt when the source changes) and load cpu_lora_ops.cpp
+    under $TORCH_EXTENSIONS_DIR, else torch's default (~/.cache/torch_extensions): 20-40 s the
+    first time on this machine; `./dev setup` runs it ahead."""
     from torch.utils import cpp_extension
 
-    build = Path(cpp_extension.get_default_build_root()) / f"tunewire_cpu_lora-{torch.__version__}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    build = Path(root) / f"tunewire_cpu_lora-{torch.__version__}"
     build.mkdir(parents=True, exist_ok=True)
     # torch waits forever on the lock file of a build that was killed (a pod stopped mid-start
     # keeps its emptyDir cache): a lock older than any real build is taken to be such a one.
@@ -111,7 +114,6 @@ def load_kernels() -> str:
         if os.environ.get("TUNEWIRE_CPU_LORA_KERNEL") == "python":  # benchmarks: the twin
             raise RuntimeError("TUNEWIRE_CPU_LORA_KERNEL=python")
         build_kernels()
-        cpu_lora.FORGET_HOOKS.append(torch.ops.tunewire_cpp.forget)
         KERNEL["lora_linear"] = "c++"
         log.info("tunewire CPU LoRA: compiled mode, C++ kernel (%s)", _SOURCE.name)
     except Exception as exc:  # a missing compiler or headers must not stop serving
@@ -122,12 +124,19 @@ def load_kernels() -> str:
     return KERNEL["lora_linear"]
 
 
+def forget() -> None:
+    """Drop what every kernel learnt about slot weights (vLLM wrote a slot)."""
+    kernels.forget()
+    if KERNEL["lora_linear"] == "c++":
+        torch.ops.tunewire_cpp.forget()
+
+
 @_op("lora_shrink", mutates=("y",))
 def lora_shrink_op(y: torch.Tensor, x: torch.Tensor, a: list[torch.Tensor], scale: float,
                    indices: torch.Tensor) -> None:
     x2 = x.view(-1, x.shape[-1])
     outs = [y[i].view(-1, y.shape[-1]) for i in range(len(a))]  # y: [slices, tokens, r]
-    cpu_lora.lora_shrink(outs, x2, a, scale, _groups_now(indices, x2.shape[0]))
+    kernels.lora_shrink(outs, x2, a, scale, _groups_now(indices, x2.shape[0]))
 
 
 @_op("lora_expand", mutates=("y",))
@@ -135,7 +144,7 @@ def lora_expand_op(y: torch.Tensor, x: torch.Tensor, b: list[torch.Tensor], slic
                    offset: int, indices: torch.Tensor) -> None:
     y2 = y.view(-1, y.shape[-1])
     ins = [x[i] for i in range(len(b))] if x.dim() == 3 else [x]  # buffers, or one [tokens, r]
-    cpu_lora.lora_expand(y2, [h.reshape(-1, h.shape[-1]) for h in ins], b, slices, offset,
+    kernels.lora_expand(y2, [h.reshape(-1, h.shape[-1]) for h in ins], b, slices, offset,
                          _groups_now(indices, y2.shape[0]))
 
 

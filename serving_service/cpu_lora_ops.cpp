@@ -1,7 +1,7 @@
 // tunewire::lora_linear in C++: the CPU kernel of the compiled-mode LoRA op.
 //
-// What: the same arithmetic as serving_service.cpu_lora.lora_linear (its Python twin, and the
-// fallback when this file cannot be built), for vLLM's torch.compile'd model on CPU
+// What: the same arithmetic as serving_service.cpu_lora_kernels.lora_linear (its Python twin,
+// and the fallback when this file cannot be built), for vLLM's torch.compile'd model on CPU
 // (serving_service/cpu_lora_compile.py). vLLM calls the op 4x per decoder layer every step
 // (qkv, o, gate_up, down); most calls find no adapter weights and return. Measured here, a
 // Python kernel costs ~17 us a call just to be entered (boxing the weight lists into Python

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Histogram
 
+from serving_service.adapter_checks import parse_ref
 from serving_service.admission import Admission
-from serving_service.registry import AdapterRegistry, parse_ref
+from serving_service.engine import GenParams
+from serving_service.registry import AdapterRegistry
 from serving_service.structured import STRUCTURED, StructuredOutputs, check_output
 from tunewire import reasons as R
 from tunewire.chat import ROLES, render_prompt
@@ -154,8 +156,6 @@ class Generator:
         return last
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
-        from serving_service.engine import GenParams  # engine imports vllm; keep it lazy
-
         if not self.engine.ready:
             raise TunewireError(R.ENGINE_NOT_READY, "the engine is still starting")
         # Metric label: "base", or the adapter's name once it resolved (bounded by LabelLimiter);

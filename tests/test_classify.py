@@ -1,6 +1,8 @@
 """HeadClassifier: served classification with a feature-extraction head on the tiny random Llama.
 
 One head is trained once (seconds) and shared; every check compares with, or breaks a copy of, it.
+Results are compared with the head applied by hand (`by_hand`: plain transformers + torch, one
+text at a time, none of tunewire's feature code).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import sys
 import pytest
 
 from serving_service.classify import HeadClassifier
-from trainer_service.recipe_classifier import ClassifierSettings, predict, run
+from trainer_service.recipe_classifier import ClassifierSettings, run
 from tunewire import features, loading
 from tunewire.errors import TunewireError
+
+pytestmark = pytest.mark.timeout(120)
 
 # Each label has its own names and cities in a shared template (as in test_recipe_classifier).
 WORDS = {"north": (("alice", "carol"), ("paris", "lima")),
@@ -56,6 +60,30 @@ def train_head(model_dir, tmp, label_map=None, max_steps=20):
     return tmp / "out" / "classifier"
 
 
+def by_hand(head_dir, model_dir, texts):
+    """(best label, probabilities in the head's label order) per text: the saved head's files
+    read and applied with plain transformers + torch, one text at a time (no padding)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    config = json.loads((head_dir / "classifier.json").read_text())
+    tensors = load_file(str(head_dir / "head.safetensors"))
+    labels = [config["id2label"][str(i)] for i in range(config["num_labels"])]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    body = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, truncation=True, max_length=config["max_seq_length"],
+                            return_tensors="pt").input_ids
+            hidden = body(input_ids=ids).last_hidden_state[0]
+            pooled = hidden.mean(0) if config["pooling"] == "mean" else hidden[-1]
+            probs = torch.softmax(tensors["weight"] @ pooled + tensors["bias"], dim=-1)
+            out.append((labels[int(probs.argmax())], probs.tolist()))
+    return out
+
+
 @pytest.fixture(scope="module")
 def head(tiny_model_dir, tmp_path_factory):
     return train_head(tiny_model_dir, tmp_path_factory.mktemp("head"))
@@ -86,14 +114,14 @@ def edit_config(head_dir, **changes):
 
 
 # -- results ----------------------------------------------------------------------------------
-def test_results_equal_predict_in_label_order(clf, head, tiny_model_dir):
+def test_results_equal_the_head_applied_by_hand_in_label_order(clf, head, tiny_model_dir):
     got = classify(clf, head, TEXTS)
-    want = predict(head, tiny_model_dir, TEXTS)
+    want = by_hand(head, tiny_model_dir, TEXTS)
     assert len(got) == len(want) == len(TEXTS)
     for (label, scores), (want_label, want_probs) in zip(got, want):
         assert label == want_label
         assert [name for name, _ in scores] == ["north", "south", "west"]
-        assert [p for _, p in scores] == pytest.approx(want_probs, abs=1e-6)
+        assert [p for _, p in scores] == pytest.approx(want_probs, abs=1e-5)
         assert all(isinstance(p, float) for _, p in scores)
     # The head is not trivial: the class words decide, and the probabilities differ.
     assert [label for label, _ in got[:3]] == ["north", "south", "west"]
@@ -105,7 +133,7 @@ def test_integer_labels_come_back_as_strings(clf, tiny_model_dir, tmp_path):
     (label, scores), = classify(clf, head, ["bob oslo"])
     assert [name for name, _ in scores] == ["3", "7", "11"]  # the head's order: sorted ints
     assert label in ("3", "7", "11")
-    assert predict(head, tiny_model_dir, ["bob oslo"])[0][0] == int(label)
+    assert by_hand(head, tiny_model_dir, ["bob oslo"])[0][0] == int(label)
 
 
 def test_body_loads_once_for_concurrent_and_later_calls(tiny_model_dir, head, monkeypatch):

@@ -19,7 +19,9 @@ import threading
 
 import pytest
 
-pytestmark = pytest.mark.slow
+# 600 s: the first test of each engine fixture pays for starting it (~30-90 s, longer when
+# another engine or the C++ kernel build shares the 2 cores)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 PROMPTS = ["alice is 20 years old", '{"name": "bob", "age":', "Extract the person as JSON:\n"]
 MAX_NEW = 16
@@ -91,7 +93,7 @@ def served(vllm_model_dir, adapters):
 def served_compiled(vllm_model_dir, adapters):
     """The same with torch.compile kept on under LoRA (cpu_lora_compile, the default when not
     enforce_eager): VllmEngine.start sets TUNEWIRE_CPU_LORA_COMPILE for the engine-core process
-    and re-registers the plugin here; afterwards both go back to the default."""
+    and registers the plugin in this process too; afterwards both are undone."""
     import os
 
     from serving_service import cpu_lora
@@ -100,7 +102,7 @@ def served_compiled(vllm_model_dir, adapters):
         yield from _serve(vllm_model_dir, adapters, enforce_eager=False, cpu_lora_compile=True)
     finally:
         os.environ.pop("TUNEWIRE_CPU_LORA_COMPILE", None)
-        cpu_lora.register()
+        cpu_lora.unregister()
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +134,10 @@ def _serve(vllm_model_dir, adapters, enforce_eager: bool, **engine_cfg):
     finally:
         async def stop():
             engine.shutdown()
-            await asyncio.sleep(0.2)  # let AsyncLLM's cancelled background tasks finish
+            # AsyncLLM cancels its background tasks: let them finish before the loop closes
+            others = asyncio.all_tasks() - {asyncio.current_task()}
+            if others:
+                await asyncio.wait(others, timeout=10)
 
         run(stop())
         loop.call_soon_threadsafe(loop.stop)
@@ -286,16 +291,19 @@ def test_patched_ops_leave_no_adapter_rows_alone():
 
     cpu_lora.register()
     cpu_lora.register()
-    for name in cpu_lora.PATCHED:
-        fn = getattr(ops, name)
-        assert getattr(punica_cpu, name) is fn and not hasattr(fn.__wrapped__, "__wrapped__")
-    torch.manual_seed(0)
-    x, idx = torch.randn(4, 8), torch.tensor([0, -1, 1, -1])
-    a, b = torch.randn(2, 1, 3, 8), torch.randn(2, 1, 8, 3)
-    buf, y, y2 = torch.zeros(4, 3), torch.ones(4, 8), torch.ones(4, 16)
-    punica_cpu.bgmv_shrink(x, a, buf, idx, 0.5)
-    punica_cpu.bgmv_expand(buf, b, y, idx, True)
-    punica_cpu.bgmv_expand_slice(buf, b, y2, idx, 8, 8, True)
+    try:
+        for name in cpu_lora.PATCHED:
+            fn = getattr(ops, name)
+            assert getattr(punica_cpu, name) is fn and not hasattr(fn.__wrapped__, "__wrapped__")
+        torch.manual_seed(0)
+        x, idx = torch.randn(4, 8), torch.tensor([0, -1, 1, -1])
+        a, b = torch.randn(2, 1, 3, 8), torch.randn(2, 1, 8, 3)
+        buf, y, y2 = torch.zeros(4, 3), torch.ones(4, 8), torch.ones(4, 16)
+        punica_cpu.bgmv_shrink(x, a, buf, idx, 0.5)
+        punica_cpu.bgmv_expand(buf, b, y, idx, True)
+        punica_cpu.bgmv_expand_slice(buf, b, y2, idx, 8, 8, True)
+    finally:
+        cpu_lora.unregister()  # vLLM's own ops again for whatever runs next in this process
     for row in (1, 3):
         assert torch.equal(y[row], torch.ones(8)) and torch.equal(y2[row], torch.ones(16))
     want = 1 + 0.5 * (b[idx[0], 0] @ (a[idx[0], 0] @ x[0]))

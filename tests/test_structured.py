@@ -16,6 +16,8 @@ from prometheus_client import REGISTRY
 from serving_service.structured import Constraint, StructuredOutputs, check_output
 from tunewire.errors import TunewireError
 
+pytestmark = pytest.mark.timeout(60)
+
 SCHEMA_FIELD = "response_format.json_schema.schema"
 REGEX_FIELD = "response_format.regex.pattern"
 CHOICE_FIELD = "response_format.choice.choices"
