@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 from PIL import Image
 
 from trainer_service.artifacts import (METRIC_COLUMNS, plot_loss_curve, write_job_artifacts,
                                        write_metrics_csv)
 from trainer_service.store import Entry
 
+pytestmark = pytest.mark.timeout(60)
 BASE_HEADER = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second",
                "tokens_seen", "step_seconds"]
 

@@ -6,17 +6,17 @@ every rank cleanly."""
 from __future__ import annotations
 
 import json
-import time
 
 import grpc
 import psutil
 import pytest
 
 from harness import start_service, states, watch_all
+from test_trainer_crash import is_metric, wait_for, worker_pids
 from tunewire.trainer.v1 import trainer_pb2 as tpb
 from tunewire.trainer.v1 import trainer_pb2_grpc
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 STEPS = 8
 
 
@@ -55,10 +55,9 @@ def _job_processes(job_id) -> list[psutil.Process]:
 
 
 def _wait_gone(job_id, timeout=60) -> None:
-    deadline = time.monotonic() + timeout
-    while _job_processes(job_id):
-        assert time.monotonic() < deadline, [p.info["cmdline"] for p in _job_processes(job_id)]
-        time.sleep(0.2)
+    """Waits for every process of the job (torchrun and its ranks) to exit."""
+    _, alive = psutil.wait_procs(_job_processes(job_id), timeout=timeout)
+    assert not alive, [p.info["cmdline"] for p in alive]
 
 
 def _worker_log(tmp_path, job_id) -> str:
@@ -97,9 +96,7 @@ def test_two_processes_train_one_adapter_in_step(tmp_path, tiny_model_dir, train
 def test_cancel_stops_every_rank(tmp_path, tiny_model_dir, trainer):
     _, stub = trainer
     job = _create(stub, tmp_path, tiny_model_dir, 10_000)
-    for e in stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=job.id), timeout=180):
-        if e.WhichOneof("payload") == "metric" and e.metric.step >= 2:
-            break
+    wait_for(stub, job.id, is_metric(2), timeout=180)
     assert len(_job_processes(job.id)) == 3  # torchrun and two ranks
     stub.CancelTrainingJob(tpb.CancelTrainingJobRequest(name=job.name))
     entries = watch_all(stub, job.id, timeout=120)
@@ -115,12 +112,7 @@ def test_cancel_stops_every_rank(tmp_path, tiny_model_dir, trainer):
 def test_kill_9_of_one_rank_retries_and_resumes_the_job(tmp_path, tiny_model_dir, trainer):
     _, stub = trainer
     job = _create(stub, tmp_path, tiny_model_dir, 12)
-    rank0 = None
-    for e in stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=job.id), timeout=180):
-        if e.WhichOneof("payload") == "event" and e.event.type == tpb.JobEvent.TYPE_WORKER_STARTED:
-            rank0 = int(e.event.data["pid"])
-        if e.WhichOneof("payload") == "metric" and e.metric.step >= 5:  # resume state at step 4
-            break
+    (rank0,) = worker_pids(wait_for(stub, job.id, is_metric(5), timeout=180))  # resume state at 4
     rank1 = [p for p in _job_processes(job.id)
              if "trainer_service.worker" in p.info["cmdline"] and "torch.distributed.run" not in p.info["cmdline"]
              and p.pid != rank0]

@@ -10,6 +10,7 @@ import pytest
 from trainer_service.k8s_launcher import K8sSettings, manifests, object_name
 from trainer_service.spec import Hyperparameters, JobSpec
 
+pytestmark = pytest.mark.timeout(60)
 S = K8sSettings(namespace="ml", image="registry.example/tunewire:1.0", gpus_per_pod=1,
                 node_selector={"nvidia.com/gpu.present": "true"},
                 tolerations=({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},))

@@ -8,9 +8,13 @@ import pytest
 import torch
 
 from test_recipe import ListReporter, person_rows, spec_for, write_jsonl
-from trainer_service import common, data, packing
+from trainer_service import common, packing
+from trainer_service.data_batches import collate
+from trainer_service.data_tokens import IGNORE
 from trainer_service.recipe_lora import run
 from tunewire.errors import TunewireError
+
+pytestmark = pytest.mark.timeout(120)
 
 
 def random_rows(n: int, seed: int = 0, vocab: int = 300) -> list[dict]:
@@ -20,7 +24,7 @@ def random_rows(n: int, seed: int = 0, vocab: int = 300) -> list[dict]:
         length = rng.randint(2, 20)
         ids = [rng.randrange(3, vocab) for _ in range(length)]
         prompt = rng.randint(1, length - 1)
-        rows.append({"input_ids": ids, "labels": [data.IGNORE] * prompt + ids[prompt:]})
+        rows.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
     return rows
 
 
@@ -35,7 +39,7 @@ def test_pack_keeps_every_token_once_in_order_with_restarted_positions():
         assert starts[0] == 0
         for a, b in zip(starts, starts[1:] + [len(p["input_ids"])]):
             assert p["position_ids"][a:b] == list(range(b - a))
-            assert p["labels"][a] == data.IGNORE  # the previous example never predicts it
+            assert p["labels"][a] == IGNORE  # the previous example never predicts it
             seen.append((p["input_ids"][a:b], p["labels"][a + 1:b]))
     # Every example exactly once; within a packed row the original order is kept.
     expected = sorted((r["input_ids"], r["labels"][1:]) for r in rows)
@@ -58,7 +62,7 @@ def test_collate_packed_pads_as_its_own_segment():
         n = len(r["input_ids"])
         width = batch["input_ids"].shape[1]
         assert batch["position_ids"][i, n:].tolist() == list(range(width - n))
-        assert (batch["labels"][i, n:] == data.IGNORE).all()
+        assert (batch["labels"][i, n:] == IGNORE).all()
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +81,10 @@ def test_packed_examples_do_not_see_each_other(tiny):
     with torch.no_grad():
         batch = packing.collate_packed(packed, pad_id=0)
         loss_packed = packing.packed_loss(tiny, batch, reduction="sum")
-        labels_packed = int((batch["labels"][:, 1:] != data.IGNORE).sum())
-        plain = data.collate(rows, pad_id=0)
+        labels_packed = int((batch["labels"][:, 1:] != IGNORE).sum())
+        plain = collate(rows, pad_id=0)
         loss_plain = common.completion_loss(tiny, plain, reduction="sum")
-        labels_plain = int((plain["labels"][:, 1:] != data.IGNORE).sum())
+        labels_plain = int((plain["labels"][:, 1:] != IGNORE).sum())
         assert labels_packed == labels_plain
         assert (loss_packed / labels_packed).item() == pytest.approx(
             (loss_plain / labels_plain).item(), abs=1e-5)
@@ -136,7 +140,7 @@ def _full_head_loss(model, batch, reduction):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    use_cache=False).logits
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                                             ignore_index=data.IGNORE, reduction=reduction)
+                                             ignore_index=IGNORE, reduction=reduction)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -147,10 +151,10 @@ def test_the_head_on_labelled_columns_only_gives_the_full_loss_and_gradients(tin
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    rows = [{"input_ids": r["input_ids"] * 2, "labels": [data.IGNORE] * len(r["input_ids"]) + r["input_ids"]}
+    rows = [{"input_ids": r["input_ids"] * 2, "labels": [IGNORE] * len(r["input_ids"]) + r["input_ids"]}
             for r in random_rows(6, seed=5)]  # prompts of 2-20 tokens, then as many labelled
-    batch = data.collate(rows, pad_id=0)
-    targets = batch["labels"][:, 1:] != data.IGNORE
+    batch = collate(rows, pad_id=0)
+    targets = batch["labels"][:, 1:] != IGNORE
     assert not targets.any(0).all()  # some prompt columns carry no label in any row: they are skipped
 
     grads = []

@@ -7,9 +7,13 @@ import json
 import pandas as pd
 import pytest
 
-from trainer_service import data
+from trainer_service.data_paths import resolve_data_path
+from trainer_service.data_rows import example_format, load_examples, scan_file
+from trainer_service.data_tokens import encode_example, tokenize_dataset
 from trainer_service.preflight import validate_dataset
 from tunewire.errors import TunewireError
+
+pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +92,7 @@ def test_jsonl_reports_every_bad_row(tmp_path, tokenizer):
     assert len(capped.errors) == 3 and capped.error_count == 10
     # load_examples stops at the first of them
     with pytest.raises(TunewireError) as e:
-        data.load_examples(path)
+        load_examples(path)
     assert e.value.message.startswith("training data line 2: field completion: is missing")
 
 
@@ -106,7 +110,7 @@ def test_csv_reports_every_bad_row_by_file_line(tmp_path, tokenizer):
     assert codes(report) == [("train", 3, "completion"), ("train", 5, ""), ("train", 7, ""),
                              ("train", 11, "completion")]
     assert report.num_examples == 2
-    assert data.scan_file(tmp_path / "d.csv").lines == [2, 8]
+    assert scan_file(tmp_path / "d.csv").lines == [2, 8]
 
 
 def test_parquet_problems_name_the_row(tmp_path, tokenizer):
@@ -115,7 +119,7 @@ def test_parquet_problems_name_the_row(tmp_path, tokenizer):
     report = validate_dataset(tmp_path / "d.parquet", tokenizer, 256)
     assert codes(report) == [("train", 2, "completion")] and report.unit == "row"
     with pytest.raises(TunewireError) as e:
-        data.load_examples(tmp_path / "d.parquet")
+        load_examples(tmp_path / "d.parquet")
     assert e.value.reason == "DATASET_INVALID" and "row 2: field completion" in e.value.message
 
 
@@ -158,6 +162,10 @@ def test_validation_problems_are_marked_as_such(tmp_path, tokenizer):
     val = write_jsonl(tmp_path / "v.jsonl", [pc(1), {"prompt": "a", "completion": 1}])
     report = validate_dataset(train, tokenizer, 256, validation_path=val)
     assert codes(report) == [("validation", 2, "completion")]
+    assert report.errors[0].describe() == ("validation data line 2: field completion: must be a "
+                                           "string, got integer")
+    with pytest.raises(TunewireError, match="^validation data line 2: field completion"):
+        load_examples(val, source="validation")  # what training says about the same file
     other = write_jsonl(tmp_path / "w.jsonl", [{"text": "hi"}])
     report = validate_dataset(train, tokenizer, 256, validation_path=other)
     assert codes(report) == [("validation", 0, "")] and "is text" in report.errors[0].message
@@ -166,7 +174,7 @@ def test_validation_problems_are_marked_as_such(tmp_path, tokenizer):
 # -- tokens, truncation, loss coverage ------------------------------------------------------------
 def test_lengths_truncation_and_trained_end_tokens(tmp_path, tokenizer):
     rows = [pc(i) for i in range(6)] + [{"prompt": "x " * 60, "completion": "y"}]
-    full = [len(data.encode_example(r, tokenizer)[0]) for r in rows]
+    full = [len(encode_example(r, tokenizer)[0]) for r in rows]
     n_prompt = len(tokenizer(pc(0)["prompt"]).input_ids)
     cut = n_prompt + 3                     # every pc(i) is cut inside its completion
     assert all(n > cut for n in full[:6]) and len(tokenizer("x " * 60).input_ids) > cut
@@ -180,7 +188,7 @@ def test_lengths_truncation_and_trained_end_tokens(tmp_path, tokenizer):
     assert report.eos_untrained == 0                # judged on the whole, untruncated example
     assert 0 < report.coverage_min <= report.coverage_mean <= 1
     # what training would see: the same numbers as tokenize_dataset
-    _, stats = data.tokenize_dataset(data.load_examples(tmp_path / "d.jsonl"), tokenizer, cut)
+    _, stats = tokenize_dataset(load_examples(tmp_path / "d.jsonl"), tokenizer, cut)
     assert (stats.truncated, stats.dropped) == (report.truncated, report.dropped)
     assert report.fit.tokens_per_epoch == stats.tokens
     assert report.fit.trained_tokens_per_epoch == stats.label_tokens
@@ -199,7 +207,7 @@ def test_every_example_trains_its_end_token(tmp_path, tokenizer, fmt):
 
 
 def test_text_rows_train_every_token_and_eos(tokenizer):
-    row = data.tokenize_example({"text": "bob, oslo"}, tokenizer, 512)
+    (row,), _ = tokenize_dataset([{"text": "bob, oslo"}], tokenizer, 512)
     assert row["input_ids"] == tokenizer("bob, oslo").input_ids + [tokenizer.eos_token_id]
     assert row["labels"] == row["input_ids"]
 
@@ -213,7 +221,7 @@ def test_classification_counts_labels_and_is_not_tokenized_for_lm(tmp_path, toke
     assert report.fit.trained_tokens_per_epoch is None and report.fit.steps == 1
     json.dumps(report.to_dict())
     with pytest.raises(TunewireError, match="classification data for a feature-extraction"):
-        data.tokenize_example(rows[0], tokenizer, 64)
+        tokenize_dataset([rows[0]], tokenizer, 64)
     bad = write_jsonl(tmp_path / "b.jsonl", [rows[0], {"text": "x"}, {"text": "y", "label": "1"},
                                              {"text": "z", "label": 1.5}])
     assert [(e.line, e.field) for e in validate_dataset(bad, tokenizer, 64).errors] == [
@@ -224,7 +232,7 @@ def test_classification_counts_labels_and_is_not_tokenized_for_lm(tmp_path, toke
 def test_fit_estimate_for_epochs_and_max_steps(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [pc(i) for i in range(10)])
     report = validate_dataset(path, tokenizer, 512, batch_size=4, num_epochs=3)
-    tokens = sum(len(data.encode_example(pc(i), tokenizer)[0]) for i in range(10))
+    tokens = sum(len(encode_example(pc(i), tokenizer)[0]) for i in range(10))
     assert (report.fit.steps_per_epoch, report.fit.steps, report.fit.epochs) == (3, 9, 3.0)
     assert report.fit.tokens_per_epoch == tokens and report.fit.estimated_seconds is None
     report = validate_dataset(path, tokenizer, 512, batch_size=4, max_steps=7, step_seconds=0.5)
@@ -238,13 +246,13 @@ def test_fit_estimate_for_epochs_and_max_steps(tmp_path, tokenizer):
 @pytest.mark.parametrize("fmt", list(ROWS))
 def test_csv_parquet_and_json_give_the_rows_of_jsonl(tmp_path, fmt):
     rows = ROWS[fmt]
-    jsonl = data.load_examples(write_jsonl(tmp_path / "d.jsonl", rows))
+    jsonl = load_examples(write_jsonl(tmp_path / "d.jsonl", rows))
     (tmp_path / "a.json").write_text(json.dumps(rows, indent=2))
     pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
     assert jsonl == rows
-    assert data.load_examples(tmp_path / "a.json") == rows
-    assert data.load_examples(tmp_path / "d.parquet") == rows
-    csv_rows = data.load_examples(to_csv(rows, tmp_path / "d.csv"))
+    assert load_examples(tmp_path / "a.json") == rows
+    assert load_examples(tmp_path / "d.parquet") == rows
+    csv_rows = load_examples(to_csv(rows, tmp_path / "d.csv"))
     if fmt == "classification":  # a CSV cell is text
         rows = [{**r, "label": str(r["label"])} for r in rows]
     assert csv_rows == rows
@@ -252,38 +260,45 @@ def test_csv_parquet_and_json_give_the_rows_of_jsonl(tmp_path, fmt):
 
 def test_empty_cells_of_another_format_do_not_count(tmp_path):
     (tmp_path / "d.csv").write_text('prompt,completion,text\na,b,\n,c,\n')
-    assert data.load_examples(tmp_path / "d.csv") == [{"prompt": "a", "completion": "b"},
-                                                      {"prompt": "", "completion": "c"}]
-    assert data.detect_format([{"prompt": "", "completion": ""}]) == "prompt_completion"
+    assert load_examples(tmp_path / "d.csv") == [{"prompt": "a", "completion": "b"},
+                                                 {"prompt": "", "completion": "c"}]
+    empty = scan_file(write_jsonl(tmp_path / "e.jsonl", [{"prompt": "", "completion": ""}]))
+    assert empty.format == "prompt_completion"
+    assert [(i.line, i.field) for i in empty.issues] == [(1, "completion")]
 
 
 @pytest.mark.parametrize("fmt", list(ROWS))
-def test_detect_format(fmt):
-    assert data.detect_format(ROWS[fmt]) == fmt
-    assert data.example_format(ROWS[fmt][0]) == fmt
+def test_detect_format(tmp_path, fmt):
+    scan = scan_file(write_jsonl(tmp_path / "d.jsonl", ROWS[fmt]))
+    assert scan.format == fmt and not scan.issues and scan.examples == ROWS[fmt]
+    assert example_format(ROWS[fmt][0]) == fmt
 
 
-def test_text_rows_with_some_labels_are_classification_missing_labels():
-    assert data.detect_format([{"text": "a"}, {"text": "b", "label": "x"}]) == "classification"
+def test_text_rows_with_some_labels_are_classification_missing_labels(tmp_path):
+    scan = scan_file(write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": "b", "label": "x"}]))
+    assert scan.format == "classification"
+    assert [(i.line, i.field) for i in scan.issues] == [(1, "label")]
 
 
 def test_mixed_formats_are_invalid(tmp_path):
-    rows = [pc(0), {"text": "a"}, chat("q", "a"), {"text": "b"}]
+    rows = [pc(0), "", {"text": "a"}, chat("q", "a"), "", "", {"text": "b"}]  # lines 1, 3, 4, 7
     with pytest.raises(TunewireError) as e:
-        data.detect_format(rows, lines=[1, 3, 4, 7], unit="line")
+        load_examples(write_jsonl(tmp_path / "m.jsonl", rows))
     assert e.value.reason == "DATASET_INVALID"
     assert e.value.message.startswith("training data line 3: is a text row but the file's "
                                       "format is prompt_completion")
+    assert [i.line for i in scan_file(tmp_path / "m.jsonl").issues] == [3, 7]
     with pytest.raises(TunewireError) as e:
-        data.load_examples(write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 0},
-                                                              {"text": "b", "label": 1},
-                                                              chat("q", "a")]))
+        load_examples(write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 0},
+                                                         {"text": "b", "label": 1},
+                                                         chat("q", "a")]))
     assert e.value.reason == "DATASET_INVALID" and "line 3: is a messages row" in e.value.message
     with pytest.raises(TunewireError) as e:
-        data.detect_format([])
+        load_examples(write_jsonl(tmp_path / "e.jsonl", []))
     assert e.value.reason == "DATASET_EMPTY"
     # prompt/completion and chat rows both train only the completion, so they may share a file
-    assert data.detect_format([pc(0), chat("q", "a")]) == "prompt_completion"
+    both = scan_file(write_jsonl(tmp_path / "b.jsonl", [pc(0), chat("q", "a")]))
+    assert both.format == "prompt_completion" and not both.issues
 
 
 # -- path confinement ----------------------------------------------------------------------------
@@ -301,8 +316,8 @@ def test_resolve_data_path_confines_to_the_root(tmp_path):
 
     for good in ["sub/t.jsonl", str(root / "sub" / "t.jsonl"), "sub/../sub/t.jsonl",
                  "ok-link.jsonl"]:
-        assert data.resolve_data_path(good, root, field) == real, good
-    assert data.resolve_data_path("t.csv", str(root), field) == (root / "t.csv").resolve()
+        assert resolve_data_path(good, root, field) == real, good
+    assert resolve_data_path("t.csv", str(root), field) == (root / "t.csv").resolve()
 
     cases = [("../outside/x.jsonl", "DATASET_PATH_INVALID"),
              ("sub/../../outside/x.jsonl", "DATASET_PATH_INVALID"),
@@ -318,7 +333,7 @@ def test_resolve_data_path_confines_to_the_root(tmp_path):
              ("sub", "DATASET_NOT_FOUND")]
     for path, reason in cases:
         with pytest.raises(TunewireError) as e:
-            data.resolve_data_path(path, root, field)
+            resolve_data_path(path, root, field)
         assert e.value.reason == reason, path
         assert list(e.value.field_violations) == [field] and e.value.message.startswith(field)
         if "link" in path:

@@ -8,11 +8,14 @@ import math
 import pytest
 import torch
 
-from trainer_service import data
+from trainer_service.data_batches import collate
+from trainer_service.data_rows import load_examples
+from trainer_service.data_tokens import IGNORE, tokenize_dataset
 from trainer_service.recipe_lora import Cancelled, run
 from trainer_service.spec import Hyperparameters, JobSpec, LoraSpec
 from tunewire.errors import TunewireError
 
+pytestmark = pytest.mark.timeout(120)
 PEOPLE = [("alice", 20, "paris"), ("bob", 21, "oslo"), ("carol", 22, "lima"), ("dave", 23, "rome")]
 
 
@@ -62,12 +65,12 @@ def spec_for(model_dir, data_path, **hp) -> JobSpec:
 # -- labels -----------------------------------------------------------------------------------
 def test_prompt_completion_labels_mask_exactly_the_prompt(tokenizer):
     ex = person_rows()[0]
-    row = data.tokenize_example(ex, tokenizer, max_seq_length=512)
+    (row,), _ = tokenize_dataset([ex], tokenizer, max_seq_length=512)
     prompt_ids = tokenizer(ex["prompt"]).input_ids  # what vLLM feeds for the same prompt text
     completion_ids = tokenizer(ex["completion"], add_special_tokens=False).input_ids
     n = len(prompt_ids)
     assert row["input_ids"] == prompt_ids + completion_ids + [tokenizer.eos_token_id]
-    assert row["labels"][:n] == [data.IGNORE] * n
+    assert row["labels"][:n] == [IGNORE] * n
     assert row["labels"][n:] == row["input_ids"][n:]           # completion and EOS all labelled
     assert row["labels"][-1] == tokenizer.eos_token_id
 
@@ -75,11 +78,11 @@ def test_prompt_completion_labels_mask_exactly_the_prompt(tokenizer):
 def test_chat_labels_only_the_last_assistant_turn(tokenizer):
     msgs = [{"role": "user", "content": "alice is 20"}, {"role": "assistant", "content": "ok"},
             {"role": "user", "content": "as JSON"}, {"role": "assistant", "content": '{"age": 20}'}]
-    row = data.tokenize_example({"messages": msgs}, tokenizer, max_seq_length=512)
+    (row,), _ = tokenize_dataset([{"messages": msgs}], tokenizer, max_seq_length=512)
     prefix = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
     n = len(tokenizer(prefix, add_special_tokens=False).input_ids)
     answer = tokenizer('{"age": 20}', add_special_tokens=False).input_ids
-    assert row["labels"] == [data.IGNORE] * n + answer + [tokenizer.eos_token_id]  # <|im_end|>
+    assert row["labels"] == [IGNORE] * n + answer + [tokenizer.eos_token_id]  # <|im_end|>
     assert row["input_ids"][n:] == answer + [tokenizer.eos_token_id]
     assert tokenizer.decode(row["input_ids"][:n]).endswith("<|im_start|>assistant\n")
 
@@ -87,18 +90,21 @@ def test_chat_labels_only_the_last_assistant_turn(tokenizer):
 def test_truncation_keeps_the_start_and_drops_examples_without_labels(tokenizer):
     ex = person_rows()[0]
     n_prompt = len(tokenizer(ex["prompt"]).input_ids)
-    row = data.tokenize_example(ex, tokenizer, max_seq_length=n_prompt + 2)
-    assert len(row["input_ids"]) == n_prompt + 2 and row["labels"][-1] != data.IGNORE
-    rows, stats = data.tokenize_dataset([ex, {"prompt": "x " * 50, "completion": "y"}], tokenizer,
+    (row,), stats = tokenize_dataset([ex], tokenizer, max_seq_length=n_prompt + 2)
+    assert len(row["input_ids"]) == n_prompt + 2 and row["labels"][-1] != IGNORE
+    whole = tokenizer(ex["prompt"]).input_ids + tokenizer(ex["completion"], add_special_tokens=False).input_ids
+    assert row["input_ids"] == whole[:n_prompt + 2]  # the start is kept
+    assert stats.truncated == 1
+    rows, stats = tokenize_dataset([ex, {"prompt": "x " * 50, "completion": "y"}], tokenizer,
                                         max_seq_length=n_prompt + 2)
     assert (stats.examples, stats.truncated, stats.dropped) == (1, 1, 1)
     with pytest.raises(TunewireError) as e:
-        data.tokenize_dataset([ex], tokenizer, max_seq_length=8)
+        tokenize_dataset([ex], tokenizer, max_seq_length=8)
     assert e.value.reason == "DATASET_EMPTY"
 
 
 def test_collate_pads_dynamically():
-    batch = data.collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
                           {"input_ids": [8], "labels": [8]}], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
@@ -115,17 +121,17 @@ def test_collate_pads_dynamically():
 def test_bad_rows_name_their_line_and_field(tmp_path, bad, needle):
     path = write_jsonl(tmp_path / "d.jsonl", [person_rows()[0], "", bad, person_rows()[1]])
     with pytest.raises(TunewireError) as e:
-        data.load_examples(path)
+        load_examples(path)
     assert e.value.reason == "DATASET_INVALID" and e.value.job_error()["user_error"]
     assert "line 3:" in e.value.message and needle in e.value.message
 
 
 def test_load_examples_reads_both_shapes_and_rejects_empty(tmp_path):
     msgs = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
-    rows = data.load_examples(write_jsonl(tmp_path / "d.jsonl", [person_rows()[0], msgs]))
+    rows = load_examples(write_jsonl(tmp_path / "d.jsonl", [person_rows()[0], msgs]))
     assert rows == [person_rows()[0], msgs]
     with pytest.raises(TunewireError) as e:
-        data.load_examples(write_jsonl(tmp_path / "e.jsonl", [""]))
+        load_examples(write_jsonl(tmp_path / "e.jsonl", [""]))
     assert e.value.reason == "DATASET_EMPTY" and e.value.job_error()["user_error"]
 
 

@@ -1,4 +1,6 @@
-"""The feature-extraction classifier recipe on the tiny random Llama (no downloads, seconds)."""
+"""The feature-extraction classifier recipe on the tiny random Llama (no downloads, seconds): its
+data read through the readers every method uses (JSONL, CSV, Parquet), the head it trains, and
+every data problem named by its line (or row) and field."""
 
 from __future__ import annotations
 
@@ -7,8 +9,10 @@ import json
 import math
 import random
 
+import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from trainer_service import recipe_classifier
 from trainer_service.recipe_classifier import (Cancelled, ClassifierSettings, macro_f1, predict,
@@ -16,6 +20,7 @@ from trainer_service.recipe_classifier import (Cancelled, ClassifierSettings, ma
 from tunewire.adapters import base_model_fingerprint, sha256_file
 from tunewire.errors import TunewireError
 
+pytestmark = pytest.mark.timeout(120)
 # Each label has its own names and cities; the template and the ages are shared, so only those
 # words separate the classes. (A random body is a poor feature extractor: shuffled filler words
 # drown the class words, a fixed template does not.)
@@ -38,6 +43,16 @@ def rows(n_per_label: int, seed: int, labels=tuple(CLASS_WORDS)) -> list[dict]:
 
 def write_jsonl(path, items) -> str:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in items))
+    return str(path)
+
+
+def write_csv(path, items) -> str:
+    pd.DataFrame(items).to_csv(path, index=False)
+    return str(path)
+
+
+def write_parquet(path, items) -> str:
+    pd.DataFrame(items).to_parquet(path)
     return str(path)
 
 
@@ -203,11 +218,48 @@ def test_integer_labels_keep_their_type(tiny_model_dir, tmp_path):
     assert label in (3, 7)
 
 
+# -- file types: the readers every method uses ----------------------------------------------
+@pytest.mark.parametrize("write, ext", [(write_csv, "csv"), (write_parquet, "parquet")])
+def test_csv_and_parquet_files_train_the_head_the_jsonl_file_does(tiny_model_dir, tmp_path, write,
+                                                                   ext):
+    """The same rows as CSV or Parquet are the same examples in the same order, so the run
+    trains the JSONL run's head bit for bit."""
+    train, val = rows(8, seed=11), rows(3, seed=12)
+    runs = {}
+    for name, writer, suffix in (("jsonl", write_jsonl, "jsonl"), (ext, write, ext)):
+        d = tmp_path / name
+        d.mkdir()
+        metrics = run(settings_for(tiny_model_dir, writer(d / f"train.{suffix}", train),
+                                   validation_data=writer(d / f"val.{suffix}", val), max_steps=12),
+                      d / "out", ListReporter(), should_stop=lambda: False)
+        head = d / "out" / "classifier"
+        runs[name] = (metrics, load_file(str(head / "head.safetensors")),
+                      json.loads((head / "classifier.json").read_text()))
+    (m_ref, head_ref, config_ref), (m, head, config) = runs["jsonl"], runs[ext]
+    assert (m["examples"], m["validation_examples"], m["num_labels"]) == (24, 9, 3)
+    assert config == config_ref and config["id2label"] == {"0": "north", "1": "south", "2": "west"}
+    assert head.keys() == head_ref.keys() and all(torch.equal(head[k], head_ref[k]) for k in head)
+    for key in ("eval_loss", "accuracy", "macro_f1", "train_loss", "train_tokens"):
+        assert m[key] == m_ref[key], key
+
+
+def test_parquet_integer_labels_keep_their_type(tiny_model_dir, tmp_path):
+    items = [{"text": r["text"], "label": {"north": 7, "south": 3}[r["label"]]}
+             for r in rows(6, seed=15, labels=("north", "south"))]
+    run(settings_for(tiny_model_dir, write_parquet(tmp_path / "train.parquet", items), max_steps=3),
+        tmp_path / "out", ListReporter(), should_stop=lambda: False)
+    config = json.loads((tmp_path / "out" / "classifier" / "classifier.json").read_text())
+    assert config["id2label"] == {"0": 3, "1": 7}
+
+
 # -- failures ---------------------------------------------------------------------------------
-def expect_failure(model_dir, tmp_path, train_items, *, val_items=None, reason="DATASET_INVALID",
-                   match=""):
-    train = write_jsonl(tmp_path / "train.jsonl", train_items)
-    val = write_jsonl(tmp_path / "val.jsonl", val_items) if val_items is not None else None
+def expect_failure(model_dir, tmp_path, train_items=None, *, val_items=None, train=None, val=None,
+                   reason="DATASET_INVALID", match=""):
+    """Runs on JSONL files of `train_items` / `val_items` (or the files `train` / `val`) and
+    returns the error, checking it came before the model was loaded."""
+    train = train or write_jsonl(tmp_path / "train.jsonl", train_items)
+    if val is None and val_items is not None:
+        val = write_jsonl(tmp_path / "val.jsonl", val_items)
     loaded = []
     with pytest.raises(TunewireError) as e:
         mp = pytest.MonkeyPatch()
@@ -242,13 +294,44 @@ def test_a_single_class_fails(tiny_model_dir, tmp_path):
     ({"text": "alice", "label": True}, "training data line 3: field label: must be a string or"),
     ({"text": 5, "label": "north"}, "training data line 3: field text: must be a string"),
     ({"text": "", "label": "north"}, "training data line 3: field text: must not be empty"),
-    ({"text": "alice", "label": 3}, "training data line 3: field label: is int but earlier"),
-    ([1, 2], "training data line 3: expected a JSON object"),
+    ({"text": "alice", "label": 3}, "training data line 3: field label: is integer but line 1 has "
+                                    "string"),
+    ([1, 2], "training data line 3: expected an object"),
 ])
 def test_malformed_lines_fail_with_line_and_field(tiny_model_dir, tmp_path, bad, match):
     items = rows(5, seed=7)
     items[2] = bad
     expect_failure(tiny_model_dir, tmp_path, items, match=match)
+
+
+def test_csv_bad_rows_name_their_file_line(tiny_model_dir, tmp_path):
+    # The header is line 1 and a quoted text spans lines 3-4, so the next record is line 5.
+    (tmp_path / "t.csv").write_text('text,label\nalice paris,north\n"bob\noslo",south\n,west\n'
+                                     'erin kyiv,west\n')
+    expect_failure(tiny_model_dir, tmp_path, train=str(tmp_path / "t.csv"),
+                   match="training data line 5: field text: must not be empty")
+    (tmp_path / "v.csv").write_text('text,label\ncarol lima,north\ndave rome,east\n')
+    expect_failure(tiny_model_dir, tmp_path, rows(5, seed=16), val=str(tmp_path / "v.csv"),
+                   match="validation data line 3: field label: 'east' does not occur in the "
+                         "training data")
+
+
+def test_parquet_bad_rows_name_their_row(tiny_model_dir, tmp_path):
+    items = rows(4, seed=17)
+    items[2] = {"text": items[2]["text"], "label": None}
+    expect_failure(tiny_model_dir, tmp_path, train=write_parquet(tmp_path / "t.parquet", items),
+                   match="training data row 3: field label: is missing")
+    val = rows(2, seed=18)
+    val[1] = {"text": "", "label": val[1]["label"]}
+    expect_failure(tiny_model_dir, tmp_path, rows(5, seed=18),
+                   val=write_parquet(tmp_path / "v.parquet", val),
+                   match="validation data row 2: field text: must not be empty")
+
+
+def test_rows_of_another_format_are_refused(tiny_model_dir, tmp_path):
+    pc = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(8)]
+    expect_failure(tiny_model_dir, tmp_path, train=write_csv(tmp_path / "pc.csv", pc),
+                   reason="METHOD_DATA_MISMATCH", match="holds prompt_completion rows")
 
 
 def test_missing_and_empty_files_fail(tiny_model_dir, tmp_path):

@@ -13,6 +13,7 @@ from trainer_service.recipe_lora import run
 from trainer_service.spec import EvalSpec, Hyperparameters, JobSpec, LoraSpec
 from tunewire.adapters import sha256_file
 
+pytestmark = pytest.mark.timeout(120)
 NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
 
 

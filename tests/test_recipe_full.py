@@ -16,6 +16,7 @@ from trainer_service.recipe_full import Cancelled, run
 from trainer_service.spec import EvalSpec, Hyperparameters, JobSpec
 from tunewire.adapters import sha256_file
 
+pytestmark = pytest.mark.timeout(120)
 PEOPLE = [("alice", 20, "paris"), ("bob", 21, "oslo"), ("carol", 22, "lima"), ("dave", 23, "rome"),
           ("erin", 24, "kyiv"), ("frank", 25, "cairo"), ("grace", 26, "tokyo"), ("heidi", 27, "quito")]
 MAX_NEW = 24
@@ -208,6 +209,7 @@ def test_should_stop_cancels_without_saving(tiny_model_dir, tmp_path):
 
 # -- slow: serve the result on vLLM --------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_served_full_model_generates_what_the_trainer_does(trained):
     """vLLM started on the fine-tuned directory: greedy token ids equal HF generate's."""
     from transformers import AutoTokenizer
@@ -238,7 +240,10 @@ def test_served_full_model_generates_what_the_trainer_does(trained):
 
     async def stop():
         engine.shutdown()
-        await asyncio.sleep(0.2)  # let AsyncLLM's cancelled background tasks finish
+        # AsyncLLM cancels its background tasks: let them finish before the loop closes
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if others:
+            await asyncio.wait(others, timeout=10)
 
     engine = VllmEngine(EngineConfig(model=str(model_dir), enforce_eager=True, max_model_len=256))
     try:

@@ -16,7 +16,7 @@ from harness import start_service, states, watch_all
 from tunewire.trainer.v1 import trainer_pb2 as tpb
 from tunewire.trainer.v1 import trainer_pb2_grpc
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 STEPS = 24
 
 
@@ -40,18 +40,41 @@ def _job(model, data, max_steps=STEPS):
 def _start(tmp_path, *extra):
     svc = start_service("trainer", tmp_path, "--data-root", str(tmp_path), "--data-dir", str(tmp_path / "t"), "--adapter-store",
                         str(tmp_path / "store"), "--drain-seconds", "0.2", *extra)
-    svc.wait_serving(60)
+    try:
+        svc.wait_serving(60)
+    except BaseException:
+        svc.stop()
+        raise
     return svc, trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(svc.address))
+
+
+def wait_for(stub, job_id, until, timeout=120) -> list:
+    """Follows the job's stream until an entry for which `until(entry)` is true; returns the
+    entries up to it (the stream is cancelled then). Fails if the stream ends first."""
+    seen = []
+    stream = stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=job_id), timeout=timeout)
+    try:
+        for e in stream:
+            seen.append(e)
+            if until(e):
+                return seen
+    finally:
+        stream.cancel()
+    raise AssertionError(f"the stream of {job_id} ended first: {states(seen)}")
+
+
+def is_metric(step: int):
+    return lambda e: e.WhichOneof("payload") == "metric" and e.metric.step >= step
+
+
+def worker_pids(entries) -> list[int]:
+    return [int(e.event.data["pid"]) for e in entries if e.WhichOneof("payload") == "event"
+            and e.event.type == tpb.JobEvent.TYPE_WORKER_STARTED]
 
 
 def _wait_step(stub, job_id, step) -> int:
     """Follows the stream until a metric of at least `step`; returns the worker's pid."""
-    pid = None
-    for e in stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=job_id), timeout=120):
-        if e.WhichOneof("payload") == "event" and e.event.type == tpb.JobEvent.TYPE_WORKER_STARTED:
-            pid = int(e.event.data["pid"])
-        if e.WhichOneof("payload") == "metric" and e.metric.step >= step:
-            return pid
+    return worker_pids(wait_for(stub, job_id, is_metric(step)))[-1]
 
 
 def _check_resumed_run(entries):
@@ -82,10 +105,12 @@ def test_kill_9_of_a_worker_resumes_the_job(tmp_path, tiny_model_dir, data):
 
 def test_kill_9_of_the_trainer_resumes_the_job_after_restart(tmp_path, tiny_model_dir, data):
     trainer, stub = _start(tmp_path)
-    job = stub.CreateTrainingJob(tpb.CreateTrainingJobRequest(training_job=_job(tiny_model_dir, data))).training_job
-    pid = _wait_step(stub, job.id, 10)
-    trainer.proc.kill()
-    trainer.proc.wait()
+    try:
+        job = stub.CreateTrainingJob(tpb.CreateTrainingJobRequest(training_job=_job(tiny_model_dir, data))).training_job
+        pid = _wait_step(stub, job.id, 10)
+    finally:
+        trainer.proc.kill()  # kill -9 of the trainer, whatever happened before
+        trainer.proc.wait()
     trainer, stub = _start(tmp_path)
     try:
         entries = watch_all(stub, job.id, timeout=300)
@@ -100,13 +125,15 @@ def test_a_worker_that_keeps_dying_fails_the_job_after_the_retries(tmp_path, tin
     try:
         job = stub.CreateTrainingJob(tpb.CreateTrainingJobRequest(
             training_job=_job(tiny_model_dir, data, max_steps=100000))).training_job
-        started = 0
-        for e in stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=job.id), timeout=180):
-            if e.WhichOneof("payload") == "event" and e.event.type == tpb.JobEvent.TYPE_WORKER_STARTED:
-                os.kill(int(e.event.data["pid"]), signal.SIGKILL)  # each attempt dies at its start
-                started += 1
-                if started == 2:
-                    break
+        killed = []
+
+        def kill_each_worker(e) -> bool:  # each attempt dies at its start
+            for pid in worker_pids([e]):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            return len(killed) == 2
+
+        wait_for(stub, job.id, kill_each_worker, timeout=180)
         entries = watch_all(stub, job.id, timeout=120)
         final = stub.GetTrainingJob(tpb.GetTrainingJobRequest(name=job.name)).training_job
         assert states(entries)[-1] == "FAILED"

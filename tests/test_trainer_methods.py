@@ -1,12 +1,15 @@
 """The three methods and the data checks through the trainer service: LoRA, full fine-tuning and
-feature extraction; method/data mismatches and paths outside the data root refused at create
-time; a dataset with errors failing as user_error before any training; the VALIDATED report."""
+feature extraction (from JSONL, CSV and Parquet files); method/data mismatches and paths outside
+the data root refused at create time; a dataset with errors failing as user_error before any
+training, naming every bad line or row; the VALIDATED report."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import grpc
+import pandas as pd
 import pytest
 
 from harness import expect_error, start_service, states, watch_all
@@ -14,7 +17,7 @@ from tunewire import adapters
 from tunewire.trainer.v1 import trainer_pb2 as tpb
 from tunewire.trainer.v1 import trainer_pb2_grpc
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +95,15 @@ def test_a_dataset_with_errors_fails_before_training(svc, tiny_model_dir):
 def test_lora_job_reports_the_preflight_validation(svc, tiny_model_dir):
     root, stub = svc
     _write(root, "good.jsonl", PC + PC[:2])  # two exact duplicates
-    job = stub.CreateTrainingJob(tpb.CreateTrainingJobRequest(training_job=_job(
-        tiny_model_dir, "good.jsonl", "good", "lora", method_msg=tpb.LoraMethod(r=4)))).training_job
+    job = _job(tiny_model_dir, "good.jsonl", "good", "lora", method_msg=tpb.LoraMethod(r=4))
+    job.hyperparameters.max_grad_norm = 0.0  # no clipping: kept as 0, not taken for "unset"
+    job = stub.CreateTrainingJob(tpb.CreateTrainingJobRequest(training_job=job)).training_job
     entries = watch_all(stub, job.id, timeout=180)
     assert states(entries)[-1] == "SUCCEEDED"
+    stored = stub.GetTrainingJob(tpb.GetTrainingJobRequest(name=job.name)).training_job
+    assert stored.hyperparameters.HasField("max_grad_norm") and stored.hyperparameters.max_grad_norm == 0
+    spec = json.loads((root / "t" / "jobs" / job.id / "spec.json").read_text())  # what the worker read
+    assert spec["hyperparameters"]["max_grad_norm"] == 0
     validated = [e.event for e in entries if e.WhichOneof("payload") == "event"
                  and e.event.type == tpb.JobEvent.TYPE_VALIDATED]
     assert len(validated) == 1
@@ -116,8 +124,6 @@ def test_full_fine_tuning_job_produces_a_full_model(svc, tiny_model_dir):
     final = stub.GetTrainingJob(tpb.GetTrainingJobRequest(name=job.name)).training_job
     assert final.WhichOneof("method") == "full"
     assert final.trainable_params == final.total_params > 0
-    from pathlib import Path
-
     model_dir = Path(final.result.uri)
     assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
     assert (model_dir / "tokenizer.json").is_file() and "--model" in final.result.serving_message
@@ -139,6 +145,64 @@ def test_feature_extraction_job_publishes_a_classifier_head(svc, tiny_model_dir)
     evals = [e for e in entries if e.WhichOneof("payload") == "event"
              and e.event.type == tpb.JobEvent.TYPE_EVAL_COMPLETED]
     assert evals and "accuracy" in evals[-1].event.metrics
+
+
+def _write_frame(root, name, rows) -> str:
+    frame = pd.DataFrame(rows)
+    if name.endswith(".csv"):
+        frame.to_csv(root / "data" / name, index=False)
+    else:
+        frame.to_parquet(root / "data" / name)
+    return name
+
+
+def _fe_job(model, data, name, **kw):
+    return _job(model, data, name, "feature_extraction", max_steps=10,
+                method_msg=tpb.FeatureExtractionMethod(pooling=tpb.FeatureExtractionMethod.POOLING_LAST),
+                **kw)
+
+
+@pytest.mark.parametrize("name", ["cls.csv", "cls.parquet"])
+def test_feature_extraction_learns_from_csv_and_parquet_files(svc, tiny_model_dir, name):
+    root, stub = svc
+    job = stub.CreateTrainingJob(tpb.CreateTrainingJobRequest(training_job=_fe_job(
+        tiny_model_dir, _write_frame(root, name, CLS), name.replace(".", "-")))).training_job
+    entries = watch_all(stub, job.id, timeout=300)
+    final = stub.GetTrainingJob(tpb.GetTrainingJobRequest(name=job.name)).training_job
+    assert states(entries)[-1] == "SUCCEEDED", final.error.message
+    validated = [e.event for e in entries if e.WhichOneof("payload") == "event"
+                 and e.event.type == tpb.JobEvent.TYPE_VALIDATED]
+    report = json.loads(validated[0].data["report"])
+    assert report["format"] == "classification" and report["num_examples"] == 24
+    assert report["label_counts"] == {"a": 12, "b": 12}
+    m = adapters.read_manifest(final.result.uri)  # the head is published to the store
+    assert m.kind == "classifier" and m.base_model_fingerprint == adapters.base_model_fingerprint(tiny_model_dir)
+    config = json.loads((Path(final.result.uri) / "classifier.json").read_text())
+    assert config["id2label"] == {"0": "a", "1": "b"} and config["pooling"] == "last"
+    assert final.result.metrics["examples"] + final.result.metrics["validation_examples"] == 24
+
+
+def test_feature_extraction_data_problems_name_their_line_or_row(svc, tiny_model_dir):
+    root, stub = svc
+
+    def failure(job) -> tpb.JobError:
+        job = stub.CreateTrainingJob(tpb.CreateTrainingJobRequest(training_job=job)).training_job
+        assert states(watch_all(stub, job.id, timeout=300))[-1] == "FAILED"
+        error = stub.GetTrainingJob(tpb.GetTrainingJobRequest(name=job.name)).training_job.error
+        assert error.reason == "DATASET_INVALID" and error.user_error
+        return error
+
+    # the pre-flight report, before any training: the CSV header is line 1
+    (root / "data" / "bad-cls.csv").write_text("text,label\nalice paris,a\nbob oslo,b\n,a\n")
+    error = failure(_fe_job(tiny_model_dir, "bad-cls.csv", "bad-csv"))
+    assert "training data line 4: field text: must not be empty" in error.message
+    # the recipe's own check, on a validation row of a Parquet file
+    val = _write_frame(root, "val-cls.parquet", [{"text": "alice paris", "label": "a"},
+                                                 {"text": "erin kyiv", "label": "c"}])
+    job = _fe_job(tiny_model_dir, _write_frame(root, "ok-cls.csv", CLS), "bad-val")
+    job.validation_data.path = val
+    error = failure(job)
+    assert "validation data row 2: field label: 'c' does not occur in the training data" in error.message
 
 
 def _upload(stub, filename, payload: bytes, chunk=100):

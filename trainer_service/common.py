@@ -1,5 +1,5 @@
 """Pieces every training recipe shares: the learning-rate schedule, the completion-only loss,
-and saving an adapter (loading the base model is tunewire/loading.py). Recipes stay readable top
+gradient clipping, and saving an adapter (loading the base model is tunewire/loading.py). Recipes stay readable top
 to bottom and call these; nothing here knows which method is being trained.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trainer_service import data
+from trainer_service.data_tokens import IGNORE
 
 
 def save_adapter(model, path: Path) -> Path:
@@ -33,6 +33,15 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int) -
     return peak * (total_steps - step + 1) / max(total_steps - warmup_steps, 1)
 
 
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """The gradients' total L2 norm before clipping (what a step reports as grad_norm); the
+    gradients are scaled down to `max_norm` when over it, and left exactly as they are when
+    max_norm is 0 (hyperparameters.max_grad_norm: 0 = no clipping)."""
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+
+
 def completion_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy over the labelled (completion) tokens of the batch: their mean,
     or their sum with reduction="sum" (evaluation weighs every token equally across batches)."""
@@ -50,14 +59,14 @@ def labelled_loss(model, labels: torch.Tensor, reduction: str = "mean", **inputs
     model's (and DDP's) own forward, so gradient hooks, soft-capping and scaling all apply.
     """
     targets = labels[:, 1:]  # token t predicts token t + 1
-    columns = (targets != data.IGNORE).any(0).nonzero().squeeze(1)
+    columns = (targets != IGNORE).any(0).nonzero().squeeze(1)
     if len(columns) and _takes_logits_to_keep(model):
         logits = model(**inputs, use_cache=False, logits_to_keep=columns).logits
         targets = targets[:, columns]
     else:  # a model without logits_to_keep, or nothing labelled (the mean is then NaN, as before)
         logits = model(**inputs, use_cache=False).logits[:, :-1]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                           ignore_index=data.IGNORE, reduction=reduction)
+                           ignore_index=IGNORE, reduction=reduction)
 
 
 def _takes_logits_to_keep(model) -> bool:

@@ -24,7 +24,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from trainer_service import common, data
+from trainer_service import common
+from trainer_service.data_tokens import IGNORE
 
 
 class PeerLost(Exception):
@@ -130,7 +131,7 @@ def batch_loss(model, batch: dict[str, torch.Tensor], counts: bool = True) -> tu
     loss_sum = common.completion_loss(model, batch, reduction="sum")
     if not counts:
         loss_sum, real_tokens = loss_sum * 0.0, 0
-    labels = int((batch["labels"][:, 1:] != data.IGNORE).sum()) if counts else 0
+    labels = int((batch["labels"][:, 1:] != IGNORE).sum()) if counts else 0
     total, n_labels, n_tokens = sum_all([loss_sum.item(), labels, real_tokens])
     n_labels = max(n_labels, 1.0)
     return loss_sum * (world_size() / n_labels), total / n_labels, int(n_tokens)

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer_service import common, data
+from trainer_service import common
+from trainer_service.data_batches import collate
+from trainer_service.data_tokens import IGNORE
 from trainer_service.spec import EvalSpec
 
 
@@ -41,9 +43,9 @@ def evaluate(model, rows: list[dict], batch_size: int, pad_id: int) -> float:
     model.eval()
     total, count = 0.0, 0
     for first in range(0, len(rows), batch_size):
-        batch = data.collate(rows[first:first + batch_size], pad_id)
+        batch = collate(rows[first:first + batch_size], pad_id)
         total += common.completion_loss(model, batch, reduction="sum").item()
-        count += int((batch["labels"][:, 1:] != data.IGNORE).sum())
+        count += int((batch["labels"][:, 1:] != IGNORE).sum())
     if was_training:
         model.train()
     return total / max(count, 1)

@@ -38,7 +38,10 @@ from typing import Protocol
 
 import torch
 
-from trainer_service import common, data, distributed, evaluation, packing, resume
+from trainer_service import common, distributed, evaluation, packing, resume
+from trainer_service.data_batches import collate
+from trainer_service.data_rows import load_examples
+from trainer_service.data_tokens import tokenize_dataset
 from tunewire import loading
 from trainer_service.resume import TrainState
 from trainer_service.spec import JobSpec
@@ -66,7 +69,7 @@ StepLoss = Callable[..., tuple[torch.Tensor, float, int]]
 def plain_loss(model, rows: list[dict], counts: bool, pad_id: int) -> tuple[torch.Tensor, float, int]:
     """(loss to backpropagate, the global batch's loss, its real tokens); with DDP the loss and
     tokens of the global batch, the same on every rank (distributed.batch_loss)."""
-    return distributed.batch_loss(model, data.collate(rows, pad_id), counts)
+    return distributed.batch_loss(model, collate(rows, pad_id), counts)
 
 
 def packed_loss(model, rows: list[dict], counts: bool, pad_id: int) -> tuple[torch.Tensor, float, int]:
@@ -101,12 +104,12 @@ def prepare_data(spec: JobSpec, tokenizer, reporter: Reporter):
     """Loads and tokenizes the data: (training rows, validation rows, what the steps draw from —
     the training rows, or packed rows with packing —, token stats). Reports DATASET_LOADED."""
     hp = spec.hyperparameters
-    examples = data.load_examples(spec.training_data)
+    examples = load_examples(spec.training_data)
     eos_ids = loading.stop_ids(spec.base_model, tokenizer)
-    rows, stats = data.tokenize_dataset(examples, tokenizer, hp.max_seq_length, eos_ids=eos_ids)
+    rows, stats = tokenize_dataset(examples, tokenizer, hp.max_seq_length, eos_ids=eos_ids)
     if spec.validation_data:
-        val_rows, _ = data.tokenize_dataset(data.load_examples(spec.validation_data), tokenizer,
-                                            hp.max_seq_length, eos_ids=eos_ids)
+        val_rows, _ = tokenize_dataset(load_examples(spec.validation_data, source="validation"),
+                                       tokenizer, hp.max_seq_length, eos_ids=eos_ids)
     else:
         rows, val_rows = evaluation.split_validation(rows, spec.eval, hp.seed)
     # What the steps train on: the rows, or with packing the packed rows (evaluation, the probe
@@ -190,8 +193,7 @@ def train(spec: JobSpec, model, params: list[torch.nn.Parameter], optimizer: tor
                                 f"try a lower learning_rate")
         with distributed.collective():  # DDP all-reduces the gradients during backward
             loss.backward()
-        # Infinite max norm computes the norm without clipping (max_grad_norm 0 = no clip).
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm or math.inf)
+        grad_norm = common.clip_gradients(params, hp.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -200,7 +202,7 @@ def train(spec: JobSpec, model, params: list[torch.nn.Parameter], optimizer: tor
         st.since_eval.append(st.losses[-1])
         seconds = time.perf_counter() - t0
         reporter.metric(step=step, epoch=step / steps_per_epoch, loss=st.losses[-1],
-                        learning_rate=lr, grad_norm=float(grad_norm),
+                        learning_rate=lr, grad_norm=grad_norm,
                         tokens_per_second=real_tokens / max(seconds, 1e-9),
                         tokens_seen=st.tokens_seen, total_steps=total_steps, step_seconds=seconds)
 
@@ -281,7 +283,7 @@ def warmup_seconds(model, batch_rows: list[dict], pad_id: int) -> float:
     with torch.random.fork_rng():
         for _ in range(2):
             t0 = time.perf_counter()
-            common.completion_loss(model, data.collate(batch_rows, pad_id)).backward()
+            common.completion_loss(model, collate(batch_rows, pad_id)).backward()
             times.append(time.perf_counter() - t0)
     model.zero_grad(set_to_none=True)
     return times[-1]

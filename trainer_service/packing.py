@@ -24,7 +24,8 @@ import bisect
 import torch
 
 from trainer_service import common
-from trainer_service.data import IGNORE
+from trainer_service.data_batches import right_pad
+from trainer_service.data_tokens import IGNORE
 
 
 def pack(rows: list[dict], max_seq_length: int) -> list[dict]:
@@ -60,17 +61,9 @@ def collate_packed(batch: list[dict], pad_id: int) -> dict:
     """Right-pads packed rows to the longest: input_ids, labels (IGNORE on pads), position_ids
     (0, 1, ... again over the padding), attention_mask None (see the module doc) and num_tokens
     (the real tokens, for throughput)."""
-    width = max(len(r["input_ids"]) for r in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    position_ids = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, r in enumerate(batch):
-        n = len(r["input_ids"])
-        input_ids[i, :n] = torch.tensor(r["input_ids"], dtype=torch.long)
-        labels[i, :n] = torch.tensor(r["labels"], dtype=torch.long)
-        position_ids[i, :n] = torch.tensor(r["position_ids"], dtype=torch.long)
-        position_ids[i, n:] = torch.arange(width - n)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+    return {"input_ids": right_pad([r["input_ids"] for r in batch], pad_id),
+            "labels": right_pad([r["labels"] for r in batch], IGNORE),
+            "position_ids": right_pad([r["position_ids"] for r in batch]),  # 0, 1, ... over pads
             "attention_mask": None, "num_tokens": sum(len(r["input_ids"]) for r in batch)}
 
 

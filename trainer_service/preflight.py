@@ -1,6 +1,7 @@
 """Pre-flight report on training (and validation) data, before a model is loaded or a step run.
 
-`validate_dataset` reads the files with trainer_service.data, lists every row problem (up to
+`validate_dataset` reads the files with trainer_service.data_rows (as training does), lists every
+row problem (up to
 `max_errors`, each with its line or row and field), tokenizes the valid examples exactly as
 training does, and measures what decides whether the job is worth running: token lengths against
 max_seq_length, how much of each example carries loss and whether its end token is trained,
@@ -21,11 +22,13 @@ import json
 import math
 from collections import Counter
 from collections.abc import Collection, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from trainer_service import data
-from trainer_service.data import DatasetIssue
+from trainer_service.data_readers import DatasetIssue
+from trainer_service.data_rows import FileScan, load_examples, scan_file
+from trainer_service.data_tokens import encode_example, end_ids, trained_tokens
+from tunewire import reasons as R
 from tunewire.errors import TunewireError
 
 __all__ = ["DatasetIssue", "DatasetReport", "FitEstimate", "Leakage", "LengthStats", "Repeats",
@@ -69,7 +72,7 @@ class FitEstimate:
 
 @dataclass(frozen=True)
 class DatasetReport:
-    format: str | None                  # data.FORMATS; None when no row has a usable format
+    format: str | None                  # data_rows.FORMATS; None when no row has a usable format
     unit: str                           # what the training file's line numbers count: line | row
     num_examples: int                   # valid training rows
     num_validation_examples: int        # valid validation rows
@@ -110,21 +113,20 @@ def validate_dataset(train_path: str | Path, tokenizer, max_seq_length: int, *,
     """
     if batch_size < 1 or num_epochs < 1 or max_steps < 0:
         raise ValueError("batch_size and num_epochs must be >= 1, max_steps >= 0")
-    train = data.scan_file(train_path)
+    train = scan_file(train_path)
     issues = list(train.issues)
     examples = _as_trained(train, issues)
     if not train.examples and not train.issues:
         issues.append(DatasetIssue(0, "", f"{train.path.name} has no examples"))
 
     val_examples: list[dict] = []
-    val = data.scan_file(validation_path) if validation_path else None
+    val = scan_file(validation_path, "validation") if validation_path else None
     if val is not None:
-        val_issues = list(val.issues)
-        val_examples = _as_trained(val, val_issues)
+        issues += val.issues
+        val_examples = _as_trained(val, issues)
         if not _compatible(train.format, val.format):
-            val_issues.append(DatasetIssue(0, "", f"validation data is {val.format} but training "
-                                                  f"data is {train.format}"))
-        issues += [replace(i, source="validation") for i in val_issues]
+            issues.append(DatasetIssue(0, "", f"validation data is {val.format} but training "
+                                              f"data is {train.format}", "validation"))
 
     if train.format == "classification":
         measured = _measure_classification(examples, tokenizer, max_seq_length)
@@ -161,35 +163,35 @@ def validate_dataset(train_path: str | Path, tokenizer, max_seq_length: int, *,
         validation_unit=val.unit if val is not None else "line")
 
 
-def _as_trained(scan: data.FileScan, issues: list[DatasetIssue]) -> list[dict]:
+def _as_trained(scan: FileScan, issues: list[DatasetIssue]) -> list[dict]:
     """The examples as training gets them: through `datasets` when the file is clean, so a file
     the loader rejects (e.g. an extra column whose type changes) shows up here too."""
     if scan.issues or not scan.examples:
         return scan.examples
     try:
-        return data.load_examples(scan.path, scan=scan)
+        return load_examples(scan.path, scan=scan)
     except TunewireError as e:
-        issues.append(DatasetIssue(0, "", e.message))
+        issues.append(DatasetIssue(0, "", e.message, scan.source))
         return scan.examples
 
 
 def _compatible(a: str | None, b: str | None) -> bool:
-    # The same mixes data.scan_file allows within one file.
+    # The same mixes data_rows.scan_file allows within one file.
     return a is None or b is None or a == b or {a, b} == {"prompt_completion", "messages"}
 
 
 def _measure_lm(examples: list[dict], lines: list[int], tokenizer, max_seq_length: int,
                 eos_ids: Collection[int] | None, issues: list[DatasetIssue]) -> dict:
-    """Token counts, truncation, loss coverage and end-token training, from data's own encoding
+    """Token counts, truncation, loss coverage and end-token training, from data_tokens' encoding
     (the very labels training uses)."""
-    ends = data.end_ids(tokenizer, eos_ids)
+    ends = end_ids(tokenizer, eos_ids)
     lengths, coverage, tokens, trained_total = [], [], 0, 0
     truncated = dropped = eos_untrained = 0
     for ex, line in zip(examples, lines):
         try:
-            ids, labels = data.encode_example(ex, tokenizer, eos_ids=eos_ids)
+            ids, labels = encode_example(ex, tokenizer, eos_ids=eos_ids)
         except TunewireError as e:  # e.g. a chat template that does not extend its own prefix
-            if e.reason == "BASE_MODEL_INVALID":
+            if e.reason == R.BASE_MODEL_INVALID:
                 raise
             issues.append(DatasetIssue(line, "messages" if "messages" in ex else "", e.message))
             continue
@@ -197,7 +199,7 @@ def _measure_lm(examples: list[dict], lines: list[int], tokenizer, max_seq_lengt
         # The check holds on the whole sequence; cutting it off is counted as truncation.
         eos_untrained += not (ids[-1] in ends and labels[-1] == ids[-1])
         kept = labels[:max_seq_length]
-        trained = data.trained_tokens(kept)
+        trained = trained_tokens(kept)
         if trained == 0:
             dropped += 1
             continue

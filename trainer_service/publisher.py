@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from trainer_service import data
+from trainer_service.data_rows import load_examples
 from trainer_service.spec import JobSpec
 from tunewire import adapters, evals
 from tunewire import reasons as R
@@ -82,7 +82,7 @@ async def publish(spec: JobSpec, job_id: str, artifact: Path, metrics: dict[str,
 def json_cases(path: str, limit: int) -> list[tuple[str, list[dict], object]]:
     """(prompt, chat messages before the answer, reference JSON) for the first `limit` rows."""
     cases = []
-    for r in data.load_examples(path)[:limit]:
+    for r in load_examples(path, source="validation")[:limit]:
         ref = r["completion"] if "prompt" in r else r["messages"][-1]["content"]
         cases.append((r.get("prompt", ""), r.get("messages", [])[:-1], json.loads(ref)))
     return cases

@@ -2,11 +2,13 @@
 
 One job, read top to bottom: setup, extract features, train the head, save, clean up.
 
-`run(settings, out_dir, reporter, should_stop)` reads JSONL rows `{"text": str, "label": str|int}`,
-runs the base model's frozen body ONCE over every training and validation text, pools the last
-hidden states ("mean" over the real tokens or the "last" real token) and caches them. Only a `torch.nn.Linear(hidden,
-num_classes)` then trains, over the cached features, with AdamW and a learning rate that decays
-linearly to 0. The body's weights never change, so that is the whole job; on a CPU the head's
+`run(settings, out_dir, reporter, should_stop)` reads rows `{"text": str, "label": str|int}`
+from JSONL, JSON, CSV or Parquet files through the readers every method uses
+(trainer_service.data_rows, so a file the create-time check and the pre-flight report accept is
+one it can read), runs the base model's frozen body ONCE over every training and validation text,
+pools the last hidden states ("mean" over the real tokens or the "last" real token) and caches
+them. Only a `torch.nn.Linear(hidden, num_classes)` then trains, over the cached features, with
+AdamW and a learning rate that decays linearly to 0. The body's weights never change, so that is the whole job; on a CPU the head's
 steps take microseconds and the one pass through the body is what costs.
 
 The head trains on standardized features (per-dimension mean and standard deviation of the
@@ -33,7 +35,6 @@ Threads: `TUNEWIRE_TRAIN_THREADS` (default: all cores) sets torch's intra-op thr
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import random
@@ -46,8 +47,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from trainer_service.common import clip_gradients
+from trainer_service.data_readers import DatasetIssue
+from trainer_service.data_rows import load_examples, scan_file
+from trainer_service.loop import Cancelled, Reporter  # one protocol for every recipe
 from tunewire.adapters import base_model_fingerprint
-from trainer_service.recipe_lora import Cancelled, Reporter  # one protocol for every recipe
 from tunewire import reasons as R
 from tunewire.errors import TunewireError
 from tunewire.features import POOLINGS, Label, encode, pad_id, pooled_features, predict, write_head
@@ -60,7 +64,7 @@ __all__ = ["ClassifierSettings", "run", "predict", "macro_f1"]
 @dataclass(frozen=True)
 class ClassifierSettings:
     base_model: str                           # HF model directory (config.json, tokenizer, weights)
-    training_data: str                        # JSONL file: {"text": str, "label": str|int} per line
+    training_data: str                        # data file of {"text": str, "label": str|int} rows
     validation_data: str | None = None        # same format; None = hold out validation_fraction
     validation_fraction: float = 0.1          # share of each class held out when no validation_data
     pooling: str = "mean"                     # "mean" over real tokens | "last" real token
@@ -101,9 +105,16 @@ class ClassifierSettings:
 
 @dataclass(frozen=True)
 class _Row:
-    line: int     # 1-based line in its file
     text: str
     label: Label
+    line: int     # its line (or row) in its file, from 1
+    unit: str     # "line" or "row" (Parquet, JSON arrays)
+    source: str   # its file: "train" or "validation"
+
+    def invalid(self, field: str, message: str) -> TunewireError:
+        """DATASET_INVALID naming this row: "validation data line 4: field label: ..."."""
+        issue = DatasetIssue(self.line, field, message, self.source)
+        return TunewireError(R.DATASET_INVALID, issue.describe(self.unit))
 
 
 def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
@@ -123,16 +134,15 @@ def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
 
     tokenizer = load_tokenizer(s.base_model)
     # Data before the model: a bad file fails in seconds instead of after loading the weights.
-    train_rows = _read_rows(s.training_data, "training")
+    train_rows = _read_rows(s.training_data, "train")
     if s.validation_data is not None:
         val_rows = _read_rows(s.validation_data, "validation")
     else:
         train_rows, val_rows = _hold_out(train_rows, s.validation_fraction, s.seed)
-    labels = _label_list(train_rows, val_rows, s.validation_data is not None)
+    labels = _label_list(train_rows, val_rows)
     label_index = {label: i for i, label in enumerate(labels)}
-    train_ids, train_cut = _tokenize(tokenizer, train_rows, s.max_seq_length, "training")
-    val_ids, val_cut = _tokenize(tokenizer, val_rows, s.max_seq_length,
-                                 "validation" if s.validation_data is not None else "training")
+    train_ids, train_cut = _tokenize(tokenizer, train_rows, s.max_seq_length)
+    val_ids, val_cut = _tokenize(tokenizer, val_rows, s.max_seq_length)
     truncated = train_cut + val_cut
     train_tokens = [len(ids) for ids in train_ids]
     reporter.event("DATASET_LOADED",
@@ -207,8 +217,7 @@ def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
                     raise TunewireError(R.TRAINING_DIVERGED, f"loss is {loss.item()} at step {step}; "
                                         f"try a lower learning_rate")
                 loss.backward()
-                # An infinite max norm computes the norm and clips nothing.
-                grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), math.inf)
+                grad_norm = clip_gradients(list(head.parameters()), 0.0)  # 0: norm only, no clip
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -216,7 +225,7 @@ def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
                 tokens_seen += real_tokens
                 losses.append(loss.item())
                 reporter.metric(step=step, epoch=step / steps_per_epoch, loss=losses[-1],
-                                learning_rate=lr, grad_norm=float(grad_norm),
+                                learning_rate=lr, grad_norm=grad_norm,
                                 tokens_per_second=real_tokens / max(time.perf_counter() - t0, 1e-9),
                                 tokens_seen=tokens_seen, total_steps=total_steps)
                 if step % eval_every == 0 and step < total_steps:
@@ -278,55 +287,19 @@ def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
-def _invalid(what: str, line: int, message: str) -> TunewireError:
-    return TunewireError(R.DATASET_INVALID, f"{what} data line {line}: {message}")
-
-
-def _read_rows(path: str, what: str) -> list[_Row]:
-    """Reads and checks a {"text", "label"} JSONL file; errors name the line and the field."""
-    p = Path(path)
-    if not p.is_file():
-        raise TunewireError(R.DATASET_NOT_FOUND, f"no {what} data file at {path}")
-    rows: list[_Row] = []
-    label_type: type | None = None
-    try:
-        with open(p, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise _invalid(what, line_no, f"not valid JSON ({e.msg} at column {e.colno})"
-                                   ) from None
-                if not isinstance(row, dict):
-                    raise _invalid(what, line_no,
-                                   f"expected a JSON object, got {type(row).__name__}")
-                for name in ("text", "label"):
-                    if name not in row:
-                        raise _invalid(what, line_no, f"field {name}: is missing (each line needs "
-                                       "text and label)")
-                text, label = row["text"], row["label"]
-                if not isinstance(text, str):
-                    raise _invalid(what, line_no,
-                                   f"field text: must be a string, got {type(text).__name__}")
-                if not text:
-                    raise _invalid(what, line_no, "field text: must not be empty")
-                if isinstance(label, bool) or not isinstance(label, (str, int)):
-                    raise _invalid(what, line_no, f"field label: must be a string or an integer, "
-                                   f"got {type(label).__name__}")
-                if label == "":
-                    raise _invalid(what, line_no, "field label: must not be empty")
-                if label_type is not None and type(label) is not label_type:
-                    raise _invalid(what, line_no, f"field label: is {type(label).__name__} but "
-                                   f"earlier labels are {label_type.__name__}; use one type")
-                label_type = type(label)
-                rows.append(_Row(line_no, text, label))
-    except UnicodeDecodeError as e:
-        raise TunewireError(R.DATASET_INVALID, f"{what} data is not UTF-8 text: {e}") from None
-    if not rows:
-        raise TunewireError(R.DATASET_EMPTY, f"{what} data {path} has no examples")
-    return rows
+def _read_rows(path: str, source: str) -> list[_Row]:
+    """The {"text", "label"} rows of a data file, read and checked by the readers every method
+    uses (trainer_service.data_rows: JSONL, JSON, CSV or Parquet; errors name the line or row
+    and the field); DATASET_NOT_FOUND, DATASET_INVALID, DATASET_EMPTY, or METHOD_DATA_MISMATCH
+    for rows of another format."""
+    scan = scan_file(path, source)
+    examples = load_examples(path, scan=scan)  # DATASET_NOT_FOUND first when there is no file
+    if scan.format != "classification":
+        what = "validation" if source == "validation" else "training"
+        raise TunewireError(R.METHOD_DATA_MISMATCH, f"{what} data {path} holds {scan.format} rows; "
+                            f"feature extraction learns from text/label rows")
+    return [_Row(ex["text"], ex["label"], line, scan.unit, source)
+            for ex, line in zip(examples, scan.lines)]
 
 
 def _hold_out(rows: list[_Row], fraction: float, seed: int) -> tuple[list[_Row], list[_Row]]:
@@ -354,7 +327,7 @@ def _label_key(label: Label) -> tuple[bool, Label]:
     return (isinstance(label, str), label)
 
 
-def _label_list(train: list[_Row], val: list[_Row], val_is_file: bool) -> list[Label]:
+def _label_list(train: list[_Row], val: list[_Row]) -> list[Label]:
     """The classes in a stable order (sorted), checked: at least 2, none only in validation."""
     labels = sorted({r.label for r in train}, key=_label_key)
     if len(labels) < 2:
@@ -363,15 +336,13 @@ def _label_list(train: list[_Row], val: list[_Row], val_is_file: bool) -> list[L
     known = set(labels)
     for r in val:
         if r.label not in known:
-            raise _invalid("validation" if val_is_file else "training", r.line,
-                           f"field label: {r.label!r} does not occur in the training data")
+            raise r.invalid("label", f"{r.label!r} does not occur in the training data")
     return labels
 
 
-def _tokenize(tokenizer, rows: list[_Row], max_seq_length: int,
-              what: str) -> tuple[list[list[int]], int]:
-    return encode(tokenizer, [r.text for r in rows], max_seq_length, no_tokens=lambda i: _invalid(
-        what, rows[i].line, "field text: the tokenizer makes no tokens of it"))
+def _tokenize(tokenizer, rows: list[_Row], max_seq_length: int) -> tuple[list[list[int]], int]:
+    return encode(tokenizer, [r.text for r in rows], max_seq_length,
+                  no_tokens=lambda i: rows[i].invalid("text", "the tokenizer makes no tokens of it"))
 
 
 @contextmanager

@@ -14,8 +14,9 @@ from pathlib import Path
 import grpc
 
 from trainer_service.config import TrainerConfig
-from trainer_service.jobs import HandoffError, JobService
+from trainer_service.jobs import JobService
 from trainer_service.launcher import LocalLauncher
+from trainer_service.publisher import HandoffError
 from trainer_service.servicer import TrainerServicer, WorkerServicer
 from trainer_service.store import JobStore
 from tunewire.grpc_util import ServerInterceptor, run_server
@@ -136,9 +137,10 @@ async def serve(cfg: TrainerConfig) -> int:
                           cancel_grace_seconds=cfg.cancel_grace_seconds)
         holder["jobs"] = jobs
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(jobs), server)
-        worker_pb2_grpc.add_TrainerWorkerServiceServicer_to_server(WorkerServicer(jobs), server)
+        worker_pb2_grpc.add_TrainerWorkerServiceServicer_to_server(WorkerServicer(jobs.scheduler), server)
         if reports:
-            worker_pb2_grpc.add_TrainerWorkerServiceServicer_to_server(WorkerServicer(jobs), reports)
+            worker_pb2_grpc.add_TrainerWorkerServiceServicer_to_server(WorkerServicer(jobs.scheduler),
+                                                                       reports)
         return [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name,
                 worker_pb2.DESCRIPTOR.services_by_name["TrainerWorkerService"].full_name]
 

@@ -1,4 +1,5 @@
-"""gRPC servicers of the trainer: proto ⇄ domain mapping around `JobService`, nothing more.
+"""gRPC servicers of the trainer: proto ⇄ domain mapping, nothing more. TrainerService calls
+`JobService` (jobs.py); TrainerWorkerService, the workers' reports, calls its `Scheduler`.
 
 Domain errors raised here or below become gRPC statuses in `tunewire.grpc_util`'s interceptor.
 """
@@ -8,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-
 from trainer_service.jobs import JobService
+from trainer_service.scheduler import Scheduler
 from trainer_service.spec import EvalSpec, Hyperparameters, JobSpec, LoraSpec
 from trainer_service.store import Entry, Job
 from tunewire import reasons as R
@@ -20,8 +21,6 @@ from tunewire.trainer.v1 import trainer_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 _BIAS = {pb.LoraMethod.BIAS_UNSPECIFIED: "none", pb.LoraMethod.BIAS_NONE: "none",
          pb.LoraMethod.BIAS_ALL: "all", pb.LoraMethod.BIAS_LORA_ONLY: "lora_only"}
-
-
 _POOLING = {pb.FeatureExtractionMethod.POOLING_UNSPECIFIED: "mean",
             pb.FeatureExtractionMethod.POOLING_MEAN: "mean", pb.FeatureExtractionMethod.POOLING_LAST: "last"}
 
@@ -39,7 +38,9 @@ def spec_from_proto(job: pb.TrainingJob) -> JobSpec:
         learning_rate=h.learning_rate or d.learning_rate, num_epochs=h.num_epochs or d.num_epochs,
         max_steps=h.max_steps, batch_size=h.batch_size or d.batch_size,
         max_seq_length=h.max_seq_length or d.max_seq_length, warmup_steps=h.warmup_steps,
-        weight_decay=h.weight_decay, max_grad_norm=h.max_grad_norm or d.max_grad_norm, seed=h.seed,
+        weight_decay=h.weight_decay, seed=h.seed,
+        # unset: the default; 0 is a value (no clipping), not "unset"
+        max_grad_norm=h.max_grad_norm if h.HasField("max_grad_norm") else d.max_grad_norm,
         num_processes=h.num_processes or 1, packing=h.packing, num_nodes=h.num_nodes or 1)
     e = job.eval
     ev = EvalSpec(
@@ -215,32 +216,32 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 class WorkerServicer(worker_pb2_grpc.TrainerWorkerServiceServicer):
     """Reports from training workers, authenticated by the per-job token."""
 
-    def __init__(self, jobs: JobService):
-        self.jobs = jobs
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
 
     async def ReportProgress(self, request, context):
         token = dict(context.invocation_metadata() or ()).get("x-tunewire-job-token", "")
         job_id = request.job_id
-        self.jobs.authenticate(job_id, token)
+        self.scheduler.authenticate(job_id, token)
         kind = request.WhichOneof("report")
         if kind == "started":
             s = request.started
-            self.jobs.report_started(job_id, trainable=s.trainable_params, total=s.total_params,
+            self.scheduler.report_started(job_id, trainable=s.trainable_params, total=s.total_params,
                                      total_steps=s.total_steps, pid=s.pid)
         elif kind == "metric":
             m = request.metric
-            self.jobs.report_metric(job_id, {f.name: getattr(m, f.name)
+            self.scheduler.report_metric(job_id, {f.name: getattr(m, f.name)
                                              for f in pb.MetricPoint.DESCRIPTOR.fields})
         elif kind == "event":
             ev = request.event
-            self.jobs.report_event(job_id, pb.JobEvent.Type.Name(ev.type).removeprefix("TYPE_"),
+            self.scheduler.report_event(job_id, pb.JobEvent.Type.Name(ev.type).removeprefix("TYPE_"),
                                    ev.message, dict(ev.data), dict(ev.metrics))
         elif kind == "finished":
-            self.jobs.report_finished(job_id, request.finished.adapter_dir, dict(request.finished.metrics))
+            self.scheduler.report_finished(job_id, request.finished.adapter_dir, dict(request.finished.metrics))
         elif kind == "failed":
             e = request.failed.error
-            self.jobs.report_failed(job_id, {"reason": e.reason, "message": e.message,
+            self.scheduler.report_failed(job_id, {"reason": e.reason, "message": e.message,
                                              "user_error": e.user_error, "retryable": e.retryable})
         else:
             raise TunewireError(R.REPORT_EMPTY, "a report is required")
-        return worker_pb2.ReportProgressResponse(cancel_requested=self.jobs.cancel_requested(job_id))
+        return worker_pb2.ReportProgressResponse(cancel_requested=self.scheduler.cancel_requested(job_id))

@@ -17,7 +17,7 @@ ADAPTER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 MODULE_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 BIASES = ("none", "all", "lora_only")
 METHODS = ("lora", "full", "feature_extraction")
-# Which row formats (trainer_service.data.FORMATS) each method can learn from.
+# Which row formats (trainer_service.data_rows.FORMATS) each method can learn from.
 METHOD_FORMATS = {"lora": ("prompt_completion", "messages", "text"),
                   "full": ("prompt_completion", "messages", "text"),
                   "feature_extraction": ("classification",)}
@@ -62,7 +62,7 @@ class Hyperparameters:
     max_seq_length: int = 512                 # examples are truncated to this many tokens
     warmup_steps: int = 0                     # linear warm-up, then linear decay to 0
     weight_decay: float = 0.0                 # AdamW weight decay
-    max_grad_norm: float = 1.0                # gradient clipping norm (0 = no clipping)
+    max_grad_norm: float = 1.0                # clip the gradients' total L2 norm to this; 0 = no clipping
     seed: int = 0                             # shuffling, dropout and LoRA init
     num_processes: int = 1                    # DDP worker processes (torchrun) splitting each batch
     packing: bool = False                     # pack examples into max_seq_length rows
@@ -121,11 +121,11 @@ class EvalSpec:
 @dataclass(frozen=True)
 class JobSpec:
     base_model: str                           # HF model directory (config.json, tokenizer, weights)
-    training_data: str                        # JSONL file: prompt/completion or messages per line
+    training_data: str                        # data file (.jsonl, .json, .csv, .parquet), see data_rows
     adapter_name: str                         # publish the adapter under this name
     lora: LoraSpec = field(default_factory=LoraSpec)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
-    validation_data: str = ""                 # JSONL of held-out examples; "" = split training_data
+    validation_data: str = ""                 # held-out examples, same formats; "" = split training_data
     eval: EvalSpec = field(default_factory=EvalSpec)
     priority: int = 0                         # higher runs first among queued jobs
     method: str = "lora"                      # lora | full | feature_extraction

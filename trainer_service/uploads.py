@@ -11,7 +11,7 @@ import re
 import uuid
 from pathlib import Path
 
-from trainer_service.data import EXTENSIONS
+from trainer_service.data_paths import EXTENSIONS
 from tunewire import reasons as R
 from tunewire.errors import TunewireError, invalid
 

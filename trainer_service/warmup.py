@@ -12,18 +12,19 @@ from __future__ import annotations
 import json
 import sys
 
+from trainer_service import loop, recipe_lora
+from trainer_service.data_rows import load_examples
+from trainer_service.data_tokens import tokenize_dataset
 from trainer_service.spec import JobSpec
+from tunewire import loading
 
 
 def measure(spec: JobSpec) -> float:
-    from trainer_service import data, loop, recipe_lora
-    from tunewire import loading
-
     hp = spec.hyperparameters
     tokenizer = loading.load_tokenizer(spec.base_model)
-    examples = data.load_examples(spec.training_data)[:hp.batch_size]
-    rows, _ = data.tokenize_dataset(examples, tokenizer, hp.max_seq_length,
-                                    eos_ids=loading.stop_ids(spec.base_model, tokenizer))
+    examples = load_examples(spec.training_data)[:hp.batch_size]
+    rows, _ = tokenize_dataset(examples, tokenizer, hp.max_seq_length,
+                               eos_ids=loading.stop_ids(spec.base_model, tokenizer))
     model = loading.load_causal_lm(spec.base_model)
     if spec.method == "lora":
         model = recipe_lora.add_lora(model, spec)

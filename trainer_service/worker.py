@@ -3,9 +3,11 @@
     python -m trainer_service.worker --job-id ID --job-dir DIR --report-address HOST:PORT
     (token in $TUNEWIRE_JOB_TOKEN)
 
-It reads `DIR/spec.json`, runs the LoRA recipe, and pushes every state, metric and event to the
-trainer's `TrainerWorkerService` (the same path a pod on another node would use). SIGTERM, or a
-report answer saying the job is being cancelled, stops training at the next step.
+It reads `DIR/spec.json`, checks the data (the pre-flight report, a VALIDATED event; a dataset
+with errors fails the job before any model is loaded), runs the job's method (recipe_lora,
+recipe_full or recipe_classifier), and pushes every state, metric and event to the trainer's
+`TrainerWorkerService` (the same path a pod on another node would use). SIGTERM, or a report
+answer saying the job is being cancelled, stops training at the next step.
 
 With `num_processes` > 1 the launcher starts it under torchrun, once per rank (WORLD_SIZE > 1):
 each rank joins the process group, only rank 0 reports (the others get a `NullReporter`), and
@@ -38,7 +40,7 @@ log = logging.getLogger("tunewire.worker")
 
 
 class GrpcReporter:
-    """Implements recipe_lora.Reporter by calling TrainerWorkerService.ReportProgress."""
+    """Implements loop.Reporter by calling TrainerWorkerService.ReportProgress."""
 
     def __init__(self, address: str, job_id: str, token: str):
         self.channel = grpc.insecure_channel(address)
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
 
-    from trainer_service import distributed, recipe_lora  # heavy (torch); after the cheap set-up
+    from trainer_service import distributed, loop  # heavy (torch); after the cheap set-up
 
     distributed.init()  # under torchrun: join the other ranks (a no-op for one process)
     rank = distributed.rank()
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         if (spec.method == "lora" and spec.json_schema and spec.validation_data and not serving
                 and distributed.rank() == 0):
             metrics = {**metrics, **json_eval_in_process(spec, args.job_dir, reporter)}
-    except recipe_lora.Cancelled:
+    except loop.Cancelled:
         log.info("cancelled", extra={"job": args.job_id, "rank": rank})
         return 0
     except TunewireError as e:  # bad input, or training that cannot go on: the job's error

@@ -1,0 +1,239 @@
+"""The worker lifecycle: queued jobs → launched workers → their reports → exit, retry or re-queue.
+
+`Scheduler` runs at most `max_concurrent` workers through a `Launcher` (higher priority first,
+then older), each launch with a new token, so the reports of an orphan from an earlier launch
+bounce. Workers report over TrainerWorkerService (the servicer calls the `report_*` methods
+after `authenticate`); a finished report hands the artifact to `Results` for publishing. A
+worker that exits without a final report crashed: its job is re-queued, and its next worker
+resumes from the last checkpoint, up to `max_retries` times, then FAILED WORKER_CRASHED.
+
+On start-up the leftovers of a trainer that died (kill -9, OOM, node loss) are re-queued, their
+orphaned workers stopped first; on drain (SIGTERM) running workers are stopped and their jobs
+re-queued, to resume when the trainer is back. Neither counts as one of the job's attempts.
+
+Lifecycle: QUEUED → RUNNING → PUBLISHING → SUCCEEDED, or FAILED / CANCELLING → CANCELLED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from pathlib import Path
+
+import psutil
+from prometheus_client import Counter
+
+from trainer_service.journal import Journal
+from trainer_service.launcher import Launcher, WorkerHandle
+from trainer_service.results import Results
+from trainer_service.store import Job
+from tunewire import reasons as R
+from tunewire.errors import TunewireError
+
+log = logging.getLogger("tunewire.trainer.scheduler")
+
+CHECKPOINTS = Counter("tunewire_trainer_checkpoints_total", "Checkpoints saved by workers.")
+RESUMES = Counter("tunewire_trainer_resumes_total", "Workers that resumed from a checkpoint.")
+RETRIES = Counter("tunewire_trainer_worker_retries_total", "Jobs re-queued after their worker died.")
+DATASET_FAILURES = Counter("tunewire_trainer_dataset_failures_total",
+                           "Jobs failed by their data, by reason.", ["reason"])
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Scheduler:
+    def __init__(self, journal: Journal, launcher: Launcher, results: Results, *,
+                 report_address: str, serving: bool, max_concurrent: int = 1, max_retries: int = 2,
+                 cancel_grace_seconds: float = 10.0):
+        self.journal, self.store, self.launcher, self.results = journal, journal.store, launcher, results
+        self.report_address = report_address
+        self.serving = serving  # with serving, JSON evals run there after the handoff
+        self.max_concurrent, self.max_retries = max_concurrent, max_retries
+        self.cancel_grace_seconds = cancel_grace_seconds
+        self._workers: dict[str, WorkerHandle] = {}
+        self._exits: dict[str, asyncio.Task] = {}   # job id -> the task that waits for its worker
+        self._kick = asyncio.Event()
+        self._draining = False
+        self._loop: asyncio.Task | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        for job in self.store.in_states("RUNNING", "PUBLISHING"):
+            # The trainer died while this job ran. Its worker may still be alive, reporting to
+            # nobody: stop it, then resume from the last checkpoint.
+            _stop_orphan(job)
+            self.journal.event(job.id, "REQUEUED", "the trainer restarted while the job ran; it "
+                               "resumes from its last checkpoint")
+            self.journal.set_state(job.id, "QUEUED", attempts=max(job.attempts - 1, 0))  # not its fault
+        for job in self.store.in_states("CANCELLING"):
+            self.journal.set_state(job.id, "CANCELLED", end_time=time.time())
+        self._loop = asyncio.create_task(self._schedule_loop())
+        self.kick()
+
+    async def drain(self) -> None:
+        """Stops launching; running workers are stopped and their jobs re-queued."""
+        self._draining = True
+        if self._loop:
+            self._loop.cancel()
+        for handle in list(self._workers.values()):
+            handle.terminate()
+        exits = set(self._exits.values())
+        if exits:
+            _, late = await asyncio.wait(exits, timeout=self.cancel_grace_seconds)
+            for handle in list(self._workers.values()):
+                handle.kill()
+            if late:
+                await asyncio.wait(late)
+
+    def kick(self) -> None:
+        """Something changed that may let a queued job start."""
+        self._kick.set()
+
+    def running(self, job_id: str) -> bool:
+        return job_id in self._workers
+
+    def stop_worker(self, job_id: str) -> None:
+        """SIGTERM to the job's worker, SIGKILL if it is still there after the grace period."""
+        handle = self._workers.get(job_id)
+        if handle:
+            handle.terminate()
+            self.journal.spawn(self._kill_after(handle, self._exits[job_id]))
+
+    async def _kill_after(self, handle: WorkerHandle, exited: asyncio.Task) -> None:
+        done, _ = await asyncio.wait({exited}, timeout=self.cancel_grace_seconds)
+        if not done:
+            log.warning("worker ignored SIGTERM; killing", extra={"pid": handle.pid})
+            handle.kill()
+
+    # -- worker reports --------------------------------------------------------------------
+    def authenticate(self, job_id: str, token: str) -> Job:
+        job = self.store.get(job_id)
+        if not token or not hmac.compare_digest(job.token_hash, token_hash(token)):
+            raise TunewireError(R.WORKER_TOKEN_INVALID, "bad worker token for this job")
+        return job
+
+    def report_started(self, job_id: str, *, trainable: int, total: int, total_steps: int,
+                       pid: int) -> None:
+        self.store.update(job_id, trainable_params=trainable, total_params=total,
+                          progress={**self.store.get(job_id).progress, "total_steps": total_steps})
+        self.journal.event(job_id, "WORKER_STARTED", f"worker pid {pid} started training",
+                           {"trainable_params": str(trainable), "total_params": str(total),
+                            "total_steps": str(total_steps), "pid": str(pid)})
+
+    def report_metric(self, job_id: str, point: dict) -> None:
+        if point["step"] <= self.store.get(job_id).progress.get("step", 0):
+            return  # a resumed worker redoes steps after its checkpoint: they are recorded already
+        remaining = point["total_steps"] - point["step"]
+        self.journal.metric(job_id, point, progress={
+            "step": point["step"], "total_steps": point["total_steps"], "epoch": point["epoch"],
+            "tokens_seen": point["tokens_seen"], "loss": point["loss"],
+            "eta_seconds": point.get("step_seconds", 0.0) * remaining})
+
+    def report_event(self, job_id: str, kind: str, message: str, data: dict,
+                     metrics: dict | None = None) -> None:
+        self.journal.event(job_id, kind, message, data, metrics)
+        if kind == "CHECKPOINT_SAVED":
+            CHECKPOINTS.inc()
+        elif kind == "RESUMED":
+            RESUMES.inc()
+
+    def report_failed(self, job_id: str, error: dict) -> None:
+        if error.get("user_error") and error["reason"].startswith("DATASET"):
+            DATASET_FAILURES.labels(error["reason"]).inc()
+        if self.store.get(job_id).state in ("RUNNING", "CANCELLING"):
+            self.journal.set_state(job_id, "FAILED", error=error, end_time=time.time())
+
+    def report_finished(self, job_id: str, adapter_dir: str, metrics: dict[str, float]) -> None:
+        if self.store.get(job_id).state != "RUNNING":  # e.g. CANCELLING: the cancel wins
+            return
+        job_dir = (self.journal.jobs_dir / job_id).resolve()
+        path = Path(adapter_dir).resolve()
+        if job_dir not in path.parents:
+            raise TunewireError(R.ADAPTER_DIR_OUTSIDE_JOB, f"{adapter_dir} is outside the job directory")
+        self.journal.set_state(job_id, "PUBLISHING")
+        self.results.publish(job_id, path, metrics)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.store.get(job_id).state == "CANCELLING" or self._draining
+
+    # -- internals -------------------------------------------------------------------------
+    async def _schedule_loop(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            for job in self.store.queued():
+                if len(self._workers) >= self.max_concurrent or self._draining:
+                    break
+                await self._launch(job)
+
+    async def _launch(self, job: Job) -> None:
+        job_dir = self.journal.jobs_dir / job.id
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / "spec.json").write_text(job.spec)
+        # What the worker cannot know by itself: with serving, JSON evals run there after the handoff.
+        (job_dir / "worker.json").write_text(json.dumps({"serving": self.serving}))
+        token = secrets.token_urlsafe(32)  # a new token per launch: an orphan's reports bounce
+        self.store.update(job.id, token_hash=token_hash(token), attempts=job.attempts + 1)
+        self.journal.set_state(job.id, "RUNNING", start_time=time.time())
+        try:
+            handle = await self.launcher.launch(job_id=job.id, job_dir=job_dir,
+                                                report_address=self.report_address, token=token)
+        except OSError as e:
+            self.journal.set_state(job.id, "FAILED", end_time=time.time(),
+                                   error=TunewireError(R.LAUNCH_FAILED, str(e)).job_error())
+            return
+        self._workers[job.id] = handle
+        self.store.update(job.id, worker_pid=handle.pid)
+        self._exits[job.id] = self.journal.spawn(self._reap(job.id, handle))
+
+    async def _reap(self, job_id: str, handle: WorkerHandle) -> None:
+        rc = await handle.wait()
+        del self._workers[job_id]
+        self._exits.pop(job_id, None)
+        state = self.store.get(job_id).state
+        if self._draining and state in ("RUNNING", "CANCELLING"):
+            if state == "RUNNING":
+                self.journal.event(job_id, "REQUEUED", "the trainer is shutting down; the job "
+                                   "resumes from its last checkpoint when it is back")
+                attempts = max(self.store.get(job_id).attempts - 1, 0)  # a shutdown is no failure
+                self.journal.set_state(job_id, "QUEUED", attempts=attempts)
+            else:
+                self.journal.set_state(job_id, "CANCELLED", end_time=time.time())
+        elif state == "CANCELLING" and not self.results.cancelling(job_id):  # else the publisher ends it
+            self.journal.set_state(job_id, "CANCELLED", end_time=time.time())
+        elif state == "RUNNING":  # exited without a final report: crashed or killed
+            attempts = self.store.get(job_id).attempts
+            if attempts <= self.max_retries:
+                RETRIES.inc()
+                self.journal.event(job_id, "REQUEUED", f"worker exited with code {rc}; retry "
+                                   f"{attempts} of {self.max_retries}, resuming from the last "
+                                   f"checkpoint")
+                self.journal.set_state(job_id, "QUEUED")
+            else:
+                self.journal.set_state(job_id, "FAILED", end_time=time.time(), error=TunewireError(
+                    R.WORKER_CRASHED, f"worker exited with code {rc} before finishing, "
+                    f"{attempts} attempts; see worker.log").job_error())
+        self.kick()
+
+
+def _stop_orphan(job: Job) -> None:
+    """Kills the process group of a worker left over from a crashed trainer, if it is still ours."""
+    if not job.worker_pid:
+        return
+    try:
+        proc = psutil.Process(job.worker_pid)
+        if job.id not in " ".join(proc.cmdline()):
+            return  # the pid was reused by something else
+        os.killpg(job.worker_pid, signal.SIGKILL)
+        proc.wait(10)
+    except (psutil.Error, ProcessLookupError, PermissionError):
+        pass
