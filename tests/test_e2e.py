@@ -1,15 +1,17 @@
 """End to end on real parts: both services as subprocesses on 127.0.0.1, a real vLLM engine,
 real training workers, real SQLite — checked against HF transformers + peft.
 
-One serving process (one vLLM engine) and one trainer serve the whole module; the drain test
-runs last because it stops them.
+One serving process (one vLLM engine) and one trainer serve the whole module; no test stops or
+reconfigures them, so the tests pass in any order (SIGTERM and start-up failures, on services of
+their own: tests/test_lifecycle.py).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,13 +24,14 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from harness import expect_error, health_status, start_service, states, watch_all
+from reference import hf_greedy, random_adapter, visible_text
 from tunewire import adapters
 from tunewire.serving.v1 import serving_pb2 as spb
 from tunewire.serving.v1 import serving_pb2_grpc
 from tunewire.trainer.v1 import trainer_pb2 as tpb
 from tunewire.trainer.v1 import trainer_pb2_grpc
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the fixtures start vLLM and train
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
           "properties": {"name": {"type": "string", "maxLength": 8},
@@ -107,31 +110,6 @@ def generate(stub, prompt, adapter="", schema=None, max_tokens=16, **kw):
                          timeout=120)
 
 
-def hf_greedy(model_dir, adapter_dir, prompts, max_new_tokens=16) -> list[str]:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter_dir:
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    model.eval()
-    outs = []
-    for p in prompts:
-        ids = tok(p, return_tensors="pt").input_ids
-        with torch.no_grad():
-            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-        outs.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
-    return [_text(o) for o in outs]
-
-
-def _text(s: str) -> str:
-    # vLLM's incremental detokenizer holds back a trailing incomplete UTF-8 sequence (HF decodes
-    # it as U+FFFD); the tokens are the same, so compare the text without that tail.
-    return s.rstrip("\ufffd")
-
-
 # --------------------------------------------------------------------------------------------
 def test_health_and_reflection(stack):
     assert health_status(stack.serving.address) == health_pb2.HealthCheckResponse.SERVING
@@ -205,10 +183,10 @@ def test_watch_replays_from_after_seq(stack, trained):
 
 def test_adapter_greedy_output_equals_hf_peft(stack, trained):
     _, _, final = trained
-    got = [_text(generate(stack.gen, p, adapter="json-extract").text) for p in PROMPTS]
+    got = [visible_text(generate(stack.gen, p, adapter="json-extract").text) for p in PROMPTS]
     want = hf_greedy(stack.model, final.result.uri, PROMPTS)
     assert got == want
-    base = [_text(generate(stack.gen, p).text) for p in PROMPTS]
+    base = [visible_text(generate(stack.gen, p).text) for p in PROMPTS]
     assert base != got  # the adapter changed something, so the comparison means something
 
 
@@ -240,23 +218,11 @@ def test_stream_generate_deltas_add_up(stack, trained):
     assert all(c.finish_reason == spb.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
 
 
-def _random_adapter(model_dir, out: Path, r: int, targets: list[str], seed: int) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
-    model.save_pretrained(out)
-    return out
-
-
 def test_mixed_batch_each_row_gets_its_own_adapter(stack):
     loaded = {}
     for name, r, targets, seed in [("mix-a", 8, ["q_proj", "v_proj"], 1),
                                    ("mix-b", 16, "all-linear", 2)]:
-        src = _random_adapter(stack.model, stack.tmp / f"src-{name}", r, targets, seed)
+        src = random_adapter(stack.model, stack.tmp / f"src-{name}", r, targets, seed)
         dest, m = adapters.publish(src, stack.store, name, base_model_dir=stack.model)
         stack.gen.LoadAdapter(spb.LoadAdapterRequest(name=name, uri=str(dest), manifest_sha256=m.sha256))
         loaded[name] = dest
@@ -268,7 +234,7 @@ def test_mixed_batch_each_row_gets_its_own_adapter(stack):
 
     def one(job):
         barrier.wait()  # release together so the engine batches base and adapter rows
-        return _text(generate(stack.gen, job[1], adapter=job[0]).text)
+        return visible_text(generate(stack.gen, job[1], adapter=job[0]).text)
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         got = list(pool.map(one, jobs))
@@ -288,7 +254,7 @@ def test_bad_requests_get_clear_statuses(stack, tiny_model_dir):
     expect_error(lambda: stack.gen.Generate(spb.GenerateRequest()), grpc.StatusCode.INVALID_ARGUMENT)
     expect_error(lambda: stack.gen.LoadAdapter(spb.LoadAdapterRequest(name="evil", uri="/etc")),
                  grpc.StatusCode.INVALID_ARGUMENT, "ADAPTER_URI_OUTSIDE_STORE")
-    big = _random_adapter(stack.model, stack.tmp / "src-big", 32, ["q_proj"], 3)
+    big = random_adapter(stack.model, stack.tmp / "src-big", 32, ["q_proj"], 3)
     dest, _ = adapters.publish(big, stack.store, "too-big", base_model_dir=stack.model)
     expect_error(lambda: stack.gen.LoadAdapter(spb.LoadAdapterRequest(name="too-big", uri=str(dest))),
                  grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_RANK_TOO_LARGE")
@@ -351,36 +317,57 @@ def test_failed_handoff_fails_the_job_and_keeps_the_adapter(stack, dataset, tmp_
     assert Path(final.result.uri, "adapter_model.safetensors").is_file()
 
 
+def cli(stack, *args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "tunewire.cli", "--trainer", stack.trainer.address,
+                           "--serving", stack.serving.address, *args],
+                          capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
 def test_cli_drives_both_services(stack, trained, tmp_path):
-    import subprocess
-    import sys
-
     job, _, final = trained
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "tunewire.cli", "--trainer", stack.trainer.address,
-                               "--serving", stack.serving.address, *args],
-                              capture_output=True, text=True, timeout=120)
-
-    listed = cli("jobs", "list", "--state", "succeeded")
+    listed = cli(stack, "jobs", "list", "--state", "succeeded")
     assert listed.returncode == 0 and job.id in listed.stdout
-    watched = cli("jobs", "watch", job.id)  # replays the finished job's stream with the bar
+    watched = cli(stack, "jobs", "watch", job.id)  # replays the finished job's stream with the bar
     assert watched.returncode == 0 and "state succeeded" in watched.stderr
     assert "adapter_published" in watched.stderr
     schema_file = tmp_path / "schema.json"
     schema_file.write_text(json.dumps(SCHEMA))
-    out = cli("generate", "--adapter", "json-extract", "--json-schema", str(schema_file),
+    out = cli(stack, "generate", "--adapter", "json-extract", "--json-schema", str(schema_file),
               "--max-tokens", "60", "--prompt", PROMPTS[0])
     assert out.returncode == 0, out.stderr
     jsonschema.validate(json.loads(json.loads(out.stdout)["text"]), SCHEMA)
-    adapters_out = cli("adapters", "list")
+    adapters_out = cli(stack, "adapters", "list")
     assert f"json-extract@{final.result.version}" in adapters_out.stdout
-    info = cli("model", "info")
+    info = cli(stack, "model", "info")
     assert info.returncode == 0 and json.loads(info.stdout)["max_model_len"] == 256
-    tok = cli("model", "tokenize", "alice is")
+    tok = cli(stack, "model", "tokenize", "alice is")
     assert tok.returncode == 0 and tok.stdout.strip().endswith("tokens")
-    missing = cli("generate", "--adapter", "nope", "--prompt", "x")
+    missing = cli(stack, "generate", "--adapter", "nope", "--prompt", "x")
     assert missing.returncode == 1 and "NOT_FOUND ADAPTER_NOT_FOUND" in missing.stderr
+
+
+def test_cli_upload_validate_create_take_the_same_paths(stack, dataset, tmp_path):
+    """The path `datasets upload` prints works unchanged in `datasets validate` and `jobs create`,
+    and so does a base model relative to the trainer's model_root: the client runs in a directory
+    that holds none of them (paths are the trainer's, not the client's)."""
+    upload = cli(stack, "datasets", "upload", str(dataset), cwd=tmp_path)
+    assert upload.returncode == 0, upload.stderr
+    path = json.loads(upload.stdout)["path"]
+    assert path.startswith("uploads/") and not (tmp_path / path).exists()
+    model = str(stack.model.resolve().relative_to(stack.tmp.resolve().parent))  # the model_root
+    data = ["--base-model", model, "--data", path, "--validation-data", path, "--max-seq-length", "64",
+            "--batch-size", "4"]
+    validated = cli(stack, "datasets", "validate", *data, cwd=tmp_path)
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+    assert json.loads(validated.stdout)["ok"] is True
+    created = cli(stack, "jobs", "create", *data, "--adapter-name", "cli-made", "--max-steps", "2",
+                  "--lr", "0.01", "--watch", cwd=tmp_path)
+    assert created.returncode == 0 and "state succeeded" in created.stderr, created.stderr[-3000:]
+    job_id = created.stderr.split("created ", 1)[1].split()[0]
+    job = stack.jobs.GetTrainingJob(tpb.GetTrainingJobRequest(name=job_id)).training_job
+    root = stack.tmp.parent  # the trainer's data_root: it trained on the uploaded file
+    assert (root / job.training_data.path).resolve() == (root / path).resolve()
+    assert job.result.adapter == "cli-made" and job.result.serving_loaded
 
 
 def test_tokenize_and_model_info(stack, trained, tiny_model_dir):
@@ -421,20 +408,3 @@ def test_metrics_endpoints_expose_named_metrics(stack, trained):
                  "tunewire_serving_tokens_total", "tunewire_serving_adapters_resident",
                  'grpc_method="Generate"', "vllm:"):
         assert name in s, name
-
-
-def test_sigterm_drains_with_health_not_serving(stack):
-    for svc in (stack.serving, stack.trainer):
-        svc.proc.send_signal(15)
-        seen = None
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            try:
-                seen = health_status(svc.address)
-            except grpc.RpcError:
-                break
-            if seen == health_pb2.HealthCheckResponse.NOT_SERVING:
-                break
-            time.sleep(0.1)
-        assert seen == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert svc.proc.wait(120) == 0

@@ -1,5 +1,9 @@
 """The load tester's report math (exact percentiles, histograms, error grouping, JSON), the mix
-parser, and run_load against in-process fake services (closed and open loop, trainer target)."""
+parser, and run_load against in-process fake services (closed and open loop, trainer target).
+
+In the closed-loop runs time is virtual (10 ms per answer, `VirtualClock`), so how many requests
+they send follows from counting, never from how fast this machine happens to be.
+"""
 
 from __future__ import annotations
 
@@ -89,15 +93,36 @@ def test_parse_mix():
 
 
 # -- run_load against in-process fakes --------------------------------------------------------------------
-class FakeServing(serving_pb2_grpc.ServingServiceServicer):
-    """Answers after 5 ms; every request for adapter "full" is refused like a full admission queue."""
+class VirtualClock:
+    """Stands in for loadtest's perf_counter: time moves 10 ms per answer a fake server gives,
+    so how many requests a closed loop of `duration` sends is fixed by counting, not by timing."""
 
     def __init__(self):
-        self.seen = []
+        self.answers = 0
+
+    def __call__(self) -> float:
+        return self.answers / 100
+
+    def answer(self) -> None:
+        self.answers += 1
+
+
+class FakeServing(serving_pb2_grpc.ServingServiceServicer):
+    """Holds the first `wave` requests until all of them are in flight (so the closed loop's
+    concurrency shows), then answers each at once; every request for adapter "full" is refused
+    like a full admission queue."""
+
+    def __init__(self, clock: VirtualClock | None, wave: int = 0):
+        self.seen, self.clock, self.wave = [], clock, wave
+        self.wave_in = asyncio.Event()
 
     async def Generate(self, request, context):
         self.seen.append(request)
-        await asyncio.sleep(0.005)
+        if len(self.seen) >= self.wave:
+            self.wave_in.set()
+        await self.wave_in.wait()
+        if self.clock:
+            self.clock.answer()
         if request.adapter == "full":
             info = any_pb2.Any()
             info.Pack(error_details_pb2.ErrorInfo(reason="QUEUE_FULL", domain="tunewire"))
@@ -110,50 +135,70 @@ class FakeServing(serving_pb2_grpc.ServingServiceServicer):
 
 
 class FakeTrainer(trainer_pb2_grpc.TrainerServiceServicer):
+    def __init__(self, clock: VirtualClock | None):
+        self.clock, self.calls = clock, 0
+
+    def _tick(self):
+        self.calls += 1
+        if self.clock:
+            self.clock.answer()
+
     async def ListTrainingJobs(self, request, context):
+        self._tick()
         return tpb.ListTrainingJobsResponse(training_jobs=[tpb.TrainingJob(id="a"), tpb.TrainingJob(id="b")])
 
     async def GetTrainingJob(self, request, context):
+        self._tick()
         return tpb.GetTrainingJobResponse(training_job=tpb.TrainingJob(id=request.name))
 
 
-async def _with_server(fn):
+async def _with_server(fn, clock=None, wave=0):
     server = grpc.aio.server()
-    serving = FakeServing()
+    serving, trainer = FakeServing(clock, wave), FakeTrainer(clock)
     serving_pb2_grpc.add_ServingServiceServicer_to_server(serving, server)
-    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(FakeTrainer(), server)
+    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(trainer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        return await fn(f"127.0.0.1:{port}"), serving
+        return await fn(f"127.0.0.1:{port}"), serving, trainer
     finally:
         await server.stop(None)
 
 
-def test_run_load_closed_loop_mix_and_errors():
-    report, serving = asyncio.run(_with_server(lambda addr: lt.run_load(
+@pytest.fixture
+def clock(monkeypatch) -> VirtualClock:
+    c = VirtualClock()
+    monkeypatch.setattr(lt, "perf_counter", c)
+    return c
+
+
+def test_run_load_closed_loop_mix_and_errors(clock):
+    report, serving, _ = asyncio.run(_with_server(lambda addr: lt.run_load(
         addr, concurrency=4, duration=0.5, mix={"base": 2, "adapter": 1, "json": 1}, adapters=["ok-a", "full"],
-        max_tokens=7)))
-    assert report.mode == "concurrency" and report.count == len(serving.seen) > 20
+        max_tokens=7), clock, wave=4))  # the first 4 requests are answered only once all 4 are in
+    # 0.5 s of virtual time = 50 answers; the other 3 workers each have at most one request out then
+    assert report.mode == "concurrency" and report.count == len(serving.seen) and 50 <= report.count <= 53
     assert set(report.kinds) == {"base", "adapter", "json"}
     full = sum(r.adapter == "full" for r in serving.seen)
     assert full > 0 and report.status["RESOURCE_EXHAUSTED"] == full and report.ok == report.count - full
     assert report.errors[0]["reason"] == "QUEUE_FULL" and report.errors[0]["message"] == "queue full"
     assert report.json_ok == report.json_valid == report.kinds["json"]["ok"] > 0
     assert report.tokens == 4 * report.ok and all(r.sampling.max_tokens == 7 for r in serving.seen)
-    assert report.latency_ms["min"] >= 5 and report.duration_s >= 0.5
+    assert report.latency_ms["min"] >= 10 and report.duration_s == report.count / 100
 
 
 def test_run_load_open_loop_rate():
-    report, _ = asyncio.run(_with_server(lambda addr: lt.run_load(addr, rps=40, duration=0.5)))
+    report, _, _ = asyncio.run(_with_server(lambda addr: lt.run_load(addr, rps=40, duration=0.5)))
     assert report.mode == "rps" and report.count == 20 and report.ok == 20  # due at 0, 1/40, ..., 19/40 s
     assert report.kinds == {"base": report.kinds["base"]} and report.rps_target == 40
 
 
-def test_run_load_trainer_reads():
-    report, _ = asyncio.run(_with_server(lambda addr: lt.run_load(
-        addr, target="trainer", concurrency=2, duration=0.3, mix={"get": 3, "list": 1})))
-    assert report.target == "trainer" and report.ok == report.count > 0 and set(report.kinds) == {"get", "list"}
+def test_run_load_trainer_reads(clock):
+    report, _, trainer = asyncio.run(_with_server(lambda addr: lt.run_load(
+        addr, target="trainer", concurrency=2, duration=0.3, mix={"get": 3, "list": 1}), clock))
+    # the first answer (the job list that `get` draws from) is not part of the load
+    assert report.target == "trainer" and report.ok == report.count == trainer.calls - 1
+    assert 30 <= report.count <= 31 and set(report.kinds) == {"get", "list"}  # 0.3 s, 2 workers
 
 
 def test_run_load_rejects_bad_arguments():

@@ -1,6 +1,6 @@
-"""Fast tests of token auth and TLS/mTLS (tunewire/security.py), on real grpc.aio servers on
-127.0.0.1 with real certificates made here by a throwaway CA (`cryptography`), plus one real
-trainer subprocess for the wiring config → CLI → run_server.
+"""Fast tests of token auth and TLS/mTLS (tunewire/security.py), on real grpc.aio servers in
+this process on 127.0.0.1 with real certificates made here by a throwaway CA (`cryptography`).
+The wiring config → CLI → run_server in real service processes: tests/test_security_e2e.py.
 
     .venv/bin/python -m pytest -q tests/test_security.py
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
-import json
 from pathlib import Path
 
 import grpc
@@ -22,16 +21,14 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from harness import expect_error, free_port, health_status, start_service
 from trainer_service.config import TrainerConfig
 from trainer_service.server import ServingHandoff
-from tunewire import cli
 from tunewire.grpc_util import ServerInterceptor
 from tunewire.status import error_info
-from tunewire.security import ServerSecurity, channel, sync_channel
+from tunewire.security import ServerSecurity, channel
 from tunewire.serving.v1 import serving_pb2, serving_pb2_grpc
 from tunewire.trainer.v1 import trainer_pb2 as tpb
-from tunewire.trainer.v1 import trainer_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tunewire.trainer.v1 import trainer_pb2_grpc
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 
@@ -267,51 +264,3 @@ def test_config_checks_the_security_settings(pki, tmp_path):
 
     with pytest.raises(ValueError, match="no such file"):
         ServingConfig(model="m", tls_cert_file=cert, tls_key_file=str(tmp_path / "missing"))
-
-
-def test_trainer_serves_mtls_with_a_token_and_a_plaintext_health_port(pki, tmp_path):
-    """The real trainer process: config flags → run_server → TLS port + health-only port."""
-    health_port = free_port()
-    svc = start_service("trainer", tmp_path, "--data-root", str(tmp_path), "--data-dir",
-                        str(tmp_path / "t"), "--adapter-store", str(tmp_path / "store"),
-                        "--drain-seconds", "0.1", "--tls-cert-file", pki["server"][0],
-                        "--tls-key-file", pki["server"][1], "--tls-client-ca-file", pki["ca"],
-                        "--auth-token-file", pki["token"], "--health-port", str(health_port))
-    try:
-        svc.address = f"127.0.0.1:{health_port}"  # wait_serving probes plaintext: the health port
-        svc.wait_serving(60)
-        with pytest.raises(grpc.RpcError):  # plaintext to the TLS port
-            health_status(f"127.0.0.1:{svc.proc.args[svc.proc.args.index('--port') + 1]}")
-        address = f"localhost:{svc.proc.args[svc.proc.args.index('--port') + 1]}"
-        client = pki["client@ca"]
-        tls = dict(ca_file=pki["ca"], cert_file=client[0], key_file=client[1])
-        with sync_channel(address, **tls) as ch:  # health over mTLS needs no token
-            assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status \
-                == health_pb2.HealthCheckResponse.SERVING
-            stub = trainer_pb2_grpc.TrainerServiceStub(ch)
-            expect_error(lambda: stub.ListTrainingJobs(tpb.ListTrainingJobsRequest(), timeout=5),
-                         UNAUTH, "TOKEN_MISSING")
-            watch = tpb.WatchTrainingJobRequest(name="x")
-            expect_error(lambda: list(stub.WatchTrainingJob(watch, timeout=5)), UNAUTH, "TOKEN_MISSING")
-            expect_error(lambda: stub.UploadDataset(iter([tpb.UploadDatasetRequest(
-                header=tpb.UploadDatasetHeader(filename="d.jsonl"))]), timeout=5), UNAUTH, "TOKEN_MISSING")
-        with sync_channel(address, token_file=pki["token"], **tls) as ch:
-            stub = trainer_pb2_grpc.TrainerServiceStub(ch)
-            assert stub.ListTrainingJobs(tpb.ListTrainingJobsRequest(), timeout=5).training_jobs == []
-            expect_error(lambda: stub.GetTrainingJob(tpb.GetTrainingJobRequest(name="nope"), timeout=5),
-                         grpc.StatusCode.NOT_FOUND)
-        # workers report on a plaintext loopback port that serves only TrainerWorkerService
-        reports = next(json.loads(line)["report_address"] for line in svc.log().splitlines()
-                       if '"worker reports"' in line)
-        with grpc.insecure_channel(reports) as ch:
-            expect_error(lambda: worker_pb2_grpc.TrainerWorkerServiceStub(ch).ReportProgress(
-                worker_pb2.ReportProgressRequest(job_id="nope"), timeout=5), grpc.StatusCode.NOT_FOUND)
-            expect_error(lambda: trainer_pb2_grpc.TrainerServiceStub(ch).ListTrainingJobs(
-                tpb.ListTrainingJobsRequest(), timeout=5), grpc.StatusCode.UNIMPLEMENTED)
-        # the CLI's client flags
-        assert cli.main(["--trainer", address, "--tls-ca", pki["ca"], "--tls-cert", client[0],
-                         "--tls-key", client[1], "--token-file", pki["token"], "jobs", "list"]) == 0
-        assert cli.main(["--trainer", address, "--tls-ca", pki["ca"], "--tls-cert", client[0],
-                         "--tls-key", client[1], "jobs", "list"]) == 1
-    finally:
-        assert svc.stop() == 0, svc.log()[-3000:]

@@ -10,6 +10,9 @@ One engine start and one short LoRA job for the whole module:
   (TOKEN_MISSING); a plaintext channel to serving's main port gets nowhere;
 - both services are waited on through their plaintext `--health-port`.
 
+And a trainer on its own (no engine): config flags → run_server → a TLS port with a token, a
+plaintext health-only port, the plaintext loopback port for worker reports, the CLI's client flags.
+
     .venv/bin/python -m pytest -q tests/test_security_e2e.py
 """
 
@@ -20,15 +23,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from harness import expect_error, free_port, health_status, start_service, states, watch_all
 from test_security import pki  # noqa: F401  (module-scoped fixture: throwaway CA, certs, token)
+from tunewire.cli import main as cli_main
 from tunewire.security import sync_channel
 from tunewire.serving.v1 import serving_pb2 as spb
 from tunewire.serving.v1 import serving_pb2_grpc
 from tunewire.trainer.v1 import trainer_pb2 as tpb
-from tunewire.trainer.v1 import trainer_pb2_grpc
+from tunewire.trainer.v1 import trainer_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.slow
 
@@ -160,3 +164,51 @@ def test_generate_needs_tls_and_the_token(stack, trained):
             health_status(f"127.0.0.1:{stack['serving_port']}")
     # the plaintext health port still answers, without a token
     assert health_status(f"127.0.0.1:{stack['serving_health']}") == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_trainer_serves_mtls_with_a_token_and_a_plaintext_health_port(pki, tmp_path):  # noqa: F811
+    """The real trainer process: config flags → run_server → TLS port + health-only port."""
+    health_port = free_port()
+    svc = start_service("trainer", tmp_path, "--data-root", str(tmp_path), "--data-dir",
+                        str(tmp_path / "t"), "--adapter-store", str(tmp_path / "store"),
+                        "--drain-seconds", "0.1", "--tls-cert-file", pki["server"][0],
+                        "--tls-key-file", pki["server"][1], "--tls-client-ca-file", pki["ca"],
+                        "--auth-token-file", pki["token"], "--health-port", str(health_port))
+    try:
+        svc.address = f"127.0.0.1:{health_port}"  # wait_serving probes plaintext: the health port
+        svc.wait_serving(60)
+        with pytest.raises(grpc.RpcError):  # plaintext to the TLS port
+            health_status(f"127.0.0.1:{svc.proc.args[svc.proc.args.index('--port') + 1]}")
+        address = f"localhost:{svc.proc.args[svc.proc.args.index('--port') + 1]}"
+        client = pki["client@ca"]
+        tls = dict(ca_file=pki["ca"], cert_file=client[0], key_file=client[1])
+        with sync_channel(address, **tls) as ch:  # health over mTLS needs no token
+            assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status \
+                == health_pb2.HealthCheckResponse.SERVING
+            stub = trainer_pb2_grpc.TrainerServiceStub(ch)
+            expect_error(lambda: stub.ListTrainingJobs(tpb.ListTrainingJobsRequest(), timeout=5),
+                         UNAUTH, "TOKEN_MISSING")
+            watch = tpb.WatchTrainingJobRequest(name="x")
+            expect_error(lambda: list(stub.WatchTrainingJob(watch, timeout=5)), UNAUTH, "TOKEN_MISSING")
+            expect_error(lambda: stub.UploadDataset(iter([tpb.UploadDatasetRequest(
+                header=tpb.UploadDatasetHeader(filename="d.jsonl"))]), timeout=5), UNAUTH, "TOKEN_MISSING")
+        with sync_channel(address, token_file=pki["token"], **tls) as ch:
+            stub = trainer_pb2_grpc.TrainerServiceStub(ch)
+            assert stub.ListTrainingJobs(tpb.ListTrainingJobsRequest(), timeout=5).training_jobs == []
+            expect_error(lambda: stub.GetTrainingJob(tpb.GetTrainingJobRequest(name="nope"), timeout=5),
+                         grpc.StatusCode.NOT_FOUND)
+        # workers report on a plaintext loopback port that serves only TrainerWorkerService
+        reports = next(json.loads(line)["report_address"] for line in svc.log().splitlines()
+                       if '"worker reports"' in line)
+        with grpc.insecure_channel(reports) as ch:
+            expect_error(lambda: worker_pb2_grpc.TrainerWorkerServiceStub(ch).ReportProgress(
+                worker_pb2.ReportProgressRequest(job_id="nope"), timeout=5), grpc.StatusCode.NOT_FOUND)
+            expect_error(lambda: trainer_pb2_grpc.TrainerServiceStub(ch).ListTrainingJobs(
+                tpb.ListTrainingJobsRequest(), timeout=5), grpc.StatusCode.UNIMPLEMENTED)
+        # the CLI's client flags
+        assert cli_main(["--trainer", address, "--tls-ca", pki["ca"], "--tls-cert", client[0],
+                         "--tls-key", client[1], "--token-file", pki["token"], "jobs", "list"]) == 0
+        assert cli_main(["--trainer", address, "--tls-ca", pki["ca"], "--tls-cert", client[0],
+                         "--tls-key", client[1], "jobs", "list"]) == 1
+    finally:
+        assert svc.stop() == 0, svc.log()[-3000:]

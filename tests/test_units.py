@@ -41,6 +41,103 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     assert load_config(ServingConfig, str(bad)).lora_target_modules == ("q_proj", "v_proj")
 
 
+def test_config_checks_types_and_unknown_overrides(tmp_path):
+    bad = tmp_path / "t.toml"
+    for text, needle in [('port = "50051"', "port must be an integer"), ("drain_seconds = true", "must be a number"),
+                         ('model = "m"\nenforce_eager = "yes"', "enforce_eager must be true or false"),
+                         ('model = "m"\nlora_target_modules = "q_proj"', "must be a list of strings")]:
+        bad.write_text(text + "\n")
+        cls = ServingConfig if "model" in text else TrainerConfig
+        with pytest.raises(ValueError, match=needle):
+            load_config(cls, str(bad))
+    assert load_config(TrainerConfig, None, {"drain_seconds": 3}).drain_seconds == 3  # an int is a number
+    with pytest.raises(ValueError, match=r"unknown settings \['max_loras'\]"):
+        load_config(TrainerConfig, None, {"max_loras": 4})  # no longer dropped in silence
+
+
+# a value of each kind for a flag, and what the config holds after it
+FLAG_VALUES = {int: ("7", 7), float: ("2.5", 2.5), str: ("x", "x"), tuple: ("q_proj,v_proj", ("q_proj", "v_proj"))}
+
+
+@pytest.mark.parametrize("service, cls", [("trainer", TrainerConfig), ("serving", ServingConfig)])
+def test_every_setting_is_a_serve_flag(service, cls):
+    """One home: each dataclass field is a flag of its service, reaching the config unchanged."""
+    from dataclasses import fields
+
+    from tunewire.cli import build_parser
+    from tunewire.cli.serve import overrides
+
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            for argv, want in (([flag], True), ([f"--no-{flag[2:]}"], False)):
+                assert overrides(build_parser().parse_args(["serve", service, *argv]))[f.name] is want
+            continue
+        text, want = FLAG_VALUES[{"int": int, "float": float, "str": str}.get(f.type, tuple)]
+        got = overrides(build_parser().parse_args(["serve", service, flag, text]))
+        assert got[f.name] == want and all(v is None for k, v in got.items() if k != f.name), f.name
+    extra = ["--model", "m"] if service == "serving" else []
+    cfg = load_config(cls, None, overrides(build_parser().parse_args(["serve", service, "--port", "0", *extra])))
+    defaults = {f.name: f.default for f in fields(cls)}
+    assert cfg.port == 0 and cfg.drain_seconds == defaults["drain_seconds"]  # unset flags: the defaults
+
+
+@pytest.mark.parametrize("argv, flag, owner", [
+    (["serve", "trainer", "--max-loras", "4"], "--max-loras", "serving"),
+    (["serve", "trainer", "--max-loras=4"], "--max-loras", "serving"),
+    (["serve", "trainer", "--no-lazy-load"], "--no-lazy-load", "serving"),
+    (["serve", "serving", "--model", "m", "--data-root", "/data"], "--data-root", "trainer"),
+])
+def test_a_flag_of_the_other_service_is_an_error(argv, flag, owner, capsys):
+    from tunewire.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{flag} is a setting of the {owner} service" in err, err
+
+
+def test_cli_sends_trainer_paths_as_given(tmp_path, monkeypatch, capsys):
+    """The paths of `datasets validate` and `jobs create` reach the trainer unchanged, whatever the
+    client's working directory: the trainer resolves them under its data_root / model_root."""
+    from concurrent import futures
+
+    import grpc
+
+    from tunewire.cli import main
+    from tunewire.trainer.v1 import trainer_pb2 as tpb
+    from tunewire.trainer.v1 import trainer_pb2_grpc
+
+    seen = []
+
+    class Trainer(trainer_pb2_grpc.TrainerServiceServicer):
+        def ValidateDataset(self, request, context):
+            seen.append(request)
+            return tpb.ValidateDatasetResponse(report=tpb.DatasetReport(ok=True))
+
+        def CreateTrainingJob(self, request, context):
+            seen.append(request.training_job)
+            return tpb.CreateTrainingJobResponse(training_job=tpb.TrainingJob(id="j1"))
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(Trainer(), server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    monkeypatch.chdir(tmp_path)  # a cwd that holds none of these paths
+    try:
+        paths = ["--base-model", "tiny-llama", "--data", "uploads/ab12.jsonl", "--validation-data", "val/v.csv"]
+        assert main(["--trainer", address, "datasets", "validate", *paths]) == 0
+        assert main(["--trainer", address, "jobs", "create", *paths, "--adapter-name", "a"]) == 0
+    finally:
+        server.stop(None)
+    validate, job = seen
+    assert (validate.base_model, validate.training_data.path, validate.validation_data.path) == \
+        ("tiny-llama", "uploads/ab12.jsonl", "val/v.csv")
+    assert (job.base_model, job.training_data.path, job.validation_data.path) == \
+        ("tiny-llama", "uploads/ab12.jsonl", "val/v.csv")
+    assert '"ok": true' in capsys.readouterr().out
+
+
 def test_registry_refuses_adapters_outside_the_deployed_targets(tiny_model_dir, tmp_path):
     """lora_target_modules = q_proj, v_proj: vLLM wraps only the packed qkv layer, so a k_proj
     adapter fits (same layer) and an o_proj one is refused before it reaches the engine."""
@@ -186,9 +283,33 @@ def test_store_paths_cannot_escape(tmp_path):
     assert e.value.reason == "ADAPTER_NOT_IN_STORE" and e.value.code == "NOT_FOUND"
 
 
-def test_serving_endpoints_resolve_every_address():
+def test_serving_endpoints_resolve_every_address(monkeypatch):
+    """A headless Service name resolves to one address per serving pod (a stand-in resolver
+    here: no DNS in the fast tier)."""
+    import socket
+
     from trainer_service.server import serving_endpoints
 
+    table = {("127.0.0.1", socket.AF_INET): ["127.0.0.1"],
+             ("serving-headless", socket.AF_INET): ["127.0.0.9", "127.0.0.10", "127.0.0.9"],
+             ("v6-only", socket.AF_INET6): ["fd00::2", "fd00::1"]}
+
+    def getaddrinfo(host, port, family, type_):
+        if (host, family) not in table:
+            raise socket.gaierror(socket.EAI_NONAME, "unknown")
+        return [(family, type_, 6, "", (ip, port)) for ip in table[host, family]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     assert serving_endpoints("127.0.0.1:50052") == ["127.0.0.1:50052"]
-    assert "127.0.0.1:7" in serving_endpoints("localhost:7")  # a name: every address behind it
+    assert serving_endpoints("serving-headless:50052") == ["127.0.0.10:50052", "127.0.0.9:50052"]
+    assert serving_endpoints("v6-only:7") == ["[fd00::1]:7", "[fd00::2]:7"]  # no IPv4: IPv6
+    assert serving_endpoints("no-such-host.invalid:7") == ["no-such-host.invalid:7"]  # as given
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_serving_endpoints_use_the_system_resolver():
+    from trainer_service.server import serving_endpoints
+
+    assert "127.0.0.1:7" in serving_endpoints("localhost:7")
     assert serving_endpoints("no-such-host.invalid:7") == ["no-such-host.invalid:7"]

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tunewire import demo_data, evals
-from tunewire.cli import watch
+from tunewire.job_watch import watch_job
 from tunewire.models import ensure_default_base_model
 from tunewire.serving.v1 import serving_pb2, serving_pb2_grpc
 from tunewire.trainer.v1 import trainer_pb2, trainer_pb2_grpc
@@ -117,7 +117,7 @@ def run_demo(args) -> int:
                 max_seq_length=256, warmup_steps=5, seed=0))
         created = tstub.CreateTrainingJob(trainer_pb2.CreateTrainingJobRequest(training_job=job)).training_job
         console.log(f"created {created.name}")
-        if watch(tstub, created.id, console=console) != 0:
+        if watch_job(tstub, created.id, console=console) != 0:
             final = tstub.GetTrainingJob(trainer_pb2.GetTrainingJobRequest(name=created.name)).training_job
             console.log(f"[red]job did not succeed: {final.error.reason}: {final.error.message}")
             return 1

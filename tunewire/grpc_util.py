@@ -143,28 +143,35 @@ async def run_server(*, name: str, host: str, port: int, metrics_port: int,
     """Serves until SIGTERM/SIGINT, then drains: health NOT_SERVING for `drain_seconds` (load
     balancers notice while requests are still answered), then stop with `stop_grace_seconds`
     for in-flight RPCs, then `shutdown`. Returns the process exit status: 0 after a stop, 1 when
-    `startup` failed (the service then shuts down at once: Kubernetes restarts it)."""
+    a port cannot be bound or `startup` failed (the service then shuts down at once: Kubernetes
+    restarts it)."""
     security = security or ServerSecurity()
     # the token check sits inside ServerInterceptor, so refusals are counted and logged too
     server = grpc.aio.server(interceptors=[ServerInterceptor(), *security.interceptors()], options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes)])
-    bound = security.add_port(server, f"{host}:{port}")
-    services = list(add_servicers(server, bound))  # they may need the bound port (port 0)
     health = HealthServicer()
+    probes = grpc.aio.server() if health_port else None
+    try:  # every port is bound before anything serves: one taken port = a clean exit status 1
+        bound = security.add_port(server, f"{host}:{port}")
+        services = list(add_servicers(server, bound))  # they may need the bound port (port 0)
+        if probes:  # plaintext, health only: the same HealthServicer, so the same statuses
+            health_pb2_grpc.add_HealthServicer_to_server(health, probes)
+            probes.add_insecure_port(f"{host}:{health_port}")
+        if metrics_port:
+            start_http_server(metrics_port, addr=host)
+    except (OSError, RuntimeError) as e:  # grpc raises RuntimeError("Failed to bind ...")
+        log.error("start-up failed: %s", e, extra={"service": name, "port": port,
+                                                   "metrics_port": metrics_port, "health_port": health_port})
+        if shutdown:
+            await shutdown()
+        return 1
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    probes = None
-    if health_port:  # plaintext, health only: the same HealthServicer, so the same statuses
-        probes = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(health, probes)
-        probes.add_insecure_port(f"{host}:{health_port}")
     for svc in ["", *services]:  # NOT_SERVING until startup() finishes
         await health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(
         [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
-    if metrics_port:
-        start_http_server(metrics_port, addr=host)
     await server.start()
     if probes:
         await probes.start()

@@ -1,6 +1,6 @@
 """Transport security for both services: bearer-token auth, TLS/mTLS, and the client channels.
 
-Server side (`run_server` uses these when the settings are set; see README "Security"):
+Server side (`run_server` uses these when the settings are set; docs/operations.md "Security"):
 - `ServerSecurity.from_config(cfg)` reads `auth_token_file`, `tls_cert_file`, `tls_key_file`
   and `tls_client_ca_file` from a service config; `.interceptors()` gives the token check,
   `.add_port(server, "host:port")` binds with TLS (mTLS when a client CA is set) or plaintext.
