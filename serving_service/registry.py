@@ -21,8 +21,8 @@ one batch (`max_loras`).
 
 Every state change is published to `watch()` subscribers (the WatchAdapters stream).
 
-    registry = AdapterRegistry(engine, store_root="var/adapters", base_fingerprint=fp,
-                               max_lora_rank=16, max_resident=8)
+    checks = AdapterChecks(Path("var/adapters"), fp, max_lora_rank=16)   # adapter_checks.py
+    registry = AdapterRegistry(engine, checks, max_resident=8)
     await registry.load("extract")                     # LoadAdapter: newest version, now active
     async with registry.using("extract") as (version, load_ms): ...   # the request path
 """
@@ -81,14 +81,11 @@ def _phase_timer(start: float):
 
 
 class AdapterRegistry:
-    def __init__(self, engine: LoraEngine, *, store_root: str | Path, base_fingerprint: str,
-                 max_lora_rank: int, max_resident: int, lazy_load: bool = True,
-                 deployed_targets: tuple[str, ...] = ()):
+    def __init__(self, engine: LoraEngine, checks: AdapterChecks, *, max_resident: int,
+                 lazy_load: bool = True):
         self.engine = engine
-        self.checks = AdapterChecks(Path(store_root), base_fingerprint, max_lora_rank,
-                                    tuple(deployed_targets))
-        self.store_root = self.checks.store_root
-        self.validate = self.checks.validate  # what every version passes before add_lora
+        self.checks = checks  # what every version passes before add_lora
+        self.store_root = checks.store_root
         self.max_resident = max_resident
         self.lazy_load = lazy_load
         self.watchers = Watchers()
@@ -97,10 +94,6 @@ class AdapterRegistry:
         self._next_id = 1
         self._locks: dict[str, asyncio.Lock] = {}        # one per version: loads of others proceed
         self._room = asyncio.Lock()                      # picking victims + reserving a slot
-
-    @property
-    def allowed_targets(self) -> frozenset[str]:
-        return self.checks.allowed_targets
 
     # ---- explicit operations (LoadAdapter / UnloadAdapter / PinAdapter) -------------------
     async def load(self, name: str, *, uri: str = "", version: str = "", manifest_sha256: str = "",
@@ -229,7 +222,7 @@ class AdapterRegistry:
             self._changed(entry)
             started = time.perf_counter()
             try:
-                entry.manifest = await asyncio.to_thread(self.validate, path, version=version,
+                entry.manifest = await asyncio.to_thread(self.checks.validate, path, version=version,
                                                          manifest_sha256=manifest_sha256)
                 entry.size_bytes = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
                 phase = _phase_timer(started)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+from pathlib import Path
 
 from prometheus_client import Gauge
 
+from serving_service.adapter_checks import AdapterChecks
 from serving_service.admission import Admission
 from serving_service.classify import HeadClassifier
 from serving_service.config import ServingConfig
@@ -31,10 +33,9 @@ ENGINE_UNFINISHED = Gauge("tunewire_serving_engine_unfinished_requests",
 
 async def serve(cfg: ServingConfig) -> int:
     engine = VllmEngine(cfg.engine_config())
-    registry = AdapterRegistry(engine, store_root=cfg.adapter_store,
-                               base_fingerprint=base_model_fingerprint(cfg.model),
-                               max_lora_rank=cfg.max_lora_rank, max_resident=cfg.max_cpu_loras,
-                               lazy_load=cfg.lazy_load, deployed_targets=cfg.lora_target_modules)
+    checks = AdapterChecks(Path(cfg.adapter_store), base_model_fingerprint(cfg.model),
+                           cfg.max_lora_rank, cfg.lora_target_modules)
+    registry = AdapterRegistry(engine, checks, max_resident=cfg.max_cpu_loras, lazy_load=cfg.lazy_load)
     structured = StructuredOutputs(engine.tokenizer, max_schema_bytes=cfg.max_schema_bytes,
                                    compile_timeout_s=cfg.schema_compile_timeout_s)
     admission = Admission(max_running=cfg.max_concurrent_requests, max_queued=cfg.max_queued_requests,
@@ -55,7 +56,7 @@ async def serve(cfg: ServingConfig) -> int:
             "max_queued_requests": cfg.max_queued_requests,
             "max_concurrent_per_adapter": cfg.max_concurrent_per_adapter,
             "structured_output_backend": STRUCTURED_BACKEND,
-            "lora_target_modules": sorted(registry.allowed_targets) if cfg.lora_target_modules else []}
+            "lora_target_modules": sorted(checks.allowed_targets) if cfg.lora_target_modules else []}
 
     def add(server, port):
         serving_pb2_grpc.add_ServingServiceServicer_to_server(ServingServicer(generator, registry, classifier, info), server)

@@ -99,3 +99,27 @@ def expect_error(fn, code, reason=None):
     if reason:
         assert got_reason == reason, (got_reason, e.value.details())
     return got_reason, fields
+
+
+def wait_for(stub, job_id, until, timeout=120) -> list:
+    """Follows the job's stream until an entry for which `until(entry)` is true; returns the
+    entries up to it (the stream is cancelled then). Fails if the stream ends first."""
+    seen = []
+    stream = stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=job_id), timeout=timeout)
+    try:
+        for e in stream:
+            seen.append(e)
+            if until(e):
+                return seen
+    finally:
+        stream.cancel()
+    raise AssertionError(f"the stream of {job_id} ended first: {states(seen)}")
+
+
+def is_metric(step: int):
+    return lambda e: e.WhichOneof("payload") == "metric" and e.metric.step >= step
+
+
+def worker_pids(entries) -> list[int]:
+    return [int(e.event.data["pid"]) for e in entries if e.WhichOneof("payload") == "event"
+            and e.event.type == tpb.JobEvent.TYPE_WORKER_STARTED]

@@ -11,8 +11,7 @@ import grpc
 import psutil
 import pytest
 
-from harness import start_service, states, watch_all
-from test_trainer_crash import is_metric, wait_for, worker_pids
+from harness import is_metric, start_service, states, wait_for, watch_all, worker_pids
 from tunewire.trainer.v1 import trainer_pb2 as tpb
 from tunewire.trainer.v1 import trainer_pb2_grpc
 

@@ -12,7 +12,7 @@ import grpc
 import psutil
 import pytest
 
-from harness import start_service, states, watch_all
+from harness import is_metric, start_service, states, wait_for, watch_all, worker_pids
 from tunewire.trainer.v1 import trainer_pb2 as tpb
 from tunewire.trainer.v1 import trainer_pb2_grpc
 
@@ -46,30 +46,6 @@ def _start(tmp_path, *extra):
         svc.stop()
         raise
     return svc, trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(svc.address))
-
-
-def wait_for(stub, job_id, until, timeout=120) -> list:
-    """Follows the job's stream until an entry for which `until(entry)` is true; returns the
-    entries up to it (the stream is cancelled then). Fails if the stream ends first."""
-    seen = []
-    stream = stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=job_id), timeout=timeout)
-    try:
-        for e in stream:
-            seen.append(e)
-            if until(e):
-                return seen
-    finally:
-        stream.cancel()
-    raise AssertionError(f"the stream of {job_id} ended first: {states(seen)}")
-
-
-def is_metric(step: int):
-    return lambda e: e.WhichOneof("payload") == "metric" and e.metric.step >= step
-
-
-def worker_pids(entries) -> list[int]:
-    return [int(e.event.data["pid"]) for e in entries if e.WhichOneof("payload") == "event"
-            and e.event.type == tpb.JobEvent.TYPE_WORKER_STARTED]
 
 
 def _wait_step(stub, job_id, step) -> int:

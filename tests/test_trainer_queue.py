@@ -8,8 +8,7 @@ import json
 import grpc
 import pytest
 
-from harness import expect_error, start_service, states, watch_all
-from test_trainer_crash import wait_for
+from harness import expect_error, start_service, states, wait_for, watch_all
 from tunewire.trainer.v1 import trainer_pb2 as tpb
 from tunewire.trainer.v1 import trainer_pb2_grpc
 

@@ -145,7 +145,7 @@ def test_registry_refuses_adapters_outside_the_deployed_targets(tiny_model_dir, 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from serving_service.registry import AdapterRegistry
+    from serving_service.adapter_checks import AdapterChecks
 
     def publish(name, targets):
         torch.manual_seed(0)
@@ -155,15 +155,14 @@ def test_registry_refuses_adapters_outside_the_deployed_targets(tiny_model_dir, 
         return adapters.publish(src, tmp_path / "store", name, base_model_dir=tiny_model_dir)[0]
 
     fingerprint = adapters.base_model_fingerprint(tiny_model_dir)
-    qv = AdapterRegistry(None, store_root=tmp_path / "store", base_fingerprint=fingerprint,
-                         max_lora_rank=16, max_resident=2, deployed_targets=("q_proj", "v_proj"))
+    qv = AdapterChecks(tmp_path / "store", fingerprint, max_lora_rank=16,
+                       deployed_targets=("q_proj", "v_proj"))
     assert qv.allowed_targets == {"q_proj", "k_proj", "v_proj"}
     assert qv.validate(publish("kv", ("k_proj", "v_proj"))).target_modules
     with pytest.raises(TunewireError) as e:
         qv.validate(publish("qo", ("q_proj", "o_proj")))
     assert e.value.reason == "ADAPTER_TARGET_NOT_DEPLOYED" and "o_proj" in e.value.message
-    every = AdapterRegistry(None, store_root=tmp_path / "store", base_fingerprint=fingerprint,
-                            max_lora_rank=16, max_resident=2)
+    every = AdapterChecks(tmp_path / "store", fingerprint, max_lora_rank=16)
     assert every.validate(tmp_path / "store" / "qo" / "v1").target_modules
 
 

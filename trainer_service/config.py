@@ -38,7 +38,7 @@ class TrainerConfig:
     drain_seconds: float = 2.0         # NOT_SERVING period on SIGTERM before the server stops
     handoff_timeout_seconds: float = 300.0  # deadline of the LoadAdapter call to serving
     log_level: str = "INFO"            # Python logging level
-    # Security (README "Security"); "" = off. Files, so Kubernetes Secrets can be mounted.
+    # Security (docs/operations.md "Security"); "" = off. Files, so Kubernetes Secrets can be mounted.
     auth_token_file: str = ""          # clients must send `authorization: Bearer <this file's text>`
     tls_cert_file: str = ""            # PEM server certificate (chain): serve TLS instead of plaintext
     tls_key_file: str = ""             # PEM private key of tls_cert_file
