@@ -24,6 +24,20 @@ _BIAS = {pb.LoraMethod.BIAS_UNSPECIFIED: "none", pb.LoraMethod.BIAS_NONE: "none"
 _POOLING = {pb.FeatureExtractionMethod.POOLING_UNSPECIFIED: "mean",
             pb.FeatureExtractionMethod.POOLING_MEAN: "mean", pb.FeatureExtractionMethod.POOLING_LAST: "last"}
 
+_PRECISION = {pb.PRECISION_UNSPECIFIED: "auto", pb.PRECISION_FP32: "fp32", pb.PRECISION_BF16: "bf16",
+              pb.PRECISION_FP16: "fp16"}
+_QUANTIZATION = {pb.QUANTIZATION_UNSPECIFIED: "none", pb.QUANTIZATION_NONE: "none",
+                 pb.QUANTIZATION_NF4: "nf4"}
+
+
+def _inverse(mapping: dict) -> dict:
+    """spec value -> proto enum; the first (lowest) enum wins, so "none"/"auto" go back as the
+    enum a client would send."""
+    out: dict = {}
+    for k, v in mapping.items():
+        out.setdefault(v, k)
+    return out
+
 
 def spec_from_proto(job: pb.TrainingJob) -> JobSpec:
     method = job.WhichOneof("method")
@@ -41,7 +55,10 @@ def spec_from_proto(job: pb.TrainingJob) -> JobSpec:
         weight_decay=h.weight_decay, seed=h.seed,
         # unset: the default; 0 is a value (no clipping), not "unset"
         max_grad_norm=h.max_grad_norm if h.HasField("max_grad_norm") else d.max_grad_norm,
-        num_processes=h.num_processes or 1, packing=h.packing, num_nodes=h.num_nodes or 1)
+        num_processes=h.num_processes or 1, packing=h.packing, num_nodes=h.num_nodes or 1,
+        precision=_PRECISION[h.precision], gradient_checkpointing=h.gradient_checkpointing,
+        gradient_accumulation_steps=h.gradient_accumulation_steps or 1,
+        quantization=_QUANTIZATION[h.quantization])
     e = job.eval
     ev = EvalSpec(
         validation_fraction=e.validation_fraction if e.HasField("validation_fraction") else None,
@@ -68,7 +85,10 @@ def job_to_proto(job: Job) -> pb.TrainingJob:
             learning_rate=h.learning_rate, num_epochs=h.num_epochs, max_steps=h.max_steps,
             batch_size=h.batch_size, max_seq_length=h.max_seq_length, warmup_steps=h.warmup_steps,
             weight_decay=h.weight_decay, max_grad_norm=h.max_grad_norm, seed=h.seed,
-            num_processes=h.num_processes, packing=h.packing, num_nodes=h.num_nodes),
+            num_processes=h.num_processes, packing=h.packing, num_nodes=h.num_nodes,
+            precision=_inverse(_PRECISION)[h.precision], gradient_checkpointing=h.gradient_checkpointing,
+            gradient_accumulation_steps=h.gradient_accumulation_steps,
+            quantization=_inverse(_QUANTIZATION)[h.quantization]),
         json_schema=spec.json_schema,
         validation_data=pb.DatasetRef(path=spec.validation_data) if spec.validation_data else None,
         eval=pb.EvalSettings(validation_fraction=spec.eval.validation_fraction,

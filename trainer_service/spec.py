@@ -11,11 +11,13 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from tunewire import reasons as R
+from tunewire.devices import PRECISIONS
 from tunewire.errors import invalid
 
 ADAPTER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 MODULE_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 BIASES = ("none", "all", "lora_only")
+QUANTIZATIONS = ("none", "nf4")                # of the frozen base; nf4 = QLoRA
 METHODS = ("lora", "full", "feature_extraction")
 # Which row formats (trainer_service.data_rows.FORMATS) each method can learn from.
 METHOD_FORMATS = {"lora": ("prompt_completion", "messages", "text"),
@@ -67,6 +69,15 @@ class Hyperparameters:
     num_processes: int = 1                    # DDP worker processes (torchrun) splitting each batch
     packing: bool = False                     # pack examples into max_seq_length rows
     num_nodes: int = 1                        # pods of a multi-node run (Kubernetes launcher only)
+    precision: str = "auto"                   # PRECISIONS; auto = bf16 on a GPU with bf16, else fp32
+    gradient_checkpointing: bool = False      # recompute activations in backward: less memory
+    gradient_accumulation_steps: int = 1      # micro-batches per optimizer step (batch_size split)
+    quantization: str = "none"                # QUANTIZATIONS; nf4 = QLoRA (LoRA, CUDA, bitsandbytes)
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Examples per forward + backward pass on one process."""
+        return self.batch_size // (self.gradient_accumulation_steps * self.num_processes * self.num_nodes)
 
     def __post_init__(self):
         p = "training_job.hyperparameters."
@@ -90,8 +101,15 @@ class Hyperparameters:
             raise invalid(p + "num_processes", "must be in [1, 64]")
         if not 1 <= self.num_nodes <= 64:
             raise invalid(p + "num_nodes", "must be in [1, 64]")
-        if self.batch_size % (self.num_processes * self.num_nodes):
-            raise invalid(p + "batch_size", "must be a multiple of num_nodes x num_processes")
+        if self.precision not in PRECISIONS:
+            raise invalid(p + "precision", f"must be one of {PRECISIONS}")
+        if self.quantization not in QUANTIZATIONS:
+            raise invalid(p + "quantization", f"must be one of {QUANTIZATIONS}")
+        if not 1 <= self.gradient_accumulation_steps <= 1024:
+            raise invalid(p + "gradient_accumulation_steps", "must be in [1, 1024]")
+        if self.batch_size % (self.gradient_accumulation_steps * self.num_processes * self.num_nodes):
+            raise invalid(p + "batch_size", "must be a multiple of gradient_accumulation_steps x "
+                          "num_nodes x num_processes")
 
 
 @dataclass(frozen=True)
@@ -144,6 +162,10 @@ class JobSpec:
         if self.hyperparameters.num_processes > 1 and self.method != "lora":
             raise invalid("training_job.hyperparameters.num_processes",
                           "more than one process is supported for lora only")
+        if self.hyperparameters.quantization != "none" and self.method != "lora":
+            raise invalid("training_job.hyperparameters.quantization",
+                          "quantization (QLoRA) is for the lora method only",
+                          R.QUANTIZATION_UNAVAILABLE)
         if self.pooling not in ("mean", "last"):
             raise invalid("training_job.feature_extraction.pooling", "must be mean or last")
         if not -1000 <= self.priority <= 1000:

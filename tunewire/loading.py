@@ -52,24 +52,28 @@ def stop_ids(base_model: str | Path, tokenizer) -> set[int]:
     return ids | ({eos} if isinstance(eos, int) else set(eos or ()))
 
 
-def load_causal_lm(base_model: str | Path):
-    """The causal LM, fp32 (LoRA on a CPU: half precision brings no speed there, costs accuracy)."""
+def load_causal_lm(base_model: str | Path, *, dtype=None, device=None):
+    """The causal LM in `dtype` (default fp32: on a CPU half precision brings no speed and costs
+    accuracy) on `device` (default CPU), loaded straight onto it; SDPA attention where the model
+    has it. QLoRA's 4-bit load is trainer_service's (it needs bitsandbytes and CUDA)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype or torch.float32,
+                                                    device_map=device)
     except Exception as e:  # noqa: BLE001 - any loader error means the directory is unusable
         raise _unusable("a causal LM", base_model, e) from None
 
 
-def load_body(base_model: str | Path):
-    """The model without its LM head, fp32, frozen and in eval mode (no dropout)."""
+def load_body(base_model: str | Path, *, dtype=None, device=None):
+    """The model without its LM head in `dtype` (default fp32) on `device` (default CPU), frozen
+    and in eval mode (no dropout)."""
     import torch
     from transformers import AutoModel
 
     try:
-        body = AutoModel.from_pretrained(base_model, dtype=torch.float32)
+        body = AutoModel.from_pretrained(base_model, dtype=dtype or torch.float32, device_map=device)
     except Exception as e:  # noqa: BLE001 - any loader error means the directory is unusable
         raise _unusable("the model", base_model, e) from None
     return body.eval().requires_grad_(False)

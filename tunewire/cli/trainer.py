@@ -90,7 +90,12 @@ def _job(args):
         hyperparameters=pb.Hyperparameters(
             learning_rate=args.lr, num_epochs=args.epochs, max_steps=args.max_steps,
             batch_size=args.batch_size, max_seq_length=args.max_seq_length,
-            warmup_steps=args.warmup_steps, seed=args.seed, packing=args.packing), **method)
+            warmup_steps=args.warmup_steps, seed=args.seed, packing=args.packing,
+            max_grad_norm=args.max_grad_norm, precision=f"PRECISION_{args.precision.upper()}"
+            if args.precision != "auto" else "PRECISION_UNSPECIFIED",
+            gradient_checkpointing=args.gradient_checkpointing,
+            gradient_accumulation_steps=args.grad_accum,
+            quantization=f"QUANTIZATION_{args.quantization.upper()}"), **method)
 
 
 @rpc_errors
@@ -143,6 +148,12 @@ def add_parser(sub) -> None:
     for name, typ in [("lr", float), ("epochs", int), ("warmup-steps", int), ("seed", int)]:
         c.add_argument(f"--{name}", type=typ, default=0, help="0 = the trainer's default")
     c.add_argument("--packing", action="store_true", help="pack examples into max-seq-length rows")
+    c.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping (0 = off; unset = 1.0)")
+    c.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = bf16 on a GPU that has it, fp32 on a CPU")
+    c.add_argument("--gradient-checkpointing", action="store_true", help="less memory, ~30%% more compute")
+    c.add_argument("--grad-accum", type=int, default=0, help="micro-batches per optimizer step (0 = 1)")
+    c.add_argument("--quantization", default="none", choices=["none", "nf4"], help="nf4 = QLoRA (CUDA)")
     c.add_argument("--request-id", default="", help="idempotency key: the same key returns the same job")
     c.add_argument("--priority", type=int, default=0, help="higher runs first among queued jobs")
     c.add_argument("--validation-fraction", type=float, default=None,
