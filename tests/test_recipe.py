@@ -160,7 +160,11 @@ def test_short_run_learns_and_saves_a_loadable_adapter(tiny_model_dir, tokenizer
 
     adapter = tmp_path / "out" / "adapter"
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json",
-                                                         "adapter_model.safetensors"]
+                                                         "adapter_model.safetensors", "training.json"]
+    assert json.loads((adapter / "training.json").read_text()) == {
+        "precision": "fp32", "device": "cpu", "quantization": "none",
+        "gradient_checkpointing": False, "gradient_accumulation_steps": 1}
+    assert all(m["peak_gpu_memory_bytes"] == 0 and m["mfu"] == 0.0 for m in rep.metrics)  # a CPU
     prompt = tokenizer(person_rows()[0]["prompt"], return_tensors="pt")
     greedy = dict(max_new_tokens=12, do_sample=False)
     base_out = base.generate(**prompt, **greedy)[0].tolist()

@@ -2,7 +2,9 @@
 
     batch = collate(rows[:8], pad_id=tokenizer.pad_token_id)   # input_ids, labels, attention_mask
 
-Packed rows (hyperparameters.packing) have their own collate, trainer_service.packing.
+Packed rows (hyperparameters.packing) have their own collate, trainer_service.packing. The batch
+is built on the CPU; `common.Compute.batch` moves it to the device where the loss is taken.
+`labelled_tokens` and `real_tokens` count from the rows (plain or packed) without a tensor.
 """
 
 from __future__ import annotations
@@ -25,3 +27,14 @@ def right_pad(rows: list[list[int]], fill: int | None = None) -> torch.Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + ([fill] * (width - len(r)) if fill is not None
                               else list(range(width - len(r)))) for r in rows], dtype=torch.long)
+
+
+def labelled_tokens(rows: list[dict]) -> int:
+    """Tokens that carry loss in tokenized (or packed) rows: token t predicts label t + 1, so a
+    row's first label never counts (common.labelled_loss's targets = labels[:, 1:])."""
+    return sum(sum(1 for t in r["labels"][1:] if t != IGNORE) for r in rows)
+
+
+def real_tokens(rows: list[dict]) -> int:
+    """Tokens that are not padding (throughput counts these)."""
+    return sum(len(r["input_ids"]) for r in rows)

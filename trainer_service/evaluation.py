@@ -37,15 +37,18 @@ def eval_every(spec: EvalSpec, total_steps: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, rows: list[dict], batch_size: int, pad_id: int) -> float:
-    """Token-weighted mean loss over the labelled tokens of `rows` (dropout off)."""
+def evaluate(model, rows: list[dict], batch_size: int, pad_id: int,
+             compute: common.Compute = common.Compute()) -> float:
+    """Token-weighted mean loss over the labelled tokens of `rows` (dropout off), on the
+    compute's device and under its autocast (the precision the job trains in)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for first in range(0, len(rows), batch_size):
         batch = collate(rows[first:first + batch_size], pad_id)
-        total += common.completion_loss(model, batch, reduction="sum").item()
         count += int((batch["labels"][:, 1:] != IGNORE).sum())
+        with compute.autocast():
+            total += common.completion_loss(model, compute.batch(batch), reduction="sum").item()
     if was_training:
         model.train()
     return total / max(count, 1)

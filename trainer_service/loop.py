@@ -11,11 +11,16 @@ differs between recipes is passed in explicitly:
   (a copy, or hard links for full models).
 * `keep_best_and_latest`: deletes every other checkpoint after each one is written (full models,
   where each checkpoint is a copy of the weights).
-* `step_loss(model, rows, counts, pad_id) -> (loss, loss value, real tokens)`: `plain_loss`, or
-  `packed_loss` when the training rows are packed.
+* `packed`: the training rows are packed (packing.collate_packed / packed_loss) or not.
+* `compute` (common.Compute): the device and precision; the default is CPU fp32.
 
 Per step: a new epoch draws a shuffled order from a generator seeded with hp.seed; linear warm-up
-then decay (common.learning_rate), AdamW, gradient clipping. Every `eval.eval_every` steps (and at
+then decay (common.learning_rate), AdamW, gradient clipping. The step's batch_size examples are
+split into micro-batches of hp.micro_batch_size per process (gradient_accumulation_steps of them
+per process); distributed.step_loss weights them so that the step's gradient is that of the
+token-mean loss over the whole batch. Each metric point carries the step time (measured after
+synchronising the device), peak GPU memory and MFU (telemetry.py; both 0 on a CPU). A CUDA
+out-of-memory in a step or an evaluation fails the job as OUT_OF_MEMORY with memory.advice. Every `eval.eval_every` steps (and at
 the last) rank 0 evaluates on the validation rows, writes a checkpoint, lets the EvalTracker pick
 the best / stop early / notice overfitting, and writes the resume state (resume.py) with the
 probe loss of a fixed batch. A run started on a directory with resume state restores it, checks
@@ -27,6 +32,7 @@ and saves; stop and early-stop decisions reach every rank through `distributed.a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -38,11 +44,11 @@ from typing import Protocol
 
 import torch
 
-from trainer_service import common, distributed, evaluation, packing, resume
-from trainer_service.data_batches import collate
+from trainer_service import common, distributed, evaluation, memory, packing, resume, telemetry
+from trainer_service.data_batches import collate, labelled_tokens, real_tokens
 from trainer_service.data_rows import load_examples
-from trainer_service.data_tokens import tokenize_dataset
-from tunewire import loading
+from trainer_service.data_tokens import IGNORE, tokenize_dataset
+from tunewire import devices, loading
 from trainer_service.resume import TrainState
 from trainer_service.spec import JobSpec
 from tunewire import reasons as R
@@ -55,7 +61,8 @@ class Reporter(Protocol):
               metrics: dict[str, float] | None = None) -> None: ...
     def metric(self, *, step: int, epoch: float, loss: float, learning_rate: float,
                grad_norm: float, tokens_per_second: float, tokens_seen: int,
-               total_steps: int, step_seconds: float = 0.0) -> None: ...
+               total_steps: int, step_seconds: float = 0.0, peak_gpu_memory_bytes: int = 0,
+               mfu: float = 0.0) -> None: ...
     def evaluation(self, *, step: int, metrics: dict[str, float]) -> None: ...
 
 
@@ -63,20 +70,24 @@ class Cancelled(Exception):
     """should_stop() turned true; nothing was saved."""
 
 
-StepLoss = Callable[..., tuple[torch.Tensor, float, int]]
+def micro_batches(rows: list[dict], size: int, pad_id: int, packed: bool) -> list[dict]:
+    """`rows` (this process's share of a step) as collated CPU batches of at most `size` rows."""
+    make = packing.collate_packed if packed else collate
+    return [make(rows[i:i + size], pad_id) for i in range(0, len(rows), size)]
 
 
-def plain_loss(model, rows: list[dict], counts: bool, pad_id: int) -> tuple[torch.Tensor, float, int]:
-    """(loss to backpropagate, the global batch's loss, its real tokens); with DDP the loss and
-    tokens of the global batch, the same on every rank (distributed.batch_loss)."""
-    return distributed.batch_loss(model, collate(rows, pad_id), counts)
-
-
-def packed_loss(model, rows: list[dict], counts: bool, pad_id: int) -> tuple[torch.Tensor, float, int]:
-    """The same for packed rows (single process only)."""
-    batch = packing.collate_packed(rows, pad_id)
-    loss = packing.packed_loss(model, batch)
-    return loss, loss.item(), batch["num_tokens"]
+@contextlib.contextmanager
+def out_of_memory(spec: JobSpec, compute: common.Compute, what: str, step: int):
+    """A CUDA out-of-memory inside becomes the user error OUT_OF_MEMORY: what ran out, the peak,
+    the GPU's size and what to change (memory.advice), instead of a TRAINING_ERROR."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        gib = 1024 ** 3
+        peak = devices.peak_memory_bytes(compute.device) / gib
+        total = devices.total_memory_bytes(compute.device) / gib
+        raise TunewireError(R.OUT_OF_MEMORY, f"GPU memory ran out in {what} at step {step}: peak "
+                            f"{peak:.1f} GiB of {total:.1f} GiB; " + memory.advice(spec)) from None
 
 
 def copy_dir(src: Path, dst: Path) -> None:
@@ -127,9 +138,13 @@ def prepare_data(spec: JobSpec, tokenizer, reporter: Reporter):
     return rows, val_rows, train_rows, stats
 
 
-def estimate_fit(model, rows: list[dict], pad_id: int, total_steps: int, reporter: Reporter) -> None:
-    """Reports FIT_ESTIMATED from a timed forward + backward on one full batch of `rows`."""
-    warm = warmup_seconds(model, rows, pad_id)
+def estimate_fit(spec: JobSpec, model, rows: list[dict], pad_id: int, total_steps: int,
+                 reporter: Reporter, compute: common.Compute = common.Compute()) -> None:
+    """Reports FIT_ESTIMATED from a timed forward + backward on one full batch of `rows` (in the
+    job's micro-batches); a CUDA out-of-memory there is OUT_OF_MEMORY (at step 0)."""
+    with out_of_memory(spec, compute, "the warm-up step", 0):
+        warm = warmup_seconds(model, rows, pad_id, compute=compute,
+                              micro_batch_size=spec.hyperparameters.micro_batch_size)
     reporter.event("FIT_ESTIMATED", f"~{warm:.2f} s per step, ~{warm * total_steps / 60:.1f} min for "
                    f"{total_steps} steps", {}, {"warmup_step_seconds": warm, "steps": float(total_steps),
                                                 "estimated_seconds": warm * total_steps / distributed.world_size()})
@@ -139,8 +154,9 @@ def train(spec: JobSpec, model, params: list[torch.nn.Parameter], optimizer: tor
           rows: list[dict], train_rows: list[dict], val_rows: list[dict], pad_id: int,
           total_steps: int, steps_per_epoch: int, out_dir: Path, final_dir: Path,
           save_dir: Callable[[Path], Path], place_best: Callable[[Path, Path], None] = copy_dir,
-          keep_best_and_latest: bool = False, step_loss: StepLoss = plain_loss,
-          reporter: Reporter, should_stop: Callable[[], bool]) -> Outcome:
+          keep_best_and_latest: bool = False, packed: bool = False,
+          compute: common.Compute = common.Compute(), reporter: Reporter,
+          should_stop: Callable[[], bool]) -> Outcome:
     """Trains `params` of `model` for total_steps (or until early stopping) and, on rank 0, writes
     the result to final_dir: the best checkpoint (place_best) when there was validation, else the
     last weights (save_dir). `rows` are the unpacked training rows (the probe batch falls back on
@@ -155,18 +171,22 @@ def train(spec: JobSpec, model, params: list[torch.nn.Parameter], optimizer: tor
     tracker = evaluation.EvalTracker(spec.eval.early_stopping_patience, spec.eval.early_stopping_min_delta)
     checkpoints = Path(out_dir) / "checkpoints"
 
+    eval_batch = hp.batch_size // hp.gradient_accumulation_steps  # no grads: a few micro-batches
     model.train()  # dropout on
     train_model = distributed.wrap(model)  # DDP around the model; evaluation uses the model
     shuffle = torch.Generator().manual_seed(hp.seed)
     probe = (val_rows or rows)[:hp.batch_size]  # a fixed batch: resume continuity is checked on it
+    stats = telemetry.model_stats(model)
+    peak_flops = devices.peak_flops(compute.device, compute.dtype)
     st = TrainState()
     restored = resume.load(out_dir, model, optimizer, shuffle)
     if restored:
         st, tracker = restored
-        after = evaluation.evaluate(model, probe, hp.batch_size, pad_id)
+        with out_of_memory(spec, compute, "the resume probe", st.step):
+            after = evaluation.evaluate(model, probe, eval_batch, pad_id, compute)
         m = {"step": float(st.step), "loss_before": st.probe_loss, "loss_after": after,
              "abs_diff": abs(after - st.probe_loss)}
-        if not resume.continuous(st.probe_loss, after):
+        if not resume.continuous(st.probe_loss, after, compute.precision):
             raise TunewireError(R.RESUME_MISMATCH, f"the checkpoint at step {st.step} gives probe loss "
                                 f"{after:.6f}, not the {st.probe_loss:.6f} it was saved with")
         reporter.event("RESUMED", f"resumed at step {st.step}: probe loss {st.probe_loss:.6f} before, "
@@ -179,46 +199,60 @@ def train(spec: JobSpec, model, params: list[torch.nn.Parameter], optimizer: tor
             raise Cancelled(f"stopped before step {st.step + 1} of {total_steps}")
         st.step += 1
         step = st.step
+        compute.synchronize()  # the step's time covers its own device work, not the last one's
         t0 = time.perf_counter()
-        ids, counts = distributed.shard(st.order[st.pos:st.pos + hp.batch_size])  # this rank's slice
+        global_ids = st.order[st.pos:st.pos + hp.batch_size]
+        ids, counts = distributed.shard(global_ids)  # this rank's slice
         chosen = [train_rows[i] for i in ids]
         st.pos += hp.batch_size
         lr = common.learning_rate(step, total_steps, hp.learning_rate, hp.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        loss, loss_value, real_tokens = step_loss(train_model, chosen, counts, pad_id)
-        if not math.isfinite(loss_value):
-            raise TunewireError(R.TRAINING_DIVERGED, f"loss is {loss_value} at step {step}; "
-                                f"try a lower learning_rate")
-        with distributed.collective():  # DDP all-reduces the gradients during backward
-            loss.backward()
-        grad_norm = common.clip_gradients(params, hp.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro = micro_batches(chosen, hp.micro_batch_size, pad_id, packed)
+        with out_of_memory(spec, compute, "a training step", step):
+            loss_value, step_tokens = distributed.step_loss(
+                train_model, micro, n_labels=labelled_tokens([train_rows[i] for i in global_ids]),
+                real_tokens=real_tokens(chosen), counts=counts, compute=compute,
+                loss_fn=packing.packed_loss if packed else common.completion_loss)
+            if not math.isfinite(loss_value):  # the same on every rank: nothing was stepped yet
+                raise TunewireError(R.TRAINING_DIVERGED, f"loss is {loss_value} at step {step}; "
+                                    f"try a lower learning_rate")
+            compute.unscale(optimizer)  # fp16: clip the true gradients
+            grad_norm = common.clip_gradients(params, hp.max_grad_norm)
+            compute.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
 
-        st.tokens_seen += real_tokens
+        st.tokens_seen += step_tokens
         st.losses.append(loss_value)
         st.since_eval.append(st.losses[-1])
+        compute.synchronize()
         seconds = time.perf_counter() - t0
+        flops = (telemetry.step_flops(stats, real_tokens(chosen), _keys_per_token(chosen),
+                                      sum(_head_positions(b) for b in micro))
+                 if peak_flops else 0.0)  # no peak (a CPU): no MFU, no counting
         reporter.metric(step=step, epoch=step / steps_per_epoch, loss=st.losses[-1],
                         learning_rate=lr, grad_norm=grad_norm,
-                        tokens_per_second=real_tokens / max(seconds, 1e-9),
-                        tokens_seen=st.tokens_seen, total_steps=total_steps, step_seconds=seconds)
+                        tokens_per_second=step_tokens / max(seconds, 1e-9),
+                        tokens_seen=st.tokens_seen, total_steps=total_steps, step_seconds=seconds,
+                        peak_gpu_memory_bytes=devices.peak_memory_bytes(compute.device),
+                        mfu=telemetry.mfu(flops, seconds, peak_flops))
 
         if step % every and step != total_steps:
             continue
         if rank:  # only rank 0 evaluates and writes; the others wait for its early-stop decision
             st.stopped_early = distributed.any_rank(False)
             continue
-        if val_rows:  # evaluate, checkpoint, and let the tracker pick the best / stop early
-            _evaluate_and_checkpoint(model, val_rows, hp.batch_size, pad_id, st, tracker, checkpoints,
-                                     save_dir, keep_best_and_latest, reporter)
-        # Resume state at every interval, validation or not: a crash loses at most `every` steps.
-        # Not after the last step: the result is written next, and that is the state to keep.
-        if step != total_steps:
-            st.probe_loss = evaluation.evaluate(model, probe, hp.batch_size, pad_id)
-            resume.save(out_dir, st, model, optimizer, shuffle, tracker)
+        with out_of_memory(spec, compute, "an evaluation", step):
+            if val_rows:  # evaluate, checkpoint, and let the tracker pick the best / stop early
+                _evaluate_and_checkpoint(model, val_rows, eval_batch, pad_id, st, tracker,
+                                         checkpoints, save_dir, keep_best_and_latest, reporter,
+                                         compute)
+            # Resume state at every interval, validation or not: a crash loses at most `every`
+            # steps. Not after the last step: the result is written next, the state to keep.
+            if step != total_steps:
+                st.probe_loss = evaluation.evaluate(model, probe, eval_batch, pad_id, compute)
+                resume.save(out_dir, st, model, optimizer, shuffle, tracker)
         st.stopped_early = distributed.any_rank(st.stopped_early)
     out = Outcome(st, tracker, time.perf_counter() - t_start)
 
@@ -246,11 +280,11 @@ def train(spec: JobSpec, model, params: list[torch.nn.Parameter], optimizer: tor
 def _evaluate_and_checkpoint(model, val_rows, batch_size, pad_id, st: TrainState,
                              tracker: evaluation.EvalTracker, checkpoints: Path,
                              save_dir: Callable[[Path], Path], keep_best_and_latest: bool,
-                             reporter: Reporter) -> None:
+                             reporter: Reporter, compute: common.Compute) -> None:
     step = st.step
     train_loss = sum(st.since_eval) / len(st.since_eval)
     st.since_eval = []
-    eval_loss = evaluation.evaluate(model, val_rows, batch_size, pad_id)
+    eval_loss = evaluation.evaluate(model, val_rows, batch_size, pad_id, compute)
     decision = tracker.update(step, eval_loss, train_loss)
     m = {"eval_loss": eval_loss, "train_loss": train_loss, "step": float(step)}
     reporter.evaluation(step=step, metrics=m)
@@ -275,15 +309,46 @@ def _evaluate_and_checkpoint(model, val_rows, batch_size, pad_id, st: TrainState
                             "best_eval_loss": tracker.best_loss, "step": float(step)})
 
 
-def warmup_seconds(model, batch_rows: list[dict], pad_id: int) -> float:
-    """Times a forward + backward on one full batch, twice (the first pays one-time costs), and
-    leaves no trace: gradients are dropped and the RNG state is restored, so training is the
-    same with or without it."""
+def warmup_seconds(model, batch_rows: list[dict], pad_id: int, *,
+                   compute: common.Compute = common.Compute(), micro_batch_size: int = 0) -> float:
+    """Times a forward + backward on one full batch (in micro-batches of micro_batch_size; 0 =
+    the whole batch at once), twice (the first pays one-time costs), on the compute's device and
+    in its precision, synchronised so that the time covers the device's work. Leaves no trace:
+    gradients are dropped and the RNG states (CPU, and this GPU's) are restored, so training is
+    the same with or without it."""
     times = []
-    with torch.random.fork_rng():
+    cuda = [compute.device.index or 0] if compute.device.type == "cuda" else []
+    size = micro_batch_size or len(batch_rows)
+    with torch.random.fork_rng(devices=cuda):
         for _ in range(2):
+            compute.synchronize()
             t0 = time.perf_counter()
-            common.completion_loss(model, collate(batch_rows, pad_id)).backward()
+            for batch in micro_batches(batch_rows, size, pad_id, packed=False):
+                with compute.autocast():
+                    loss = common.completion_loss(model, compute.batch(batch))
+                loss.backward()
+            compute.synchronize()
             times.append(time.perf_counter() - t0)
     model.zero_grad(set_to_none=True)
     return times[-1]
+
+
+def _keys_per_token(rows: list[dict]) -> float:
+    """Causal attention's (query, key) pairs per token of these rows (telemetry.step_flops);
+    packed rows attend within each example (position_ids restart)."""
+    lengths = []
+    for r in rows:
+        pos = r.get("position_ids")
+        if pos is None:
+            lengths.append(len(r["input_ids"]))
+        else:  # each example of a packed row starts at position 0
+            starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+            lengths += [b - a for a, b in zip(starts, starts[1:])]
+    return telemetry.attention_pairs(lengths) / max(sum(lengths), 1)
+
+
+def _head_positions(batch: dict) -> int:
+    """Positions the LM head runs on in a collated batch: rows x labelled columns
+    (common.labelled_loss keeps a column when any row has a label there)."""
+    labels = batch["labels"][:, 1:]
+    return int((labels != IGNORE).any(0).sum()) * labels.shape[0]

@@ -17,8 +17,21 @@ Reporter gets the LoRA recipe's events; the final artifact is still announced as
     run(JobSpec(base_model="/models/tiny", training_data="train.jsonl", adapter_name="demo"),
         Path("/tmp/out"), reporter, should_stop=lambda: False)
 
+Precision (`hyperparameters.precision`; `device` = the trainer's setting): mixed precision with
+fp32 master weights. The weights, gradients and AdamW's moments stay fp32 on the device; the
+forward runs under torch.autocast to bf16/fp16 (the matmuls in half precision, on tensor cores),
+the loss in fp32; fp16 adds loss scaling (GradScaler, unscaled before clipping). Why not bf16
+weights with bf16 AdamW (8 bytes/param instead of 16: half the memory)? An update smaller than
+bf16's resolution (lr x update < 2^-8 of the weight: at lr 1e-5 nearly every update) rounds away,
+so training stalls or drifts unless the optimizer keeps compensation buffers (Kahan summation,
+stochastic rounding), which torch's AdamW does not. fp32 master weights cost memory, never
+accuracy: the safe default. Memory-bound jobs should use LoRA/QLoRA (memory.advice says so).
+The saved weights are fp32 (vLLM serves them at its own dtype). On a CPU the default (auto =
+fp32) is the plain fp32 run, bit for bit. `out_dir/model/training.json` records how it was trained.
+
 Memory: fp32 weights (4 bytes/param) + gradients (4) + AdamW's two moments (8) = about 16 bytes
 per parameter before activations, e.g. ~8 GiB for a 0.5B model, four times the weights alone.
+gradient_checkpointing and gradient_accumulation_steps lower the activations (loop.py).
 
 Disk: every checkpoint is a full copy of the weights (4 bytes/param: ~2 GiB at 0.5B), not a few
 MB of adapter. Only the best checkpoint (by eval_loss) and the latest stay on disk; older ones are
@@ -29,7 +42,7 @@ weight plus AdamW's two moments: ~12 bytes/param (~6 GiB at 0.5B), written each 
 
 Data parallel (num_processes > 1) is LoRA-only: spec validation refuses it for this method.
 
-Threads: `TUNEWIRE_TRAIN_THREADS` (default: all cores) sets torch's intra-op threads.
+Threads: `TUNEWIRE_TRAIN_THREADS` (default: all cores) sets torch's intra-op threads (CPU only).
 """
 
 from __future__ import annotations
@@ -44,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from trainer_service import loop
+from trainer_service import common, loop
 from tunewire import loading
 from trainer_service.loop import Cancelled, Reporter
 from trainer_service.spec import JobSpec
@@ -53,7 +66,7 @@ __all__ = ["Cancelled", "Reporter", "run"]
 
 
 def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
-        should_stop: Callable[[], bool]) -> dict[str, float]:
+        should_stop: Callable[[], bool], *, device: str = "auto") -> dict[str, float]:
     """Trains all weights and saves the model to out_dir/"model"; returns the final metrics.
 
     Raises Cancelled when should_stop() is true (checked before every step and before saving),
@@ -65,13 +78,15 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     from transformers import set_seed
 
     set_seed(hp.seed)  # python, numpy and torch: dropout and shuffling repeat
-    torch.set_num_threads(int(os.environ.get("TUNEWIRE_TRAIN_THREADS", os.cpu_count() or 1)))
+    compute = common.Compute.for_job(hp.precision, device)  # refuses fp16 on a CPU, cuda without one
+    if compute.device.type == "cpu":
+        torch.set_num_threads(int(os.environ.get("TUNEWIRE_TRAIN_THREADS", os.cpu_count() or 1)))
 
     tokenizer = loading.load_tokenizer(spec.base_model)
     # Data before the model: a bad file fails in seconds instead of after loading the weights.
     rows, val_rows, train_rows, stats = loop.prepare_data(spec, tokenizer, reporter)
 
-    model = loading.load_causal_lm(spec.base_model)  # fp32
+    model = build_model(spec, compute)
     # parameters() yields a shared (tied) tensor once: tied embeddings count, train and decay once.
     params = list(model.parameters())
     for p in params:
@@ -91,7 +106,7 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
         lr=hp.learning_rate)
     # Padding never reaches the loss or attention, so any id works when the tokenizer has none.
     pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-    loop.estimate_fit(model, rows[:hp.batch_size], pad_id, total_steps, reporter)
+    loop.estimate_fit(spec, model, rows[:hp.batch_size], pad_id, total_steps, reporter, compute)
     reporter.started(trainable, total, total_steps)
 
     # ---- train and save ------------------------------------------------------------------
@@ -103,8 +118,8 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
                      # Checkpoint files are never written again, so hard links are safe and save
                      # a full copy of the weights.
                      place_best=_link_tree, keep_best_and_latest=True,
-                     step_loss=loop.packed_loss if hp.packing else loop.plain_loss,
-                     reporter=reporter, should_stop=should_stop)
+                     packed=hp.packing, compute=compute, reporter=reporter, should_stop=should_stop)
+    common.write_training_info(model_dir, spec, compute)
     # The event keeps the LoRA recipe's name: it announces the job's artifact, here a full model.
     reporter.event("ADAPTER_SAVED", f"full model saved to {model_dir}",
                    {"path": str(model_dir), "trainable_params": str(trainable)})
@@ -117,6 +132,15 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     return {**out.metrics(), "examples": float(stats.examples),
             "truncated_examples": float(stats.truncated), "dropped_examples": float(stats.dropped),
             "validation_examples": float(len(val_rows))}
+
+
+def build_model(spec: JobSpec, compute: common.Compute):
+    """The model with fp32 master weights on the device (autocast gives the forward the job's
+    precision), gradient checkpointing as the job says."""
+    model = loading.load_causal_lm(spec.base_model, dtype=torch.float32, device=compute.device)
+    if spec.hyperparameters.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
+    return model
 
 
 def _save_model(model, tokenizer, path: Path) -> Path:

@@ -13,7 +13,21 @@ nothing here knows about gRPC, so it also runs on its own:
     run(JobSpec(base_model="/models/tiny", training_data="train.jsonl", adapter_name="demo"),
         Path("/tmp/out"), reporter, should_stop=lambda: False)
 
-Threads: `TUNEWIRE_TRAIN_THREADS` (default: all cores) sets torch's intra-op threads.
+Device and precision (`device` = the trainer's setting, `hyperparameters.precision`): the base
+is loaded straight onto the device (cuda:LOCAL_RANK on a GPU) in the job's dtype and stays
+frozen; the LoRA weights and so AdamW's state are fp32 (peft's get_peft_model keeps adapter
+weights fp32 on a half-precision base: autocast_adapter_dtype); the forward runs under
+torch.autocast to the job's dtype (none at fp32), the loss in fp32; fp16 scales the loss
+(GradScaler) and unscales before clipping. The saved adapter is fp32: lossless, and vLLM casts
+it to its serving dtype on load. `out_dir/adapter/training.json` records how it was trained
+(precision, device, quantization, gradient_checkpointing, gradient_accumulation_steps). QLoRA
+(quantization nf4): the base in 4-bit, trainer_service/qlora.py. On a CPU the default (auto =
+fp32) is the plain fp32 run, bit for bit.
+
+Memory: gradient_checkpointing recomputes each layer's activations in backward;
+gradient_accumulation_steps splits every step into micro-batches (loop.py).
+
+Threads: `TUNEWIRE_TRAIN_THREADS` (default: all cores) sets torch's intra-op threads (CPU only).
 
 Data parallel: started by torchrun (`num_processes` > 1, see launcher.py and distributed.py),
 every rank runs this same function. All ranks draw the same shuffled order and each trains on its
@@ -39,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from trainer_service import common, distributed, loop
+from trainer_service import common, distributed, loop, qlora
 from tunewire import loading
 from trainer_service.loop import Cancelled, Reporter
 from trainer_service.spec import JobSpec
@@ -50,7 +64,7 @@ __all__ = ["Cancelled", "Reporter", "run"]
 
 
 def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
-        should_stop: Callable[[], bool]) -> dict[str, float]:
+        should_stop: Callable[[], bool], *, device: str = "auto") -> dict[str, float]:
     """Trains and saves the adapter to out_dir/"adapter"; returns the final metrics.
 
     Raises Cancelled when should_stop() is true (checked before every step and before saving),
@@ -65,18 +79,18 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     world = distributed.world_size()  # 1 without torchrun
     if hp.packing and max(world, hp.num_processes) > 1:
         raise TunewireError(R.PACKING_UNSUPPORTED, "packing is not supported with num_processes > 1")
-    threads = int(os.environ.get("TUNEWIRE_TRAIN_THREADS", os.cpu_count() or 1))
-    torch.set_num_threads(max(1, threads // world))
+    compute = common.Compute.for_job(hp.precision, device)  # refuses fp16 on a CPU, cuda without one
+    if hp.quantization == "nf4":
+        qlora.check_available(compute.device)  # before the data and the weights are loaded
+    if compute.device.type == "cpu":
+        threads = int(os.environ.get("TUNEWIRE_TRAIN_THREADS", os.cpu_count() or 1))
+        torch.set_num_threads(max(1, threads // world))
 
     tokenizer = loading.load_tokenizer(spec.base_model)
     # Data before the model: a bad file fails in seconds instead of after loading the weights.
     rows, val_rows, train_rows, stats = loop.prepare_data(spec, tokenizer, reporter)
 
-    model = loading.load_causal_lm(spec.base_model)
-    reporter.event("MODEL_LOADED", f"loaded {spec.base_model}",
-                   {"base_model": spec.base_model,
-                    "parameters": str(sum(p.numel() for p in model.parameters()))})
-    model = add_lora(model, spec)
+    model = build_model(spec, compute, reporter)
     trainable, total = model.get_nb_trainable_parameters()  # what print_trainable_parameters shows
 
     steps_per_epoch = math.ceil(len(train_rows) / hp.batch_size)
@@ -85,7 +99,7 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     # Padding never reaches the loss or attention, so any id works when the tokenizer has none.
     pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-    loop.estimate_fit(model, rows[:hp.batch_size], pad_id, total_steps, reporter)
+    loop.estimate_fit(spec, model, rows[:hp.batch_size], pad_id, total_steps, reporter, compute)
     reporter.started(trainable, total, total_steps)
 
     # ---- train and save ------------------------------------------------------------------
@@ -94,10 +108,10 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
                      val_rows=val_rows, pad_id=pad_id, total_steps=total_steps,
                      steps_per_epoch=steps_per_epoch, out_dir=out_dir, final_dir=adapter_dir,
                      save_dir=functools.partial(common.save_adapter, model),
-                     step_loss=loop.packed_loss if hp.packing else loop.plain_loss,
-                     reporter=reporter, should_stop=should_stop)
+                     packed=hp.packing, compute=compute, reporter=reporter, should_stop=should_stop)
     if not out.saved:
         return {}  # rank 0 saved the adapter and reports the result
+    common.write_training_info(adapter_dir, spec, compute)
     ranks = out.ranks
     reporter.event("ADAPTER_SAVED", f"adapter saved to {adapter_dir}",
                    {"path": str(adapter_dir), "trainable_params": str(trainable),
@@ -111,6 +125,28 @@ def run(spec: JobSpec, out_dir: Path, reporter: Reporter,
     return {**out.metrics(), "examples": float(stats.examples),
             "truncated_examples": float(stats.truncated), "dropped_examples": float(stats.dropped),
             "validation_examples": float(len(val_rows))}
+
+
+def build_model(spec: JobSpec, compute: common.Compute, reporter: Reporter | None = None):
+    """The base (in the job's dtype on the device, or 4-bit for nf4) with gradient checkpointing
+    as the job says and the LoRA adapter (fp32) added; reports MODEL_LOADED."""
+    hp = spec.hyperparameters
+    if hp.quantization == "nf4":
+        model = qlora.load_base(spec.base_model, compute,
+                                gradient_checkpointing=hp.gradient_checkpointing)
+    else:
+        model = loading.load_causal_lm(spec.base_model, dtype=compute.dtype, device=compute.device)
+        if hp.gradient_checkpointing:
+            common.enable_gradient_checkpointing(model)
+    if reporter is not None:
+        reporter.event("MODEL_LOADED", f"loaded {spec.base_model}",
+                       {"base_model": spec.base_model,
+                        "parameters": str(sum(p.numel() for p in model.parameters()))})
+    model = add_lora(model, spec)
+    for p in model.parameters():  # peft keeps LoRA weights fp32; trained biases (bias=all) too
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 def add_lora(model, spec: JobSpec):
