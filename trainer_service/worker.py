@@ -3,9 +3,12 @@
     python -m trainer_service.worker --job-id ID --job-dir DIR --report-address HOST:PORT
     (token in $TUNEWIRE_JOB_TOKEN)
 
-It reads `DIR/spec.json`, checks the data (the pre-flight report, a VALIDATED event; a dataset
-with errors fails the job before any model is loaded), runs the job's method (recipe_lora,
-recipe_full or recipe_classifier), and pushes every state, metric and event to the trainer's
+It reads `DIR/spec.json` and `DIR/worker.json` ({"device": "auto"|"cpu"|"cuda", "serving": bool},
+written by the scheduler), checks the data (the pre-flight report, a VALIDATED event; a dataset
+with errors fails the job before any model is loaded), estimates the job's GPU memory
+(trainer_service/memory.py: in the VALIDATED event on every device; on a GPU a job that cannot fit
+fails as INSUFFICIENT_GPU_MEMORY before any model is loaded), runs the job's method (recipe_lora,
+recipe_full or recipe_classifier) on the device, and pushes every state, metric and event to the trainer's
 `TrainerWorkerService` (the same path a pod on another node would use). SIGTERM, or a report
 answer saying the job is being cancelled, stops training at the next step.
 
@@ -14,6 +17,10 @@ each rank joins the process group, only rank 0 reports (the others get a `NullRe
 the recipe keeps the ranks in step (see distributed.py). Any rank failing exits non-zero, and
 torchrun then stops the others and exits non-zero itself. A rank that finds a peer gone exits
 without a failure report, like a crash, so the job is retried from its last checkpoint.
+
+A CUDA out-of-memory error that escapes the recipe (at model load, say; the recipes map the ones
+inside their steps) fails the job as the user error OUT_OF_MEMORY with the peak and the same
+advice as the refusal, never as TRAINING_ERROR.
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ from pathlib import Path
 
 import grpc
 
+from trainer_service import memory
 from trainer_service.spec import JobSpec
-from tunewire import chat, loading
+from tunewire import chat, devices, loading
 from tunewire import reasons as R
 from tunewire.errors import TunewireError
 from tunewire.logs import setup_logging
@@ -93,8 +101,38 @@ class NullReporter:
     def failed(self, *args) -> None: ...
 
 
-def preflight(spec: JobSpec, reporter) -> None:
-    """The dataset report before any training: a dataset with errors fails the job as user_error."""
+def worker_settings(job_dir: Path) -> dict:
+    """The scheduler's worker.json ({} when absent: device auto, no serving)."""
+    path = job_dir / "worker.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def memory_estimate(spec: JobSpec, device) -> memory.MemoryEstimate | None:
+    """The job's GPU memory estimate at the precision it trains in on `device` (None for
+    feature extraction: its frozen body keeps no activations for backward). On a GPU a job that
+    cannot fit is refused here (INSUFFICIENT_GPU_MEMORY); on a CPU it is a forecast for a GPU."""
+    if spec.method == "feature_extraction":
+        return None
+    precision = devices.precision_name(devices.resolve_precision(spec.hyperparameters.precision, device))
+    if device.type != "cuda" and spec.hyperparameters.precision == "auto":
+        precision = memory.job_precision(spec)  # the forecast is for a GPU: auto = bf16 there
+    total = devices.total_memory_bytes(device)
+    est = memory.estimate(spec, precision=precision, device_total_bytes=total)
+    memory.check_fits(est, spec, total)
+    return est
+
+
+def out_of_memory(spec: JobSpec | None, device, e: BaseException) -> TunewireError:
+    """The job's error for a CUDA out-of-memory: the peak, the GPU's size and the advice."""
+    peak, total = devices.peak_memory_bytes(device), devices.total_memory_bytes(device)
+    tips = memory.advice(spec) if spec is not None else "use a GPU with more memory"
+    return TunewireError(R.OUT_OF_MEMORY, f"CUDA out of memory (peak {peak / memory.GIB:.1f} GiB "
+                         f"of {total / memory.GIB:.1f} GiB): {tips}")
+
+
+def preflight(spec: JobSpec, reporter, device=None) -> None:
+    """The dataset report before any training: a dataset with errors fails the job as user_error.
+    Then the memory estimate (see memory_estimate), reported in the same VALIDATED event."""
     from trainer_service.preflight import validate_dataset
 
     tokenizer = loading.load_tokenizer(spec.base_model)
@@ -112,18 +150,26 @@ def preflight(spec: JobSpec, reporter) -> None:
                "leakage": report.leakage.exact.count, "steps": report.fit.steps}
     if report.coverage_mean is not None:
         numbers.update(coverage_mean=report.coverage_mean, eos_untrained=report.eos_untrained)
+    data = {"report": json.dumps(report.to_dict())}
+    est = memory_estimate(spec, device) if device is not None else None
+    if est is not None:
+        data["memory"] = json.dumps(est.to_dict())
+        numbers.update(estimated_gpu_memory_bytes=est.total_bytes,
+                       estimated_gpu_memory_bytes_checkpointed=est.total_bytes_checkpointed)
     reporter.event("VALIDATED", f"{report.num_examples} {report.format} examples, "
                    f"{report.truncated} truncated, {report.duplicates.count} duplicates, "
                    f"{report.leakage.exact.count} leaked into validation",
-                   {"report": json.dumps(report.to_dict())}, {k: float(v) for k, v in numbers.items()})
+                   data, {k: float(v) for k, v in numbers.items()})
 
 
-def train(spec: JobSpec, job_dir: Path, reporter, should_stop) -> tuple[dict[str, float], Path]:
-    """Runs the job's method; returns its metrics and the artifact directory to publish."""
+def train(spec: JobSpec, job_dir: Path, reporter, should_stop,
+          device: str = "auto") -> tuple[dict[str, float], Path]:
+    """Runs the job's method on `device` (the worker.json setting); returns its metrics and the
+    artifact directory to publish."""
     if spec.method == "full":
         from trainer_service import recipe_full
 
-        return recipe_full.run(spec, job_dir, reporter, should_stop), job_dir / "model"
+        return recipe_full.run(spec, job_dir, reporter, should_stop, device=device), job_dir / "model"
     if spec.method == "feature_extraction":
         from trainer_service import recipe_classifier as rc
 
@@ -135,15 +181,17 @@ def train(spec: JobSpec, job_dir: Path, reporter, should_stop) -> tuple[dict[str
             learning_rate=hp.learning_rate, num_epochs=hp.num_epochs, max_steps=hp.max_steps,
             batch_size=hp.batch_size, max_seq_length=hp.max_seq_length,
             eval_every=ev.eval_every_steps, seed=hp.seed)
-        return rc.run(settings, job_dir, reporter, should_stop), job_dir / "classifier"
+        return rc.run(settings, job_dir, reporter, should_stop, device=device), job_dir / "classifier"
     from trainer_service import recipe_lora
 
-    return recipe_lora.run(spec, job_dir, reporter, should_stop), job_dir / "adapter"
+    return recipe_lora.run(spec, job_dir, reporter, should_stop, device=device), job_dir / "adapter"
 
 
-def json_eval_in_process(spec: JobSpec, job_dir: Path, reporter, limit: int = 20) -> dict[str, float]:
+def json_eval_in_process(spec: JobSpec, job_dir: Path, reporter, limit: int = 20,
+                         device=None) -> dict[str, float]:
     """JSON evals when no serving endpoint is configured: HF greedy generation of the base model
-    and of the trained adapter on the first `limit` validation rows (slower than serving)."""
+    and of the trained adapter on the first `limit` validation rows (slower than serving), on
+    `device` (default the CPU) in the job's precision there."""
     import torch
     from peft import PeftModel
 
@@ -156,19 +204,21 @@ def json_eval_in_process(spec: JobSpec, job_dir: Path, reporter, limit: int = 20
         return {}
     tokenizer = loading.load_tokenizer(spec.base_model)
     stop = list(loading.stop_ids(spec.base_model, tokenizer))
+    device = device if device is not None else torch.device("cpu")
+    dtype = devices.resolve_precision(spec.hyperparameters.precision, device)
 
     def answers(model) -> list[str]:
         out = []
         for prompt, messages, _ in cases:
             text = prompt or chat.render_prompt(tokenizer, messages)
-            ids = tokenizer(text, return_tensors="pt", add_special_tokens=bool(prompt)).input_ids
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=bool(prompt)).input_ids.to(device)
             with torch.no_grad():
                 gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=256,
                                      do_sample=False, eos_token_id=stop, pad_token_id=stop[0])
             out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
         return out
 
-    model = loading.load_causal_lm(spec.base_model).eval()
+    model = loading.load_causal_lm(spec.base_model, dtype=dtype, device=device).eval()
     base = answers(model)
     tuned = answers(PeftModel.from_pretrained(model, job_dir / "adapter").eval())
     metrics = publisher.score_cases(tuned, base, cases, json.loads(spec.json_schema))
@@ -190,21 +240,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from trainer_service import distributed, loop  # heavy (torch); after the cheap set-up
 
-    distributed.init()  # under torchrun: join the other ranks (a no-op for one process)
+    distributed.init()  # under torchrun: select this rank's GPU, join the other ranks (first thing)
     rank = distributed.rank()
     reporter = (GrpcReporter(args.report_address, args.job_id, os.environ.get("TUNEWIRE_JOB_TOKEN", ""))
                 if rank == 0 else NullReporter())
     should_stop = lambda: stop["flag"] or reporter.cancel_requested  # noqa: E731
+    spec, device = None, None
     try:
+        settings = worker_settings(args.job_dir)
+        device_setting = settings.get("device", "auto")
+        device = devices.resolve_device(device_setting)
         spec = JobSpec.from_json((args.job_dir / "spec.json").read_text())
         if rank == 0:
-            preflight(spec, reporter)
-        metrics, artifact = train(spec, args.job_dir, reporter, should_stop)
-        serving = json.loads((args.job_dir / "worker.json").read_text()).get("serving", False) \
-            if (args.job_dir / "worker.json").is_file() else False
-        if (spec.method == "lora" and spec.json_schema and spec.validation_data and not serving
-                and distributed.rank() == 0):
-            metrics = {**metrics, **json_eval_in_process(spec, args.job_dir, reporter)}
+            preflight(spec, reporter, device)
+        metrics, artifact = train(spec, args.job_dir, reporter, should_stop, device_setting)
+        if (spec.method == "lora" and spec.json_schema and spec.validation_data
+                and not settings.get("serving", False) and distributed.rank() == 0):
+            metrics = {**metrics, **json_eval_in_process(spec, args.job_dir, reporter, device=device)}
     except loop.Cancelled:
         log.info("cancelled", extra={"job": args.job_id, "rank": rank})
         return 0
@@ -216,12 +268,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as e:  # noqa: BLE001 - reported as a system error, details in worker.log
         traceback.print_exc()
+        if _is_cuda_oom(e) and device is not None:  # the user's job is too big: a user error
+            reporter.failed(out_of_memory(spec, device, e).job_error())
+            return 1
         reporter.failed(TunewireError(R.TRAINING_ERROR, f"{type(e).__name__}: {e}").job_error())
         return 1
     finally:
         distributed.destroy()
     reporter.finished(artifact, metrics)
     return 0
+
+
+def _is_cuda_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.cuda.OutOfMemoryError)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The adapter store and its manifests, shared by the trainer (writes) and serving (verifies).
 
-Layout: `<store>/<adapter>/<version>/{adapter_model.safetensors, adapter_config.json, manifest.json}`.
-The manifest records the sha256 of every file, the fingerprint of the base model the adapter was
-trained on, its rank and target modules, and the job that made it. Serving checks all of that
+Layout: `<store>/<adapter>/<version>/{adapter_model.safetensors, adapter_config.json, training.json,
+manifest.json}`. The manifest records the sha256 of every file, the fingerprint of the base model
+the adapter was trained on, its rank and target modules, the job that made it, and how it was
+trained (`training`: the recipe's training.json, e.g. {"precision": "bf16", "device": "cuda",
+"quantization": "none"}; {} for artifacts written before it existed). Serving checks all of that
 against its own base model and limits before the engine ever sees the adapter.
 """
 
@@ -14,7 +16,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunewire import reasons as R
@@ -22,6 +24,7 @@ from tunewire.errors import TunewireError
 
 MANIFEST = "manifest.json"
 CLASSIFIER = "classifier.json"  # marks a feature-extraction head (see recipe_classifier)
+TRAINING_INFO = "training.json"  # how the artifact was trained (precision, device, ...): the recipes write it
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 VERSION_RE = re.compile(r"^v[0-9]{1,9}$")
 # Config keys that change with the tool that saved the model, not with the model itself.
@@ -61,6 +64,7 @@ class Manifest:
     created_unix: float                # when it was published
     sha256: str                        # sha256 of manifest.json itself
     kind: str = "lora"                 # "lora" adapter or feature-extraction "classifier" head
+    training: dict = field(default_factory=dict)  # TRAINING_INFO's content; {} when absent
 
 
 def _adapter_config(adapter_dir: Path) -> dict:
@@ -86,11 +90,14 @@ def write_manifest(adapter_dir: str | Path, *, name: str, version: str, base_mod
         # the module kind is what an engine supports or not.
         targets = sorted({t.rsplit(".", 1)[-1] for t in targets})
     files = {p.name: sha256_file(p) for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}
+    training = json.loads((d / TRAINING_INFO).read_text()) if (d / TRAINING_INFO).is_file() else {}
+    if not isinstance(training, dict):
+        raise TunewireError(R.ADAPTER_MANIFEST_INVALID, f"{d / TRAINING_INFO} is not a JSON object")
     body = {
         "name": name, "version": version,
         "base_model_fingerprint": base_model_fingerprint(base_model_dir),
         "kind": kind, "rank": rank, "target_modules": targets, "files": files,
-        "source_job": source_job, "created_unix": time.time(),
+        "source_job": source_job, "created_unix": time.time(), "training": training,
     }
     text = json.dumps(body, indent=2, sort_keys=True)
     (d / MANIFEST).write_text(text)
@@ -111,7 +118,8 @@ def read_manifest(adapter_dir: str | Path, *, verify_files: bool = True) -> Mani
                      target_modules=tuple(body["target_modules"]), files=dict(body["files"]),
                      source_job=body.get("source_job", ""),
                      created_unix=float(body.get("created_unix", 0)),
-                     sha256=hashlib.sha256(raw).hexdigest(), kind=body.get("kind", "lora"))
+                     sha256=hashlib.sha256(raw).hexdigest(), kind=body.get("kind", "lora"),
+                     training=dict(body.get("training", {})))
     except (ValueError, KeyError, TypeError) as e:
         raise TunewireError(R.ADAPTER_MANIFEST_INVALID, f"{path}: {e}") from e
     if verify_files:
