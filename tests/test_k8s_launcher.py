@@ -56,7 +56,9 @@ def test_every_pod_is_restricted_and_gets_gpus_and_storage(tmp_path):
             sc = c["securityContext"]
             assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
             assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"]["type"] == "RuntimeDefault"
-            assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+            # one GPU per rank (gpus_per_pod = 1 is the floor), requests = limits
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == str(nproc)
+            assert c["resources"]["requests"]["nvidia.com/gpu"] == str(nproc)
             assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"} and pod["tolerations"]
             claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
             assert claims["data"] == "trainer-data" and claims["adapters"] == "adapters"
@@ -82,8 +84,35 @@ def test_several_processes_or_nodes_are_a_pytorchjob(tmp_path):
     assert from_spec["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
 
 
+def test_gpu_pods_train_on_their_gpus(tmp_path):
+    """A GPU pod: its GPUs (at least gpus_per_pod, one per rank), the GPU taint tolerated, a
+    memory-backed /dev/shm for NCCL; cpu/memory from the settings. CPU pods get none of it."""
+    s = K8sSettings(gpus_per_pod=2, cpu="12", memory="96Gi", gpu_resource="nvidia.com/gpu", shm_size="8Gi")
+    for nproc, nodes, want in ((1, 1, "2"), (2, 1, "2"), (4, 2, "4")):
+        _, work = manifests("j", job_dir(tmp_path, nproc, nodes), "t:1", "x", s)
+        for pod in pod_specs(work):
+            c = pod["containers"][0]
+            assert c["resources"]["requests"] == c["resources"]["limits"] == {
+                "cpu": "12", "memory": "96Gi", "nvidia.com/gpu": want}
+            assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+            shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+            assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+            assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    # a given toleration for the resource is not doubled
+    _, work = manifests("j", job_dir(tmp_path), "t:1", "x", S)
+    assert len(pod_specs(work)[0]["tolerations"]) == 1
+    cpu = K8sSettings()
+    for nproc in (1, 2):
+        _, work = manifests("j", job_dir(tmp_path, nproc), "t:1", "x", cpu)
+        for pod in pod_specs(work):
+            assert "nvidia.com/gpu" not in json.dumps(pod) and "dshm" not in json.dumps(pod)
+            assert "tolerations" not in pod
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError):
         K8sSettings(image="")
     with pytest.raises(ValueError):
         K8sSettings(gpus_per_pod=-1)
+    with pytest.raises(ValueError):
+        K8sSettings(gpu_resource="gpu")

@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunewire.devices import DEVICES
 from tunewire.security import check_settings
 
 
@@ -28,12 +30,23 @@ class TrainerConfig:
     max_dataset_bytes: int = 1 << 30   # larger training/validation files are refused at create
     max_message_bytes: int = 4 << 20   # gRPC message size limit (uploads arrive in chunks)
     worker_threads: int = 0            # torch threads per worker; 0 = all cores
+    device: str = "auto"               # workers train on: "auto" (a GPU when they have one), "cpu", "cuda"
+    gpus_per_job: int = 1              # GPUs a job gets at least; one rank per GPU, so a job with
+                                       # num_processes N takes max(N, gpus_per_job) GPUs (extras idle)
+    gpus: str = ""                     # local launcher: GPU ids it hands out, "" = all visible, or "0,1,3";
+                                       # no two jobs share a GPU (a job waits for free ones)
     launcher: str = "local"            # "local" subprocesses, or "kubernetes" Jobs / PyTorchJobs
     worker_report_address: str = ""    # address workers report to ("" = this host); pods: "trainer:50051"
     worker_port: int = 0               # with TLS: plaintext worker-report port (0 = loopback, random)
     k8s_namespace: str = "tunewire"    # kubernetes launcher: where job pods run
     k8s_image: str = "tunewire:cpu"    # kubernetes launcher: worker image
-    k8s_gpus_per_pod: int = 0          # kubernetes launcher: nvidia.com/gpu per worker pod
+    k8s_gpus_per_pod: int = 0          # kubernetes launcher: GPUs per job pod (0 = CPU pods); a pod
+                                       # with N processes gets max(N, this)
+    k8s_gpu_resource: str = "nvidia.com/gpu"  # kubernetes launcher: the extended resource of a GPU
+    k8s_cpu: str = "2"                 # kubernetes launcher: CPU per job pod (requests = limits)
+    k8s_memory: str = "8Gi"            # kubernetes launcher: memory per job pod (requests = limits)
+    k8s_node_selector: tuple[str, ...] = ()  # kubernetes launcher: "label=value" job pods need,
+                                       # e.g. ["nvidia.com/gpu.present=true"]
     cancel_grace_seconds: float = 10.0  # SIGTERM → SIGKILL delay for a worker being stopped
     drain_seconds: float = 2.0         # NOT_SERVING period on SIGTERM before the server stops
     handoff_timeout_seconds: float = 300.0  # deadline of the LoadAdapter call to serving
@@ -60,6 +73,16 @@ class TrainerConfig:
             raise ValueError('launcher must be "local" or "kubernetes"')
         if self.worker_threads < 0:
             raise ValueError("worker_threads must be >= 0")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}")
+        if self.gpus_per_job < 1 or self.k8s_gpus_per_pod < 0:
+            raise ValueError("gpus_per_job must be >= 1 and k8s_gpus_per_pod >= 0")
+        if not re.fullmatch(r"[\w-]+(,[\w-]+)*|", self.gpus.replace(" ", "")):
+            raise ValueError('gpus must be "" (all visible) or GPU ids like "0,1,3"')
+        if not self.k8s_cpu or not self.k8s_memory or "/" not in self.k8s_gpu_resource:
+            raise ValueError('k8s_cpu and k8s_memory are required; k8s_gpu_resource is like "nvidia.com/gpu"')
+        if any("=" not in s or not s.split("=", 1)[0] for s in self.k8s_node_selector):
+            raise ValueError('k8s_node_selector entries are "label=value"')
         if self.cancel_grace_seconds < 0 or self.drain_seconds < 0 or self.handoff_timeout_seconds <= 0:
             raise ValueError("grace, drain and handoff timeouts must be positive")
         if not 0 <= self.health_port <= 65535 or (self.health_port and self.health_port == self.port):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from prometheus_client import Counter
 from trainer_service import preflight
 from trainer_service.data_paths import resolve_data_path
 from trainer_service.data_rows import scan_file
+from trainer_service.gpus import GpuSettings
 from trainer_service.journal import Journal
 from trainer_service.launcher import Launcher
 from trainer_service.publisher import Handoff
@@ -53,17 +55,20 @@ class JobService:
                  data_root: Path, model_root: Path = Path("~/.cache/tunewire/models"),
                  report_address: str, handoff: Handoff | None, max_concurrent: int = 1,
                  max_queued: int = 100, max_retries: int = 2, cancel_grace_seconds: float = 10.0,
-                 max_upload_bytes: int = 256 << 20, max_dataset_bytes: int = 1 << 30):
+                 max_upload_bytes: int = 256 << 20, max_dataset_bytes: int = 1 << 30,
+                 gpus: GpuSettings = GpuSettings()):
         self.store, self.launcher = store, launcher
         self.data_root = Path(data_root).resolve()  # datasets may only be read from under here
         self.model_root = Path(model_root).expanduser().resolve()  # and base models from under here
         self.max_queued, self.max_upload_bytes = max_queued, max_upload_bytes
         self.max_dataset_bytes = max_dataset_bytes
+        self.gpus = gpus  # the device setting and the GPUs jobs get (trainer_service.gpus)
         self.journal = Journal(store, Path(data_dir).resolve() / "jobs")
         self.results = Results(self.journal, adapter_store=adapter_store, handoff=handoff)
         self.scheduler = Scheduler(self.journal, launcher, self.results, report_address=report_address,
                                    serving=handoff is not None, max_concurrent=max_concurrent,
-                                   max_retries=max_retries, cancel_grace_seconds=cancel_grace_seconds)
+                                   max_retries=max_retries, cancel_grace_seconds=cancel_grace_seconds,
+                                   gpus=gpus)
 
     async def start(self) -> None:
         await self.scheduler.start()
@@ -96,6 +101,7 @@ class JobService:
             raise TunewireError(R.MULTI_NODE_UNSUPPORTED, "num_nodes > 1 needs the Kubernetes "
                                 "launcher (launcher = \"kubernetes\")",
                                 metadata={"num_nodes": str(spec.hyperparameters.num_nodes)})
+        self._check_device(spec.hyperparameters)
         base = self.resolve_model(spec.base_model, "training_job.base_model")
         train = resolve_data_path(spec.training_data, self.data_root, TRAIN_FIELD)
         val = (resolve_data_path(spec.validation_data, self.data_root, VALIDATION_FIELD)
@@ -113,6 +119,34 @@ class JobService:
                 field_violations={TRAIN_FIELD: f"{fmt} data does not fit {spec.method}"})
         return dataclasses.replace(spec, base_model=str(base), training_data=str(train),
                                    validation_data=str(val) if val else "")
+
+    def _check_device(self, h: Hyperparameters) -> None:
+        """What the jobs' device cannot do is refused here, not after a queue wait: QLoRA without
+        bitsandbytes or a CUDA GPU, fp16 or device = "cuda" without a GPU, more GPUs than exist."""
+        field = "training_job.hyperparameters."
+        no_gpu = self.gpus.unavailable()
+        if h.quantization == "nf4":
+            why = []
+            if importlib.util.find_spec("bitsandbytes") is None:  # found, not imported
+                why.append("bitsandbytes is not installed (pip install 'tunewire[qlora]' where the "
+                           "workers run)")
+            if no_gpu:
+                why.append(f"the workers get no CUDA GPU: {no_gpu}")
+            if why:
+                raise TunewireError(R.QUANTIZATION_UNAVAILABLE, "quantization = nf4 (QLoRA) cannot "
+                                    "run here: " + "; ".join(why), field_violations={
+                                        field + "quantization": "nf4 needs bitsandbytes and a CUDA GPU"})
+        if no_gpu and (h.precision == "fp16" or self.gpus.device == "cuda"):
+            what = "precision fp16" if h.precision == "fp16" else 'the trainer\'s device = "cuda"'
+            raise TunewireError(R.DEVICE_UNAVAILABLE, f"{what} needs a CUDA GPU, and {no_gpu}; "
+                                "fp32 or bf16 train on a CPU", metadata={"precision": h.precision})
+        if self.gpus.accounting:
+            need, have = self.gpus.job_gpus(h.num_processes), len(self.gpus.pool)
+            if need > have:
+                raise TunewireError(R.DEVICE_UNAVAILABLE, f"the job needs {need} GPUs (num_processes "
+                                    f"{h.num_processes}, gpus_per_job {self.gpus.per_job}) and the "
+                                    f"trainer has {have}; lower num_processes",
+                                    metadata={"gpus_needed": str(need), "gpus": str(have)})
 
     def resolve_model(self, path: str, field: str) -> Path:
         """A base model directory named in a request, confined to the model root (absolute, or

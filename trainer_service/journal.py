@@ -37,6 +37,13 @@ STEP_SECONDS = Histogram("tunewire_trainer_step_seconds", "Optimizer step time."
 LOSS = Gauge("tunewire_trainer_loss", "Training loss at the last step of a running job.", ["job"])
 TOKENS_PER_S = Gauge("tunewire_trainer_tokens_per_second",
                      "Real (non-pad) tokens per second at the last step of a running job.", ["job"])
+# Per running job like the two above (the series goes when the job stops running, so the label
+# set stays bounded by max_concurrent_jobs); 0 on a CPU. With several ranks, rank 0's reading.
+PEAK_GPU_MEMORY = Gauge("tunewire_trainer_peak_gpu_memory_bytes",
+                        "Peak GPU memory allocated by a running job's worker so far (0 on a CPU).", ["job"])
+MFU = Gauge("tunewire_trainer_mfu", "Model FLOPs utilisation at the last step of a running job: "
+            "achieved / the GPU's peak FLOP/s (0 on a CPU).", ["job"])
+RUNNING_GAUGES = (LOSS, TOKENS_PER_S, PEAK_GPU_MEMORY, MFU)
 
 
 class Journal:
@@ -58,7 +65,7 @@ class Journal:
         self.append(job_id, "state", {"state": state, "error": error}, state=state, error=error,
                     **fields)
         if state in TERMINAL or state == "QUEUED":
-            for gauge in (LOSS, TOKENS_PER_S):  # keep per-job labels to running jobs only
+            for gauge in RUNNING_GAUGES:  # keep per-job labels to running jobs only
                 try:
                     gauge.remove(job_id)
                 except KeyError:
@@ -89,6 +96,8 @@ class Journal:
         STEPS.inc()
         LOSS.labels(job_id).set(point["loss"])
         TOKENS_PER_S.labels(job_id).set(point["tokens_per_second"])
+        PEAK_GPU_MEMORY.labels(job_id).set(point.get("peak_gpu_memory_bytes", 0))
+        MFU.labels(job_id).set(point.get("mfu", 0.0))
 
     def entries(self, job_id: str) -> list[Entry]:
         """The job's whole history, oldest first."""

@@ -14,6 +14,12 @@ thin and imported lazily, so nothing here needs a cluster or the package unless 
 used. Shared storage: the job directory (spec, checkpoints, worker.log) must be on a volume that
 the trainer and the worker pods both mount at the same path (`data_pvc`, ReadWriteMany), and so
 must the adapter store and the model cache.
+
+GPU pods (`gpus_per_pod` >= 1): each pod requests and is limited to max(nproc_per_node,
+gpus_per_pod) GPUs (`gpu_resource`, one rank per GPU), tolerates that resource's NoSchedule taint,
+and gets a memory-backed /dev/shm (NCCL and torch's data loading need more than the container
+runtime's 64 MiB). The worker trains on them because the scheduler writes the trainer's `device`
+setting into the job's worker.json, on the shared volume.
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ class K8sSettings:
     models_mount: str = "/models"
     cpu: str = "2"                              # requests = limits per pod
     memory: str = "8Gi"
-    gpus_per_pod: int = 0                       # nvidia.com/gpu per pod (0 = CPU)
+    gpus_per_pod: int = 0                       # GPUs per pod at least (0 = CPU pods); see GPU pods above
+    gpu_resource: str = "nvidia.com/gpu"        # the device plugin's extended resource
+    shm_size: str = "16Gi"                      # GPU pods: /dev/shm size (counts against memory)
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: tuple[dict, ...] = ()
     backoff_limit: int = 0                      # the trainer does retries (max_worker_retries), not k8s
@@ -57,6 +65,8 @@ class K8sSettings:
             raise ValueError("K8sSettings: image and namespace are required")
         if self.gpus_per_pod < 0 or self.backoff_limit < 0:
             raise ValueError("K8sSettings: gpus_per_pod and backoff_limit must be >= 0")
+        if "/" not in self.gpu_resource:
+            raise ValueError('K8sSettings: gpu_resource is an extended resource like "nvidia.com/gpu"')
 
 
 def object_name(job_id: str) -> str:
@@ -71,10 +81,16 @@ def token_secret(job_id: str, token: str, s: K8sSettings) -> dict:
             "stringData": {"token": token}}
 
 
-def _pod_spec(job_id: str, command: list[str], s: K8sSettings, restart: str) -> dict:
+def pod_gpus(s: K8sSettings, nproc_per_node: int) -> int:
+    """GPUs one pod gets: one per rank, at least gpus_per_pod; 0 for CPU pods."""
+    return max(nproc_per_node, s.gpus_per_pod) if s.gpus_per_pod else 0
+
+
+def _pod_spec(job_id: str, command: list[str], s: K8sSettings, restart: str, nproc: int = 1) -> dict:
     resources = {"cpu": s.cpu, "memory": s.memory}
-    if s.gpus_per_pod:
-        resources["nvidia.com/gpu"] = str(s.gpus_per_pod)
+    gpus = pod_gpus(s, nproc)
+    if gpus:
+        resources[s.gpu_resource] = str(gpus)
     container = {
         "name": "worker", "image": s.image, "command": command,
         "env": [{"name": "TUNEWIRE_JOB_TOKEN", "valueFrom": {"secretKeyRef": {
@@ -101,8 +117,15 @@ def _pod_spec(job_id: str, command: list[str], s: K8sSettings, restart: str) -> 
     }
     if s.node_selector:
         spec["nodeSelector"] = dict(s.node_selector)
-    if s.tolerations:
-        spec["tolerations"] = [dict(t) for t in s.tolerations]
+    tolerations = [dict(t) for t in s.tolerations]
+    if gpus:
+        # GPU nodes are commonly tainted <resource>:NoSchedule; harmless where they are not
+        if not any(t.get("key") == s.gpu_resource for t in tolerations):
+            tolerations.append({"key": s.gpu_resource, "operator": "Exists", "effect": "NoSchedule"})
+        container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
+        spec["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.shm_size}})
+    if tolerations:
+        spec["tolerations"] = tolerations
     return spec
 
 
@@ -133,7 +156,7 @@ def pytorch_job(job_id: str, job_dir: Path, report_address: str, s: K8sSettings,
     def replica(n: int) -> dict:
         return {"replicas": n, "restartPolicy": "Never",
                 "template": {"metadata": {"labels": {LABEL: job_id}},
-                             "spec": _pod_spec(job_id, command, s, "Never")}}
+                             "spec": _pod_spec(job_id, command, s, "Never", nproc_per_node)}}
 
     specs = {"Master": replica(1)}
     if num_nodes > 1:

@@ -9,6 +9,12 @@ A job whose spec asks for `num_processes` > 1 runs under torchrun instead
 (`python -m torch.distributed.run --standalone --nproc_per_node N -m trainer_service.worker ...`):
 torchrun leads the session and starts one worker per rank, so signalling the group still reaches
 every process, and it exits non-zero when any rank fails.
+
+GPUs: the scheduler hands each launch the GPU ids the job may use (`gpus`, from
+trainer_service.gpus); the worker's `CUDA_VISIBLE_DEVICES` is set to exactly those, so it sees
+them as cuda:0..n-1 and each torchrun rank takes cuda:LOCAL_RANK (tunewire.devices.resolve_device).
+`CUDA_DEVICE_ORDER=PCI_BUS_ID` (unless set) makes the ids mean what nvidia-smi lists. CPU jobs
+(no ids) share the cores: OMP_NUM_THREADS = threads / ranks, as before.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ class WorkerHandle(Protocol):
 
 class Launcher(Protocol):
     async def launch(self, *, job_id: str, job_dir: Path, report_address: str,
-                     token: str) -> WorkerHandle: ...
+                     token: str, gpus: tuple[str, ...] = ()) -> WorkerHandle: ...
 
 
 class _LocalWorker:
@@ -69,16 +75,12 @@ class LocalLauncher:
         self.threads = threads  # torch threads per worker; 0 = all cores
 
     async def launch(self, *, job_id: str, job_dir: Path, report_address: str,
-                     token: str) -> WorkerHandle:
-        env = dict(os.environ, TUNEWIRE_JOB_TOKEN=token, PYTHONUNBUFFERED="1")
-        if self.threads:
-            env["TUNEWIRE_TRAIN_THREADS"] = str(self.threads)
+                     token: str, gpus: tuple[str, ...] = ()) -> WorkerHandle:
+        n = num_processes(job_dir)
+        env = worker_env(token, threads=self.threads, ranks=n, gpus=gpus)
         cmd = ["-m", "trainer_service.worker", "--job-id", job_id, "--job-dir", str(job_dir),
                "--report-address", report_address]
-        n = num_processes(job_dir)
         if n > 1:
-            # The threads are shared out among the ranks (the recipe sets the same number).
-            env["OMP_NUM_THREADS"] = str(max(1, (self.threads or os.cpu_count() or 1) // n))
             cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *cmd]
         out = open(job_dir / "worker.log", "ab")
         try:
@@ -88,6 +90,21 @@ class LocalLauncher:
         finally:
             out.close()
         return _LocalWorker(proc)
+
+
+def worker_env(token: str, *, threads: int, ranks: int, gpus: tuple[str, ...] = ()) -> dict[str, str]:
+    """The environment of a local worker: the trainer's, plus its token, its GPUs, its threads."""
+    env = dict(os.environ, TUNEWIRE_JOB_TOKEN=token, PYTHONUNBUFFERED="1")
+    if threads:
+        env["TUNEWIRE_TRAIN_THREADS"] = str(threads)
+    if gpus:
+        # exactly the job's GPUs: never another job's (the scheduler gives each id to one job)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    elif ranks > 1:
+        # A CPU job's threads are shared out among its ranks (the recipe sets the same number).
+        env["OMP_NUM_THREADS"] = str(max(1, (threads or os.cpu_count() or 1) // ranks))
+    return env
 
 
 def num_processes(job_dir: Path) -> int:

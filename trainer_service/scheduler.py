@@ -11,6 +11,14 @@ On start-up the leftovers of a trainer that died (kill -9, OOM, node loss) are r
 orphaned workers stopped first; on drain (SIGTERM) running workers are stopped and their jobs
 re-queued, to resume when the trainer is back. Neither counts as one of the job's attempts.
 
+GPUs (local launcher, `GpuSettings.accounting`): each launch takes `job_gpus(num_processes)`
+free GPU ids, which the launcher makes the worker's CUDA_VISIBLE_DEVICES, and gets them back
+when the worker exits, whatever the way (finished, crashed, cancelled, drained, failed to
+launch): no GPU ever runs two jobs. Strict priority order, no backfill: when the job at the head
+of the queue needs more GPUs than are free, it and every job behind it wait (QUEUED, with their
+queue_position), even a smaller one that would fit, so a big job is never starved by a stream
+of small ones. A job that needs more GPUs than the pool has is refused at create (jobs.py).
+
 Lifecycle: QUEUED → RUNNING → PUBLISHING → SUCCEEDED, or FAILED / CANCELLING → CANCELLED.
 """
 
@@ -30,8 +38,10 @@ from pathlib import Path
 import psutil
 from prometheus_client import Counter
 
+from trainer_service.gpus import GpuSettings
 from trainer_service.journal import Journal
 from trainer_service.launcher import Launcher, WorkerHandle
+from trainer_service.spec import JobSpec
 from trainer_service.results import Results
 from trainer_service.store import Job
 from tunewire import reasons as R
@@ -53,12 +63,14 @@ def token_hash(token: str) -> str:
 class Scheduler:
     def __init__(self, journal: Journal, launcher: Launcher, results: Results, *,
                  report_address: str, serving: bool, max_concurrent: int = 1, max_retries: int = 2,
-                 cancel_grace_seconds: float = 10.0):
+                 cancel_grace_seconds: float = 10.0, gpus: GpuSettings = GpuSettings()):
         self.journal, self.store, self.launcher, self.results = journal, journal.store, launcher, results
         self.report_address = report_address
         self.serving = serving  # with serving, JSON evals run there after the handoff
         self.max_concurrent, self.max_retries = max_concurrent, max_retries
         self.cancel_grace_seconds = cancel_grace_seconds
+        self.gpus = gpus
+        self._held: dict[str, tuple[str, ...]] = {}  # job id -> the GPU ids its worker has
         self._workers: dict[str, WorkerHandle] = {}
         self._exits: dict[str, asyncio.Task] = {}   # job id -> the task that waits for its worker
         self._kick = asyncio.Event()
@@ -100,6 +112,14 @@ class Scheduler:
 
     def running(self, job_id: str) -> bool:
         return job_id in self._workers
+
+    def free_gpus(self) -> list[str]:
+        """GPU ids no worker holds, in the pool's order."""
+        held = {g for ids in self._held.values() for g in ids}
+        return [g for g in self.gpus.pool if g not in held]
+
+    def held_gpus(self, job_id: str) -> tuple[str, ...]:
+        return self._held.get(job_id, ())
 
     def stop_worker(self, job_id: str) -> None:
         """SIGTERM to the job's worker, SIGKILL if it is still there after the grace period."""
@@ -173,30 +193,50 @@ class Scheduler:
             for job in self.store.queued():
                 if len(self._workers) >= self.max_concurrent or self._draining:
                     break
-                await self._launch(job)
+                gpus: tuple[str, ...] = ()
+                if self.gpus.accounting:
+                    free = self.free_gpus()
+                    need = self.gpus.job_gpus(_num_processes(job))
+                    if need > len(free):
+                        break  # no backfill: the jobs behind wait too (module docstring)
+                    gpus = tuple(free[:need])
+                await self._launch(job, gpus)
 
-    async def _launch(self, job: Job) -> None:
+    async def _launch(self, job: Job, gpus: tuple[str, ...] = ()) -> None:
         job_dir = self.journal.jobs_dir / job.id
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "spec.json").write_text(job.spec)
         # What the worker cannot know by itself: with serving, JSON evals run there after the handoff.
-        (job_dir / "worker.json").write_text(json.dumps({"serving": self.serving}))
+        # ... and the device setting, which the worker resolves (tunewire.devices.resolve_device).
+        (job_dir / "worker.json").write_text(json.dumps({"serving": self.serving,
+                                                         "device": self.gpus.device}))
         token = secrets.token_urlsafe(32)  # a new token per launch: an orphan's reports bounce
         self.store.update(job.id, token_hash=token_hash(token), attempts=job.attempts + 1)
         self.journal.set_state(job.id, "RUNNING", start_time=time.time())
+        if gpus:
+            self._held[job.id] = gpus  # taken before the first await: the next launch sees them
+            log.info("GPUs assigned", extra={"job": job.id, "gpus": ",".join(gpus)})
         try:
             handle = await self.launcher.launch(job_id=job.id, job_dir=job_dir,
-                                                report_address=self.report_address, token=token)
+                                                report_address=self.report_address, token=token,
+                                                **({"gpus": gpus} if gpus else {}))
         except OSError as e:
+            self._held.pop(job.id, None)
             self.journal.set_state(job.id, "FAILED", end_time=time.time(),
                                    error=TunewireError(R.LAUNCH_FAILED, str(e)).job_error())
             return
+        except BaseException:
+            self._held.pop(job.id, None)
+            raise
         self._workers[job.id] = handle
         self.store.update(job.id, worker_pid=handle.pid)
         self._exits[job.id] = self.journal.spawn(self._reap(job.id, handle))
 
     async def _reap(self, job_id: str, handle: WorkerHandle) -> None:
-        rc = await handle.wait()
+        try:
+            rc = await handle.wait()
+        finally:
+            self._held.pop(job_id, None)  # the worker is gone: its GPUs are free again
         del self._workers[job_id]
         self._exits.pop(job_id, None)
         state = self.store.get(job_id).state
@@ -223,6 +263,14 @@ class Scheduler:
                     R.WORKER_CRASHED, f"worker exited with code {rc} before finishing, "
                     f"{attempts} attempts; see worker.log").job_error())
         self.kick()
+
+
+def _num_processes(job: Job) -> int:
+    """The job's ranks (a spec that cannot be read is the worker's to report: 1)."""
+    try:
+        return JobSpec.from_json(job.spec).hyperparameters.num_processes
+    except Exception:  # noqa: BLE001
+        return 1
 
 
 def _stop_orphan(job: Job) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from trainer_service.config import TrainerConfig
+from trainer_service.gpus import gpu_settings
 from trainer_service.jobs import JobService
 from trainer_service.launcher import LocalLauncher
 from trainer_service.publisher import HandoffError
@@ -93,13 +94,22 @@ def serving_endpoints(address: str) -> list[str]:
     return [address]
 
 
+def k8s_settings(cfg: TrainerConfig):
+    """The Kubernetes launcher's settings from the trainer's (job pods mount trainer-data at data_dir)."""
+    from trainer_service.k8s_launcher import K8sSettings
+
+    return K8sSettings(namespace=cfg.k8s_namespace, image=cfg.k8s_image, gpus_per_pod=cfg.k8s_gpus_per_pod,
+                       gpu_resource=cfg.k8s_gpu_resource, cpu=cfg.k8s_cpu, memory=cfg.k8s_memory,
+                       node_selector=dict(s.split("=", 1) for s in cfg.k8s_node_selector),
+                       data_mount=cfg.data_dir)
+
+
 def make_launcher(cfg: TrainerConfig):
     """The configured launcher: local subprocesses, or Kubernetes objects (see k8s_launcher)."""
     if cfg.launcher == "kubernetes":
-        from trainer_service.k8s_launcher import K8sSettings, KubernetesLauncher
+        from trainer_service.k8s_launcher import KubernetesLauncher
 
-        return KubernetesLauncher(K8sSettings(namespace=cfg.k8s_namespace, image=cfg.k8s_image,
-                                              gpus_per_pod=cfg.k8s_gpus_per_pod, data_mount=cfg.data_dir))
+        return KubernetesLauncher(k8s_settings(cfg))
     return LocalLauncher(threads=cfg.worker_threads)
 
 
@@ -110,6 +120,9 @@ async def serve(cfg: TrainerConfig) -> int:
                              key_file=cfg.serving_tls_key_file,
                              token_file=cfg.serving_token_file) if cfg.serving_address else None
     security = ServerSecurity.from_config(cfg)
+    gpus = gpu_settings(cfg)
+    log.info("devices", extra={"device": cfg.device, "gpus": ",".join(gpus.pool),
+                               "gpus_per_job": cfg.gpus_per_job, "accounting": gpus.accounting})
     holder: dict[str, JobService] = {}
     # With TLS on, workers (local subprocesses) report on a plaintext port bound to loopback
     # that serves only TrainerWorkerService, so they need no CA or client certificate: nothing
@@ -134,7 +147,7 @@ async def serve(cfg: TrainerConfig) -> int:
                           max_concurrent=cfg.max_concurrent_jobs, max_queued=cfg.max_queued_jobs,
                           max_retries=cfg.max_worker_retries, max_upload_bytes=cfg.max_upload_bytes,
                           max_dataset_bytes=cfg.max_dataset_bytes,
-                          cancel_grace_seconds=cfg.cancel_grace_seconds)
+                          cancel_grace_seconds=cfg.cancel_grace_seconds, gpus=gpus)
         holder["jobs"] = jobs
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(jobs), server)
         worker_pb2_grpc.add_TrainerWorkerServiceServicer_to_server(WorkerServicer(jobs.scheduler), server)
