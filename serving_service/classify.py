@@ -2,8 +2,10 @@
 
 A head (trainer_service/recipe_classifier.py) is a linear layer over a pooled last hidden state
 of the frozen base model body. The engine that serves generation does not hand out hidden states,
-so `HeadClassifier` keeps its own copy of the body: HF transformers, fp32, on the CPU, exactly as
-training ran it. Turning texts into features is tunewire/features.py, the code training used, so
+so `HeadClassifier` keeps its own copy of the body (HF transformers) on the serving device: on a
+CPU in fp32, exactly as training ran it there; on a GPU in the engine's dtype (bfloat16 by
+default, as a GPU training job extracts its features), where it takes weights-sized memory next
+to vLLM's share (gpu_memory_utilization). The head itself is applied in fp32. Turning texts into features is tunewire/features.py, the code training used, so
 a served result equals `tunewire.features.predict` for the same head and texts.
 
 Heads are published to the adapter store like adapters (`<store>/<name>/v<N>/`, with a
@@ -36,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from serving_service.adapter_checks import AdapterChecks, check_base, latest_version, parse_ref
-from tunewire import features, loading  # called as loading.X, so a test can count the body loads
+# features.load_feature_body calls loading.load_body as loading.X, so a test can count the loads
+from tunewire import devices, features, loading
 from tunewire import reasons as R
 from tunewire.adapters import Manifest, base_model_fingerprint, read_manifest
 from tunewire.errors import TunewireError, invalid
@@ -67,13 +70,20 @@ class _Model:
 
 
 class HeadClassifier:
-    """Classifies texts with feature-extraction heads on the served base model (HF transformers, fp32, CPU)."""
+    """Classifies texts with feature-extraction heads on the served base model (HF transformers)
+    on `device` ("cpu" or "cuda", the engine's); the body is in `dtype` (a vLLM dtype name, the
+    engine's) on a GPU and always in float32 on a CPU, so CPU results never change."""
 
-    def __init__(self, base_model: str | Path, *, max_texts: int = 256,
-                 max_text_chars: int = 100_000):
+    def __init__(self, base_model: str | Path, *, device: str = "cpu", dtype: str = "float32",
+                 max_texts: int = 256, max_text_chars: int = 100_000):
         if max_texts < 1 or max_text_chars < 1:
             raise ValueError("max_texts and max_text_chars must be >= 1")
+        if device not in ("cpu", "cuda") or dtype not in devices.DTYPE_NAMES.values():
+            raise ValueError(f"device must be cpu or cuda and dtype one of "
+                             f"{list(devices.DTYPE_NAMES.values())}, not {device!r}, {dtype!r}")
         self.base_model = Path(base_model)
+        self.device = device
+        self.dtype = dtype if device == "cuda" else "float32"
         self.max_texts = max_texts
         self.max_text_chars = max_text_chars
         self._model: _Model | None = None
@@ -122,8 +132,11 @@ class HeadClassifier:
         return self._model
 
     def _load(self) -> _Model:
+        import torch
+
         tokenizer = loading.load_tokenizer(self.base_model)
-        body = loading.load_body(self.base_model)
+        body = features.load_feature_body(self.base_model, self.device,
+                                          getattr(torch, self.dtype))
         return _Model(tokenizer=tokenizer, body=body, pad_id=features.pad_id(tokenizer),
                       hidden_size=int(body.config.hidden_size),
                       fingerprint=base_model_fingerprint(self.base_model))

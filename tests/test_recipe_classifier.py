@@ -102,8 +102,8 @@ def trained(tiny_model_dir, tmp_path_factory):
     captured = {}
     load_body = recipe_classifier._load_body
 
-    def spy(base_model):
-        body = load_body(base_model)
+    def spy(base_model, *args):
+        body = load_body(base_model, *args)
         captured["body"], captured["hash_at_load"] = body, state_hash(body)
         return body
 
@@ -164,7 +164,9 @@ def test_body_is_unchanged_and_only_the_head_is_saved(trained, tiny_model_dir):
     assert config == {"method": "feature_extraction", "pooling": "mean", "hidden_size": hidden,
                       "num_labels": 3, "max_seq_length": 256,
                       "id2label": {"0": "north", "1": "south", "2": "west"},
-                      "base_model_fingerprint": base_model_fingerprint(tiny_model_dir)}
+                      "base_model_fingerprint": base_model_fingerprint(tiny_model_dir),
+                      "feature_precision": "fp32"}  # on this CPU
+    assert body.dtype == torch.float32 and body.device.type == "cpu"
 
 
 def test_trainable_is_the_head_and_total_adds_the_body(trained):
@@ -263,7 +265,7 @@ def expect_failure(model_dir, tmp_path, train_items=None, *, val_items=None, tra
     loaded = []
     with pytest.raises(TunewireError) as e:
         mp = pytest.MonkeyPatch()
-        mp.setattr(recipe_classifier, "_load_body", lambda b: loaded.append(b))
+        mp.setattr(recipe_classifier, "_load_body", lambda b, *args: loaded.append(b))
         try:
             run(settings_for(model_dir, train, validation_data=val), tmp_path / "out",
                 ListReporter(), should_stop=lambda: False)
@@ -378,3 +380,33 @@ def test_macro_f1_on_a_hand_made_confusion():
     assert macro_f1([], []) == 0.0
     with pytest.raises(ValueError):
         macro_f1([0], [])
+
+
+def test_on_a_gpu_features_are_extracted_there_in_bf16(tiny_model_dir, tmp_path, monkeypatch):
+    """The recipe's device decisions with a faked GPU (the device is the only thing faked; the
+    real CPU body stands in for the GPU one): the body is asked for on cuda:0 in bf16, the head
+    trains in fp32 and classifier.json records the features' precision."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    calls, load_body = [], recipe_classifier._load_body
+    monkeypatch.setattr(recipe_classifier, "_load_body",
+                        lambda base, *args: calls.append(args) or load_body(base, "cpu"))
+    events = []
+
+    class Events(ListReporter):
+        def event(self, kind, message, data):
+            super().event(kind, message, data)
+            events.append((kind, data))
+
+    train = write_jsonl(tmp_path / "train.jsonl", rows(6, seed=1))
+    run(settings_for(tiny_model_dir, train, max_steps=3), tmp_path / "out", Events(),
+        should_stop=lambda: False)
+    assert calls == [(torch.device("cuda", 0), torch.bfloat16)]
+    loaded = dict(events)["MODEL_LOADED"]
+    assert (loaded["device"], loaded["precision"]) == ("cuda", "bf16")
+    config = json.loads((tmp_path / "out" / "classifier" / "classifier.json").read_text())
+    assert config["feature_precision"] == "bf16"
+    head = load_file(str(tmp_path / "out" / "classifier" / "head.safetensors"))
+    assert all(t.dtype == torch.float32 for t in head.values())

@@ -348,3 +348,16 @@ def test_classify_with_a_published_head(srv):
     # a head is not a LoRA adapter: generation refuses it without touching the engine
     expect_error(lambda: gen(srv.stub, adapter="region"), grpc.StatusCode.FAILED_PRECONDITION,
                  "ADAPTER_KIND_UNSUPPORTED")
+
+
+def test_model_info_reports_the_engine_device_and_settings(srv):
+    import torch
+
+    info = srv.stub.GetModelInfo(spb.GetModelInfoRequest(), timeout=10)
+    assert not torch.cuda.is_available()  # this machine: the CPU backend, in float32 (dtype auto)
+    assert (info.device, info.dtype) == ("cpu", "float32")
+    assert info.gpu_memory_utilization == pytest.approx(0.9)  # the defaults, reported as set
+    assert (info.tensor_parallel_size, info.enable_prefix_caching, info.max_num_batched_tokens) == \
+        (1, True, 0)
+    assert info.model == str(srv.model) and (info.max_model_len, info.max_loras, info.max_cpu_loras) == \
+        (512, 2, 3)

@@ -2,7 +2,7 @@
 
 One job, read top to bottom: setup, extract features, train the head, save, clean up.
 
-`run(settings, out_dir, reporter, should_stop)` reads rows `{"text": str, "label": str|int}`
+`run(settings, out_dir, reporter, should_stop, device="auto")` reads rows `{"text": str, "label": str|int}`
 from JSONL, JSON, CSV or Parquet files through the readers every method uses
 (trainer_service.data_rows, so a file the create-time check and the pre-flight report accept is
 one it can read), runs the base model's frozen body ONCE over every training and validation text,
@@ -29,6 +29,12 @@ real tokens over the head step's wall time. The body's cost is not in it: it ran
 texts before step 1, and `feature_seconds` / `feature_tokens` in the returned metrics report that
 pass.
 
+Device: the body runs on `device` (tunewire/devices.py: "auto" = the GPU when there is one) in
+the precision devices.resolve_precision("auto") picks there (fp32 on a CPU, bf16 on a GPU that
+has it; classifier.json records it as feature_precision). The pooled features come back to the
+CPU in fp32 and the head trains there in fp32: it is a few thousand numbers, too small for a GPU
+to help, and fp32 keeps its optimisation exact.
+
 Threads: `TUNEWIRE_TRAIN_THREADS` (default: all cores) sets torch's intra-op threads.
 """
 
@@ -52,11 +58,13 @@ from trainer_service.data_readers import DatasetIssue
 from trainer_service.data_rows import load_examples, scan_file
 from trainer_service.loop import Cancelled, Reporter  # one protocol for every recipe
 from tunewire.adapters import base_model_fingerprint
+from tunewire import devices
 from tunewire import reasons as R
 from tunewire.errors import TunewireError
 from tunewire.features import POOLINGS, Label, encode, pad_id, pooled_features, predict, write_head
 # The body loader is this module's attribute so that tests can count or replace it.
-from tunewire.loading import load_body as _load_body, load_tokenizer
+from tunewire.features import load_feature_body as _load_body
+from tunewire.loading import load_tokenizer
 
 __all__ = ["ClassifierSettings", "run", "predict", "macro_f1"]
 
@@ -118,8 +126,9 @@ class _Row:
 
 
 def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
-        should_stop: Callable[[], bool]) -> dict[str, float]:
+        should_stop: Callable[[], bool], *, device: str = "auto") -> dict[str, float]:
     """Trains the head and saves it to out_dir/"classifier"; returns the final metrics.
+    `device` ("auto" | "cpu" | "cuda") is where the body extracts the features.
 
     Raises Cancelled when should_stop() is true (checked before every feature batch, every step
     and before saving), TunewireError for bad input or training that cannot go on.
@@ -153,11 +162,15 @@ def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
                     "labels": str(len(labels)), "tokens": str(sum(train_tokens)),
                     "truncated": str(truncated), "max_seq_length": str(s.max_seq_length)})
 
-    body = _load_body(s.base_model)
+    dev = devices.resolve_device(device)
+    dtype = devices.resolve_precision("auto", dev)
+    precision = devices.precision_name(dtype)
+    body = _load_body(s.base_model, dev, dtype)
     body_params = sum(p.numel() for p in body.parameters())
     hidden = int(body.config.hidden_size)
-    reporter.event("MODEL_LOADED", f"loaded {s.base_model}",
-                   {"base_model": s.base_model, "parameters": str(body_params)})
+    reporter.event("MODEL_LOADED", f"loaded {s.base_model} on {dev.type} in {precision}",
+                   {"base_model": s.base_model, "parameters": str(body_params),
+                    "device": dev.type, "precision": precision})
 
     # ---- extract features ----------------------------------------------------------------
     # The frozen body maps a text to the same vector in every epoch: compute it once.
@@ -248,7 +261,8 @@ def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
         raise Cancelled("stopped after training, before saving")
     classifier_dir = write_head(Path(out_dir) / "classifier", weight=weight, bias=bias,
                                 labels=labels, pooling=s.pooling, max_seq_length=s.max_seq_length,
-                                base_fingerprint=base_model_fingerprint(s.base_model))
+                                base_fingerprint=base_model_fingerprint(s.base_model),
+                                feature_precision=precision)
     reporter.event("ADAPTER_SAVED", f"classifier head saved to {classifier_dir}",
                    {"path": str(classifier_dir), "trainable_params": str(trainable)})
 
@@ -256,6 +270,8 @@ def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
     # The worker may report for a while after this; give the memory back now.
     del body, optimizer, train_x, val_x, train_z, val_z
     gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     tail = losses[-min(10, len(losses)):]
     return {"train_loss": sum(losses) / len(losses), "final_loss": sum(tail) / len(tail),
             **final, "steps": float(step), "train_tokens": float(tokens_seen),

@@ -2,13 +2,16 @@
 
 A classifier head (trained by trainer_service/recipe_classifier.py, served by
 serving_service/classify.py) is a plain linear layer over a pooled last hidden state of the
-frozen base model body (AutoModel: the transformer without its LM head, fp32, eval mode). A
+frozen base model body (AutoModel: the transformer without its LM head, eval mode; fp32 on a
+CPU, bf16 by default on a GPU: `load_feature_body`). The body and the pooling run on the body's
+device; the pooled features come back as fp32 CPU tensors, and the head's math is fp32. A
 served prediction equals the one training evaluated only if both sides turn a text into that
 vector the same way, so everything that does it lives here, once:
 
     encode()           token ids as the tokenizer makes them by default (special tokens
                        included), truncated to the head's max_seq_length
-    (tunewire/loading.py loads the tokenizer and the frozen body of a base model directory)
+    load_feature_body() the frozen body on a device, in the precision devices.py picks there
+                       (tunewire/loading.py loads the tokenizer and the body)
     pooled_features()  "mean" over the real tokens or the "last" real token, in batches of texts
                        of similar length
     write_head(),      the saved head and its checks against the base model it is applied to
@@ -19,7 +22,9 @@ A head directory holds:
 
     head.safetensors   weight [num_labels, hidden], bias [num_labels], fp32
     classifier.json    method "feature_extraction", id2label {"0": label, ...}, num_labels,
-                       pooling, hidden_size, max_seq_length, base_model_fingerprint
+                       pooling, hidden_size, max_seq_length, base_model_fingerprint, and
+                       feature_precision (the body's when training extracted the features:
+                       "fp32", "bf16"; informative, a head applies at any precision)
 
 (a published one also has the adapter store's manifest.json, see tunewire/adapters.py).
 
@@ -36,9 +41,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunewire.adapters import base_model_fingerprint
+from tunewire import devices, loading  # loading.load_body as an attribute: tests count the loads
 from tunewire import reasons as R
 from tunewire.errors import TunewireError
-from tunewire.loading import load_body, load_tokenizer
+from tunewire.loading import load_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -93,15 +99,31 @@ def length_batches(lengths: list[int], budget: int) -> Iterator[list[int]]:
         yield batch
 
 
+def load_feature_body(base_model: str | Path, device="cpu", dtype=None):
+    """The frozen body for features on `device` (a torch.device, or "cpu" / "cuda" / "auto" as
+    devices.resolve_device takes them) in `dtype` (a torch dtype; None = devices.resolve_precision
+    "auto": fp32 on a CPU, bf16 on a GPU that has it). Loaded straight onto a GPU; on a CPU
+    with the loader's own placement, as it always was."""
+    import torch
+
+    if isinstance(device, str):
+        device = devices.resolve_device(device) if device in devices.DEVICES else torch.device(device)
+    dtype = dtype or devices.resolve_precision("auto", device)
+    return loading.load_body(base_model, dtype=dtype,
+                             device=None if device.type == "cpu" else device)
+
+
 def pooled_features(body, ids: list[list[int]], pad: int, pooling: str,
                     before_batch: Callable[[], None] | None = None) -> torch.Tensor:
-    """Pooled last hidden state of every text, [len(ids), hidden] fp32, in the order of `ids`.
+    """Pooled last hidden state of every text, [len(ids), hidden] fp32 on the CPU, in the order
+    of `ids`. The forward pass and the pooling (in fp32) run on the body's device.
 
     Every row of `ids` must be non-empty. `before_batch` runs before every forward pass; it may
     raise to stop (a training job's cancellation).
     """
     import torch
 
+    device = body.device
     out = torch.empty(len(ids), int(body.config.hidden_size))
     with torch.inference_mode():
         for batch in length_batches([len(x) for x in ids], FEATURE_TOKEN_BUDGET):
@@ -114,13 +136,15 @@ def pooled_features(body, ids: list[list[int]], pad: int, pooling: str,
             for row, i in enumerate(batch):
                 input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
                 mask[row, :len(ids[i])] = 1
+            # .to() is a no-op on a CPU: the same tensors as ever there
+            input_ids, mask = input_ids.to(device), mask.to(device)
             hidden = body(input_ids=input_ids, attention_mask=mask,
                           use_cache=False).last_hidden_state.float()
             if pooling == "mean":
                 pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
             else:  # "last": the last real token, which has attended to the whole text
-                pooled = hidden[torch.arange(len(batch)), mask.sum(1) - 1]
-            out[batch] = pooled
+                pooled = hidden[torch.arange(len(batch), device=device), mask.sum(1) - 1]
+            out[batch] = pooled.to(out.device)
     return out
 
 
@@ -144,7 +168,7 @@ class Head:
 
 def write_head(head_dir: str | Path, *, weight: torch.Tensor, bias: torch.Tensor,
                labels: list[Label], pooling: str, max_seq_length: int,
-               base_fingerprint: str) -> Path:
+               base_fingerprint: str, feature_precision: str = "fp32") -> Path:
     """Saves a head (see the module docstring for the files); returns the directory."""
     from safetensors.torch import save_file
 
@@ -153,7 +177,8 @@ def write_head(head_dir: str | Path, *, weight: torch.Tensor, bias: torch.Tensor
     save_file({"weight": weight.contiguous(), "bias": bias.contiguous()}, str(d / HEAD_FILE))
     config = {"method": METHOD, "id2label": {str(i): label for i, label in enumerate(labels)},
               "num_labels": len(labels), "pooling": pooling, "hidden_size": int(weight.shape[1]),
-              "max_seq_length": max_seq_length, "base_model_fingerprint": base_fingerprint}
+              "max_seq_length": max_seq_length, "base_model_fingerprint": base_fingerprint,
+              "feature_precision": feature_precision}
     (d / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
     return d
 
@@ -214,11 +239,12 @@ def read_head(head_dir: str | Path, base_fingerprint: str, hidden_size: int | No
                 weight=weight, bias=bias)
 
 
-def predict(head_dir: str | Path, base_model: str | Path,
-            texts: Sequence[str]) -> list[tuple[Label, list[float]]]:
+def predict(head_dir: str | Path, base_model: str | Path, texts: Sequence[str], *,
+            device="cpu") -> list[tuple[Label, list[float]]]:
     """Classifies `texts` with a saved head on `base_model`: (label, probabilities by index).
 
-    The reference, for a script or a test: it loads the tokenizer and the body on every call
+    The reference, for a script or a test: it loads the tokenizer and the body (on `device`, as
+    load_feature_body takes it; fp32 on the default CPU) on every call
     (serving_service/classify.py keeps them). Raises CLASSIFIER_BASE_MODEL_MISMATCH when the head was trained
     on another base model or is malformed, ValueError for a text that has no tokens.
     """
@@ -226,7 +252,7 @@ def predict(head_dir: str | Path, base_model: str | Path,
         return []
     head = read_head(head_dir, base_model_fingerprint(base_model))
     tokenizer = load_tokenizer(base_model)
-    body = load_body(base_model)
+    body = load_feature_body(base_model, device)
     check_hidden_size(head.hidden_size, int(body.config.hidden_size), head_dir)
     ids, _ = encode(tokenizer, list(texts), head.max_seq_length,
                     no_tokens=lambda i: ValueError(f"text {i} has no tokens"))
