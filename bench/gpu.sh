@@ -13,6 +13,9 @@ OUT=docs/bench/gpu
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
+# training on the GPU: correctness, ours vs HF Trainer + PEFT on the 1B/8B shapes (random weights,
+# needs no MODEL), QLoRA, fit estimate; < 8 min on one H200 (docs/bench/gpu_train.md)
+"$PY" bench/gpu_train.py --out "$OUT"
 # serving: gRPC overhead, multi-adapter mixes, structured output, hot-load (bigger workloads)
 "$PY" bench/serving.py --model "$MODEL" --prompts 256 --suffix _gpu
 # trainer: our recipe vs HF Trainer + PEFT on the same steps; then the service latencies
