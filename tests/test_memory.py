@@ -67,10 +67,11 @@ def test_nf4_weights_by_hand():
     linear = layers * (2 * h * h + 2 * h * 1024 + 3 * h * i)   # q, o; k, v (8 kv heads x 128); MLP
     other = 2 * vocab * h + h * (2 * layers + 1)               # embeddings, LM head, norms
     assert est.params == linear + other == 8_030_261_248       # Llama 3 8B's published count
-    assert est.weights_bytes == int(linear * (0.5 + 1 / 64 + 4 / (64 * 256))) + 2 * other
+    # the rest in fp32: peft's prepare_model_for_kbit_training upcasts what it does not quantise
+    assert est.weights_bytes == int(linear * (0.5 + 1 / 64 + 4 / (64 * 256))) + 4 * other
     plain = memory.estimate(job(), config=LLAMA_8B)
     assert plain.weights_bytes == 2 * est.params
-    assert est.total_bytes < plain.total_bytes - 9 * memory.GIB  # QLoRA saves ~11 GiB of weights
+    assert est.total_bytes < plain.total_bytes - 7 * memory.GIB  # QLoRA saves ~7.7 GiB of weights
 
 
 def test_checkpointing_and_micro_batch_shrink_the_estimate():

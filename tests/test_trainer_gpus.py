@@ -293,3 +293,23 @@ def test_more_gpus_than_exist_or_cuda_without_gpus_are_refused(tmp_path, monkeyp
         assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "DEVICE_UNAVAILABLE")
 
     asyncio.run(main())
+
+
+def test_the_warmup_step_times_on_a_free_gpu_or_else_the_cpu(tmp_path, monkeypatch):
+    """ValidateDataset's warm-up subprocess never lands on a GPU a running job holds."""
+    async def main():
+        jobs, launcher = setup(tmp_path, monkeypatch, ["0", "1"], max_concurrent_jobs=4)
+        await jobs.start()
+        assert jobs._warmup_device()[1]["CUDA_VISIBLE_DEVICES"] == "0"
+        await jobs.create(spec("a"), None)
+        await launcher.next()
+        device, env = jobs._warmup_device()
+        assert (device, env["CUDA_VISIBLE_DEVICES"]) == ("auto", "1")
+        await jobs.create(spec("b"), None)
+        await launcher.next()
+        assert jobs._warmup_device() == ("cpu", None)  # both GPUs held
+        await jobs.drain()
+
+    asyncio.run(main())
+    cpu_jobs, _ = setup(tmp_path / "cpu", monkeypatch, [], device="cpu")
+    assert cpu_jobs._warmup_device() == ("cpu", None)

@@ -107,3 +107,25 @@ def test_manifest_records_the_training_precision(tiny_model_dir, tmp_path):
     assert adapters.TRAINING_INFO in m.files  # hashed like every other file
     old = fake_adapter(tmp_path / "old", None)  # written before training.json existed
     assert adapters.write_manifest(old, name="old", version="v1", base_model_dir=tiny_model_dir).training == {}
+
+
+def test_a_model_that_does_not_fit_the_gpu_at_load_is_not_called_invalid(tiny_model_dir, monkeypatch):
+    """A CUDA OOM while loading weights says the GPU is full, not that the model is broken."""
+    import transformers
+
+    from tunewire import loading
+
+    def full(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", full)
+    with pytest.raises(TunewireError) as e:
+        loading.load_causal_lm(tiny_model_dir)
+    assert e.value.reason == R.INSUFFICIENT_GPU_MEMORY and "gpu_memory_utilization" in e.value.message
+    def broken(*args, **kwargs):
+        raise OSError("no weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", broken)
+    with pytest.raises(TunewireError) as e:
+        loading.load_causal_lm(tiny_model_dir)
+    assert e.value.reason == R.BASE_MODEL_INVALID

@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -208,6 +209,17 @@ class JobService:
     def upload(self, filename: str) -> Upload:
         return Upload(self.data_root, filename, self.max_upload_bytes)
 
+    def _warmup_device(self) -> tuple[str, dict | None]:
+        """Where the timed warm-up step runs: with GPU accounting, on a GPU no job holds (not
+        reserved: a job launched meanwhile may share it for those seconds), else on the CPU
+        rather than on a GPU a running job owns; without accounting, the trainer's device."""
+        if not self.gpus.accounting:
+            return self.gpus.device, None
+        free = self.scheduler.free_gpus()
+        if not free:
+            return "cpu", None
+        return self.gpus.device, dict(os.environ, CUDA_VISIBLE_DEVICES=free[0])
+
     def validate_dataset(self, base_model: str, training_data: str, validation_data: str, *,
                          max_seq_length: int, batch_size: int, num_epochs: int, max_steps: int,
                          measure_step_time: bool = False) -> preflight.DatasetReport:
@@ -228,8 +240,10 @@ class JobService:
         spec = JobSpec(base_model=base_model, training_data=str(train), adapter_name="warmup",
                        hyperparameters=Hyperparameters(batch_size=batch_size,
                                                        max_seq_length=max_seq_length))
-        done = subprocess.run([sys.executable, "-m", "trainer_service.warmup"], input=spec.to_json(),
-                              capture_output=True, text=True, timeout=900)
+        device, env = self._warmup_device()
+        done = subprocess.run([sys.executable, "-m", "trainer_service.warmup", "--device", device],
+                              input=spec.to_json(), capture_output=True, text=True, timeout=900,
+                              env=env)
         if done.returncode != 0:
             raise TunewireError(R.WARMUP_FAILED, f"the warm-up step failed: {done.stderr.strip()[-500:]}")
         seconds = json.loads(done.stdout.strip().splitlines()[-1])["step_seconds"]

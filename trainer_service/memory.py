@@ -8,7 +8,7 @@
 The model: a Llama / Qwen / Mistral-style decoder described by its config.json. The peak of one
 training step is the sum of
   weights       every parameter at the job's precision (nf4: the layers' linear weights at half a
-                byte plus quantisation constants, embeddings / LM head / norms unquantised); full
+                byte plus quantisation constants, embeddings / LM head / norms unquantised in fp32); full
                 fine-tuning keeps fp32 master weights and, under autocast, the half-precision
                 copies of the linear weights that the backward pass needs;
   adapter       LoRA's A and B matrices (fp32);
@@ -225,7 +225,9 @@ def estimate(spec: JobSpec, *, config: dict | None = None, precision: str | None
     else:
         trainable = lora_params(s, spec)
         if hp.quantization == "nf4":
-            weights = int(s.linear_params * (NF4_WEIGHT + NF4_CONSTANTS)) + s.other_params * b
+            # peft's prepare_model_for_kbit_training (trainer_service/qlora.py) casts every
+            # parameter it does not quantise (embeddings, LM head, norms) to fp32.
+            weights = int(s.linear_params * (NF4_WEIGHT + NF4_CONSTANTS)) + s.other_params * FP32
         else:
             weights = s.params * b
         adapter = trainable * FP32

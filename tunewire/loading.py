@@ -20,6 +20,12 @@ from tunewire.errors import TunewireError
 
 
 def _unusable(what: str, base_model: str | Path, e: Exception) -> TunewireError:
+    import torch
+
+    if isinstance(e, torch.cuda.OutOfMemoryError):  # the directory is fine; the GPU is full
+        return TunewireError(R.INSUFFICIENT_GPU_MEMORY, f"{what} of {base_model} does not fit in "
+                             f"the GPU's free memory (a training job: see its memory estimate; "
+                             f"serving: lower gpu_memory_utilization to leave room): {e}")
     return TunewireError(R.BASE_MODEL_INVALID, f"cannot load {what} from {base_model}: "
                          f"{type(e).__name__}: {e}")
 
