@@ -61,6 +61,7 @@ def main() -> None:
                    capture_output=True)
     try:
         for gen in ROOT.glob("tunewire/*/v1/*_pb2*.py*"):
+            (base / gen.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(gen, base / gen.relative_to(ROOT))
         ratios, rows = [], []
         for i in range(a.rounds):
