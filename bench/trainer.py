@@ -127,6 +127,21 @@ def child(a) -> None:
     print("RESULT " + json.dumps(r), flush=True)
 
 
+def run_side(tree: Path, side: str, a) -> dict:
+    """One side in its own process, with this script as it is in `tree` (a checkout; ROOT or
+    another revision, see bench/trainer_trees.py): its RESULT plus tokens_per_s."""
+    cmd = [sys.executable, str(tree / "bench" / "trainer.py"), "--side", side, "--model", a.model,
+           "--data", a.data, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
+           "--packed-batch-size", str(a.packed_batch_size), "--max-seq-length", str(a.max_seq_length)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tree)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"{side} in {tree} failed:\n{out.stderr[-3000:]}")
+    r = json.loads(line[7:])
+    r["tokens_per_s"] = r["tokens"] / r["seconds"]
+    return r
+
+
 def service_latency(a) -> dict:
     """Job accepted → first step on the watch stream (worker start, model load, first step), and
     step stored by the trainer → seen by a watching client, through a real trainer process."""
@@ -212,16 +227,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {s: [] for s in sides}
     for rep in range(a.repeats):
         for side in sides:  # alternating, so a busy moment hits every side alike
-            cmd = [sys.executable, __file__, "--side", side, "--model", a.model, "--data", a.data,
-                   "--steps", str(a.steps), "--batch-size", str(a.batch_size),
-                   "--packed-batch-size", str(a.packed_batch_size),
-                   "--max-seq-length", str(a.max_seq_length)]
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-            r = json.loads(line[7:])
-            r["tokens_per_s"] = r["tokens"] / r["seconds"]
+            r = run_side(ROOT, side, a)
             results[side].append(r)
             print(f"[{rep + 1}/{a.repeats}] {side:>10}: {r['tokens_per_s']:8.1f} real tok/s  "
                   f"{r['seconds']:6.1f} s  peak {r['peak_mib']:6.0f} MiB", flush=True)

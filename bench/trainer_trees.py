@@ -13,7 +13,6 @@ this tree's real tokens/s over the base's. Writes docs/bench/trainer_trees.json.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -25,18 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _common import conditions, write_json  # noqa: E402 - bench/ is on sys.path as a script
-
-
-def run_side(tree: Path, side: str, a) -> float:
-    cmd = [sys.executable, str(tree / "bench" / "trainer.py"), "--side", side, "--model", a.model,
-           "--data", a.data, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
-           "--max-seq-length", str(a.max_seq_length)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tree)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        sys.exit(f"{side} in {tree} failed:\n{out.stderr[-3000:]}")
-    r = json.loads(line[7:])
-    return r["tokens"] / r["seconds"]
+from trainer import run_side  # noqa: E402
 
 
 def main() -> None:
@@ -46,6 +34,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-seq-length", type=int, default=256)
+    p.add_argument("--packed-batch-size", type=int, default=2, help="rows per step with --packed")
     p.add_argument("--packed", action="store_true", help="compare ours-packed instead of ours")
     p.add_argument("--model", default="")
     p.add_argument("--data", default=str(ROOT / "tunewire" / "data" / "extract_train.jsonl"))
@@ -66,7 +55,7 @@ def main() -> None:
         ratios, rows = [], []
         for i in range(a.rounds):
             order = [("base", base), ("this", ROOT)][::1 if i % 2 == 0 else -1]
-            tps = {name: run_side(tree, side, a) for name, tree in order}
+            tps = {name: run_side(tree, side, a)["tokens_per_s"] for name, tree in order}
             ratios.append(tps["this"] / tps["base"])
             rows.append(tps)
             print(f"[{i + 1}/{a.rounds}] base {tps['base']:7.1f}  this {tps['this']:7.1f} real tok/s"
