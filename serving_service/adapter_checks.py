@@ -8,8 +8,11 @@ the whole engine, so the registry (registry.py) runs `AdapterChecks.validate` be
     manifest itself when the caller names one (LoadAdapter's manifest_sha256);
   * the version the directory holds, its kind (a LoRA adapter, not a classifier head);
   * the base-model fingerprint (also checked for heads, see classify.py);
-  * no DoRA, rank <= max_lora_rank, target modules vLLM supports and this server wraps
-    (`lora_target_modules`, see engine.wrapped_targets).
+  * no DoRA, no trained biases, rank <= max_lora_rank, target modules vLLM supports and this
+    server wraps (`lora_target_modules`, see engine.wrapped_targets).
+
+What a LoRA adapter must satisfy here is also what GetModelInfo reports (`lora_*` fields), so a
+trainer refuses a job serving could not load at create (trainer_service/serving_check.py).
 
     checks = AdapterChecks(store_root, base_fingerprint, max_lora_rank=16, deployed_targets=())
     manifest = checks.validate(Path("var/adapters/extract/v2"), version="v2")
@@ -28,6 +31,12 @@ from serving_service.engine import LORA_TARGETS, wrapped_targets
 from tunewire import reasons as R
 from tunewire.adapters import NAME_RE, VERSION_RE, Manifest, read_manifest
 from tunewire.errors import TunewireError, invalid
+
+# vLLM (0.32) refuses both at add_lora ("vLLM does not yet support DoRA", "Adapter bias is not
+# supported") rather than serving other weights than were trained; refused here first, with a
+# reason, and reported by GetModelInfo (lora_dora_supported, lora_bias_supported).
+DORA_SUPPORTED = False
+BIAS_SUPPORTED = False   # peft bias = "all" / "lora_only" (trained base biases), or lora_bias
 
 
 def parse_ref(ref: str, field_name: str = "adapter") -> tuple[str, str]:
@@ -85,8 +94,15 @@ class AdapterChecks:
             raise TunewireError(R.ADAPTER_KIND_UNSUPPORTED,
                                 f"{path} holds a {m.kind}, not a LoRA adapter (use Classify)")
         check_base(m, self.base_fingerprint)
-        if json.loads((path / "adapter_config.json").read_text()).get("use_dora"):
+        config = json.loads((path / "adapter_config.json").read_text())
+        if config.get("use_dora") and not DORA_SUPPORTED:
             raise TunewireError(R.ADAPTER_DORA_UNSUPPORTED, "vLLM cannot serve DoRA adapters")
+        bias = config.get("bias") or "none"
+        if (bias != "none" or config.get("lora_bias")) and not BIAS_SUPPORTED:
+            raise TunewireError(R.ADAPTER_BIAS_UNSUPPORTED,
+                                f"vLLM cannot serve adapters with trained biases (bias={bias!r}"
+                                f"{', lora_bias' if config.get('lora_bias') else ''}); train with "
+                                "bias none", metadata={"bias": bias})
         if m.rank > self.max_lora_rank:
             raise TunewireError(R.ADAPTER_RANK_TOO_LARGE,
                                 f"adapter rank {m.rank} exceeds max_lora_rank {self.max_lora_rank}")

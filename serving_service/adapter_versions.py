@@ -44,7 +44,7 @@ class AdapterVersion:
     def key(self) -> str:
         return f"{self.name}@{self.version}"
 
-    def snapshot(self, active: bool) -> AdapterInfo:
+    def snapshot(self, active: bool, deployment_generation: int = 0) -> AdapterInfo:
         m = self.manifest
         return AdapterInfo(
             name=self.name, version=self.version, path=str(self.path), state=self.state,
@@ -55,7 +55,8 @@ class AdapterVersion:
             size_bytes=self.size_bytes, load_time=self.load_time, load_ms=self.load_ms,
             last_used=self.last_used, requests=self.requests, inflight=self.inflight,
             failure_reason=self.failure.reason if self.failure else "",
-            failure_message=self.failure.message if self.failure else "")
+            failure_message=self.failure.message if self.failure else "",
+            deployment_generation=deployment_generation)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class AdapterInfo:
     inflight: int
     failure_reason: str = ""
     failure_message: str = ""
+    deployment_generation: int = 0   # the deployment entry it serves as (active and recorded), else 0
 
 
 class Watchers:

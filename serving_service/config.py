@@ -10,6 +10,8 @@ check are written once, there; the fields below are what the service adds around
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass, fields
 
 from serving_service.engine import EngineConfig
@@ -41,6 +43,10 @@ class ServingConfig(EngineConfig):
     tls_key_file: str = ""             # PEM private key of tls_cert_file
     tls_client_ca_file: str = ""       # PEM CA: clients need a certificate it signed (mTLS)
     health_port: int = 0               # extra plaintext port with only grpc.health.v1 (0 = off)
+    # Deployments across replicas (serving_service/deployment_sync.py)
+    deployment_poll_seconds: float = 0.25  # how often the store's deployment record is checked:
+    # it bounds how far this replica lags behind a deployment another replica or the trainer made
+    replica_id: str = ""               # this replica's name in GetModelInfo; "" = $POD_NAME, else the host name
 
     def __post_init__(self):
         super().__post_init__()  # the engine's settings
@@ -58,7 +64,13 @@ class ServingConfig(EngineConfig):
             raise ValueError("default_max_tokens must be <= max_model_len")
         if not 0 <= self.health_port <= 65535 or (self.health_port and self.health_port == self.port):
             raise ValueError("health_port must be in [0, 65535] and differ from port")
+        if not 0 < self.deployment_poll_seconds <= 60:
+            raise ValueError("deployment_poll_seconds must be in (0, 60]")
         check_settings(self)
+
+    def replica_name(self) -> str:
+        """replica_id, else the pod's name (Kubernetes' downward API sets POD_NAME), else the host's."""
+        return self.replica_id or os.environ.get("POD_NAME", "") or socket.gethostname()
 
     def engine_config(self) -> EngineConfig:
         """The engine's settings out of these (already checked)."""

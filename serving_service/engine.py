@@ -13,13 +13,13 @@ import vllm. The facts about vLLM's LoRA support that others check against (`LOR
     await engine.add_lora("extract@v1", 1, "/adapters/extract/v1")
     async for delta in engine.generate("req-1", prompt, GenParams(max_tokens=32), ("extract@v1", 1, path)): ...
 
-How it runs: `await engine.start()` builds the AsyncLLM in the running event loop (its output
-handler is bound to that loop: call every coroutine from the same loop). The engine runs on a
-GPU when torch sees one (`engine_device`, tunewire/devices.py decides), in the `dtype` setting
-resolved for that device (`serving_dtype`: auto = bfloat16 on a GPU, float32 on a CPU);
-`engine_args` turns the settings into vLLM's AsyncEngineArgs keywords. vLLM starts its engine
-core in a separate process; on CPU the LoRA fix in `serving_service/cpu_lora.py` reaches it as a
-vLLM general plugin. vllm is imported lazily (start/generate), so importing this module is cheap.
+How it runs: `prepare()` imports vLLM (before a server listens: the import starves other
+threads), `await engine.start()` builds the AsyncLLM in a worker thread; its output handler binds
+to the loop of the first request (call every coroutine from one loop). It runs on a GPU when
+torch sees one (`engine_device`), in the `dtype` setting resolved there (`serving_dtype`);
+`engine_args` makes vLLM's AsyncEngineArgs. The engine core is a separate process; on CPU the
+LoRA fix in `serving_service/cpu_lora.py` reaches it as a vLLM plugin. If it dies, `death()`
+says why (engine_death.py), `wait_dead()` returns, and every call raises `EngineDead`.
 
 Guards:
   * generate() only accepts adapters registered with add_lora: a request naming a path vLLM cannot
@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serving_service.engine_death import DEATH_POLL_S, death_of
 from tunewire import devices
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,11 @@ SEED = 0
 
 class EngineError(Exception):
     """The engine could not do what was asked (bad adapter, engine dead, internal error)."""
+
+
+class EngineDead(EngineError):
+    """The engine died (its core process exited, or vLLM raised EngineDeadError): nothing more
+    runs on it; the serving process exits so that it is restarted."""
 
 
 @dataclass(frozen=True)
@@ -213,6 +219,7 @@ class VllmEngine:
         self.device = device                   # "cpu" | "cuda"; None = engine_device() at start
         self._engine: Any = None               # vllm AsyncLLM once started
         self._loras: dict[int, tuple[str, str]] = {}   # lora_id -> (name, path), registered
+        self._dead = ""                        # why the engine died ("" = it has not)
 
     async def start(self) -> None:
         """Build the AsyncLLM (LoRA on, log_stats on so the `vllm:*` Prometheus metrics register
@@ -220,6 +227,21 @@ class VllmEngine:
         starts (~25-90 s on CPU). vLLM spawns processes: a script calling this needs a __main__ guard."""
         if self._engine is not None:
             return
+        self.device = self.device or engine_device()
+        t0 = time.monotonic()
+        try:
+            # In a thread: the gRPC server on this loop keeps answering health checks (NOT_SERVING)
+            # meanwhile. AsyncLLM starts its output handler on the first request, in this loop.
+            self._engine, dtype = await asyncio.to_thread(self._build)
+        except Exception as e:
+            raise EngineError(f"vLLM engine failed to start: {e}") from e
+        log.info("vLLM engine started in %.1f s (model=%s, device=%s, dtype=%s)",
+                 time.monotonic() - t0, self.cfg.model, self.device, dtype)
+
+    def prepare(self) -> None:
+        """Sets vLLM's environment and imports vLLM (~5 s on 2 cores), before a server listens:
+        the import holds the GIL for 100-300 ms at a time (pydantic schemas, torch op
+        registration), starving the event loop's thread. `start` calls it too (then it is free)."""
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gib))
         # Read by the CPU LoRA plugin in every vLLM process (children inherit the environment);
         # re-registered here because this process may have loaded the plugins already.
@@ -228,26 +250,36 @@ class VllmEngine:
         from serving_service import cpu_lora
 
         cpu_lora.register()
+        import vllm.engine.arg_utils  # noqa: F401
+        import vllm.v1.engine.async_llm  # noqa: F401
+
+    def _build(self):
+        """(AsyncLLM, its dtype): runs in a worker thread, off the event loop."""
+        self.prepare()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        c = self.cfg
-        self.device = self.device or engine_device()
-        args = AsyncEngineArgs(**engine_args(c, self.device))
-        t0 = time.monotonic()
-        try:
-            # In a thread: the engine core takes 25-90 s to start on CPU, and the gRPC server on
-            # this loop must keep answering health checks (NOT_SERVING) meanwhile. AsyncLLM
-            # starts its output handler lazily on the first request, in this loop.
-            self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-        except Exception as e:
-            raise EngineError(f"vLLM engine failed to start: {e}") from e
-        log.info("vLLM engine started in %.1f s (model=%s, device=%s, dtype=%s)",
-                 time.monotonic() - t0, c.model, self.device, args.dtype)
+        args = AsyncEngineArgs(**engine_args(self.cfg, self.device))
+        return AsyncLLM.from_engine_args(args), args.dtype
 
     @property
     def ready(self) -> bool:
-        return self._engine is not None and not self._engine.errored
+        return self._engine is not None and not self.death()
+
+    def death(self) -> str:
+        """Why the engine is dead (engine_death.death_of), "" while it lives, before it started
+        and after `shutdown`. Once dead, always dead."""
+        if not self._dead and self._engine is not None:
+            self._dead = death_of(self._engine)
+        return self._dead
+
+    async def wait_dead(self, poll_s: float = DEATH_POLL_S) -> str:
+        """Returns (why) once the started engine dies; never returns while it lives. Polls
+        `death`: two attribute reads and one non-blocking wait per process."""
+        while not (why := self.death()):
+            await asyncio.sleep(poll_s)
+        log.error("vLLM engine died: %s", why)
+        return why
 
     def tokenizer(self):
         """The HF tokenizer the engine uses (for chat templates)."""
@@ -322,6 +354,7 @@ class VllmEngine:
                 completion_tokens += len(piece.token_ids)
                 finish = piece.finish_reason if out.finished else None
                 if finish == "error":
+                    self._raise_if_dead(request_id)
                     raise EngineError(f"request {request_id} failed inside the engine")
                 if finish == "repetition":
                     finish = "stop"
@@ -333,6 +366,11 @@ class VllmEngine:
         except (ValueError, EngineError):
             raise
         except Exception as e:  # EngineDeadError, ... (CancelledError is not an Exception)
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            if isinstance(e, EngineDeadError) and not self.death():  # before vLLM's monitor saw it
+                self._dead = "vLLM raised EngineDeadError"
+            self._raise_if_dead(request_id)
             raise EngineError(f"generation {request_id} failed: {e}") from e
         finally:
             if not finished:  # consumer stopped early (cancel) or error: free the engine slot
@@ -359,7 +397,12 @@ class VllmEngine:
     def _require(self):
         if self._engine is None:
             raise EngineError("engine not started")
+        self._raise_if_dead()
         return self._engine
+
+    def _raise_if_dead(self, request_id: str = "") -> None:
+        if why := self.death():
+            raise EngineDead(f"{request_id}: {why}" if request_id else why)
 
 
 def _queue_ms(out) -> float | None:

@@ -27,7 +27,7 @@ from prometheus_client import Counter, Histogram
 
 from serving_service.adapter_checks import parse_ref
 from serving_service.admission import Admission
-from serving_service.engine import GenParams
+from serving_service.engine import EngineDead, GenParams
 from serving_service.registry import AdapterRegistry
 from serving_service.structured import STRUCTURED, StructuredOutputs, check_output
 from tunewire import reasons as R
@@ -139,8 +139,7 @@ class Generator:
 
     def tokenize(self, adapter: str, text: str) -> list[tuple[int, str, int, int]]:
         """(id, token text, start, end) for each token of `text`, offsets into `text`."""
-        if not self.engine.ready:
-            raise TunewireError(R.ENGINE_NOT_READY, "the engine is still starting")
+        _check_engine(self.engine)
         if adapter:  # adapters share the base tokenizer; an unknown one is NOT_FOUND like Generate
             self.registry.check_known(adapter)
         enc = self.engine.tokenizer()(text, return_offsets_mapping=True)
@@ -156,8 +155,7 @@ class Generator:
         return last
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
-        if not self.engine.ready:
-            raise TunewireError(R.ENGINE_NOT_READY, "the engine is still starting")
+        _check_engine(self.engine)
         # Metric label: "base", or the adapter's name once it resolved (bounded by LabelLimiter);
         # names that never resolve are "unknown", so random names cannot mint labels.
         label = "unknown" if req.adapter else "base"
@@ -229,6 +227,9 @@ class Generator:
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"  # the client went away; the engine request was aborted
             raise
+        except EngineDead as e:  # in flight when the engine died: the process exits soon
+            outcome = "engine_dead"
+            raise _engine_dead(str(e)) from None
         except TunewireError as e:
             outcome = {"INVALID_ARGUMENT": "invalid", "NOT_FOUND": "not_found",
                        "FAILED_PRECONDITION": "failed_precondition", "RESOURCE_EXHAUSTED": "rejected",
@@ -236,6 +237,19 @@ class Generator:
             raise
         finally:
             REQUESTS.labels(label, outcome).inc()
+
+
+def _check_engine(engine) -> None:
+    """ENGINE_DEAD once the engine died, ENGINE_NOT_READY while it is still starting."""
+    if why := engine.death():
+        raise _engine_dead(why)
+    if not engine.ready:
+        raise TunewireError(R.ENGINE_NOT_READY, "the engine is still starting")
+
+
+def _engine_dead(why: str) -> TunewireError:
+    return TunewireError(R.ENGINE_DEAD, f"the vLLM engine died ({why}); this replica is "
+                         "restarting: retry on another one")
 
 
 class _Watchdog:

@@ -7,6 +7,11 @@ request ever sees a half-flipped state); the old version finishes its in-flight 
 removed once drained. Versions are never reloaded in place: vLLM can reuse stale cache entries
 when a name is reloaded, so every (re)load takes a new LoRA id.
 
+The active version of a deployed name is what the fleet's deployment record says, as applied
+here (deployment_sync.py calls `apply`; `deployed` and `deployment_generation` are what it
+applied); `load(flip=False)` stages a version without touching the alias. Undeployed names keep
+the local rule: the first request for a bare name makes its newest version active.
+
 Nothing reaches the engine unvalidated (adapter_checks.py); a failure marks only that version
 FAILED, and a request does not retry it (LoadAdapter does).
 
@@ -94,12 +99,17 @@ class AdapterRegistry:
         self._next_id = 1
         self._locks: dict[str, asyncio.Lock] = {}        # one per version: loads of others proceed
         self._room = asyncio.Lock()                      # picking victims + reserving a slot
+        # The deployment record as applied here (deployment_sync.py keeps these): name ->
+        # (version, the entry's generation), and the highest generation fully served here.
+        self.deployed: dict[str, tuple[str, int]] = {}
+        self.deployment_generation = 0
 
     # ---- explicit operations (LoadAdapter / UnloadAdapter / PinAdapter) -------------------
     async def load(self, name: str, *, uri: str = "", version: str = "", manifest_sha256: str = "",
-                   pin: bool = False) -> AdapterVersion:
+                   pin: bool = False, flip: bool = True) -> AdapterVersion:
         """Loads a version (from `uri`, or name+version, or the newest in the store) and makes it
-        the active version of `name`; the previously active version drains and is removed."""
+        the active version of `name`; the previously active version drains and is removed.
+        flip=False stages it: loaded and validated here, the name keeps its active version."""
         if not NAME_RE.match(name):
             raise invalid("name", "must match [a-z0-9][a-z0-9_-]{0,62}")
         if version and not VERSION_RE.match(version):
@@ -115,16 +125,44 @@ class AdapterRegistry:
         if pin and not entry.pinned:
             entry.pinned = True
             self._changed(entry)
+        if flip:
+            self._flip(name, entry.version)
+        return entry
+
+    async def apply(self, name: str, version: str, *, pinned: bool) -> None:
+        """Makes `version` the active version of `name` as the deployment record says (recording
+        nothing): loaded first when the name's current version is resident (traffic flips warm)
+        or when it is pinned, else only the alias moves and the first request loads it. A failed
+        load raises and leaves the previous version active."""
+        if pinned or self._resident(name) is not None:
+            entry = await self.load(name, version=version, pin=pinned)
+        else:
+            self._flip(name, version)
+            entry = self._versions.get(f"{name}@{version}")
+        if entry is not None and entry.pinned != pinned:
+            entry.pinned = pinned
+            self._changed(entry)
+
+    def _flip(self, name: str, version: str) -> None:
+        """New requests for `name` resolve to `version`; the previous one drains and is removed."""
         previous = self._active.get(name)
-        self._active[name] = entry.version  # the flip: new requests resolve to this version
-        if previous and previous != entry.version:
+        self._active[name] = version  # one assignment: no request sees a half-flipped state
+        if previous and previous != version:
             old = self._versions.get(f"{name}@{previous}")
             if old and old.state == "READY":
                 self._retire(old)
             elif old:
                 self._changed(old)  # no longer active
-        self._changed(entry)
-        return entry
+        entry = self._versions.get(f"{name}@{version}")
+        if entry is not None:
+            self._changed(entry)
+
+    def active_version(self, name: str) -> str:
+        return self._active.get(name, "")
+
+    def get(self, key: str) -> AdapterVersion | None:
+        """The tracked `name@version`, if any."""
+        return self._versions.get(key)
 
     async def unload(self, ref: str) -> None:
         name, version = parse_ref(ref, "name")
@@ -133,7 +171,9 @@ class AdapterRegistry:
                    and v.state == "READY"]
         if not targets and not (not version and name in self._active):
             raise TunewireError(R.ADAPTER_NOT_FOUND, f"adapter {ref!r} is not loaded", metadata={"adapter": ref})
-        if not version or self._active.get(name) == version:
+        # Per replica: frees the engine here. A deployed name keeps its alias (the next request
+        # loads it again); only an undeployed one forgets it.
+        if (not version or self._active.get(name) == version) and name not in self.deployed:
             self._active.pop(name, None)
         for v in targets:
             v.pinned = False
@@ -307,7 +347,9 @@ class AdapterRegistry:
 
     # ---- views ------------------------------------------------------------------------------
     def info(self, v: AdapterVersion) -> AdapterInfo:
-        return v.snapshot(active=self._active.get(v.name) == v.version)
+        active = self._active.get(v.name) == v.version
+        version, generation = self.deployed.get(v.name, ("", 0))
+        return v.snapshot(active=active, deployment_generation=generation if active and version == v.version else 0)
 
     def list(self, *, include_store: bool = False) -> list[AdapterInfo]:
         infos = {v.key: self.info(v) for v in self._versions.values()}

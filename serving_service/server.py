@@ -12,11 +12,13 @@ from pathlib import Path
 
 from prometheus_client import Gauge
 
-from serving_service.adapter_checks import AdapterChecks
+from serving_service.adapter_checks import BIAS_SUPPORTED, DORA_SUPPORTED, AdapterChecks
 from serving_service.admission import Admission
 from serving_service.classify import HeadClassifier
 from serving_service.config import ServingConfig
-from serving_service.engine import STRUCTURED_BACKEND, VllmEngine, engine_device, serving_dtype
+from serving_service.deployment_sync import DeploymentSync
+from serving_service.engine import (STRUCTURED_BACKEND, VllmEngine, engine_device, serving_dtype,
+                                    wrapped_targets)
 from serving_service.generation import Generator
 from serving_service.registry import AdapterRegistry
 from serving_service.servicer import ServingServicer
@@ -37,9 +39,12 @@ async def serve(cfg: ServingConfig) -> int:
     device = engine_device()
     dtype = serving_dtype(cfg.dtype, device)
     engine = VllmEngine(cfg.engine_config(), device=device)
+    engine.prepare()  # import vLLM before listening: its import would starve health checks
     checks = AdapterChecks(Path(cfg.adapter_store), base_model_fingerprint(cfg.model),
                            cfg.max_lora_rank, cfg.lora_target_modules)
     registry = AdapterRegistry(engine, checks, max_resident=cfg.max_cpu_loras, lazy_load=cfg.lazy_load)
+    sync = DeploymentSync(registry, Path(cfg.adapter_store), replica_id=cfg.replica_name(),
+                          poll_seconds=cfg.deployment_poll_seconds)
     structured = StructuredOutputs(engine.tokenizer, max_schema_bytes=cfg.max_schema_bytes,
                                    compile_timeout_s=cfg.schema_compile_timeout_s)
     admission = Admission(max_running=cfg.max_concurrent_requests, max_queued=cfg.max_queued_requests,
@@ -55,25 +60,32 @@ async def serve(cfg: ServingConfig) -> int:
                       sorted(checks.allowed_targets) if cfg.lora_target_modules else [], device, dtype)
 
     def add(server, port):
-        serving_pb2_grpc.add_ServingServiceServicer_to_server(ServingServicer(generator, registry, classifier, info), server)
+        serving_pb2_grpc.add_ServingServiceServicer_to_server(ServingServicer(generator, registry, classifier, info, sync), server)
         return [serving_pb2.DESCRIPTOR.services_by_name["ServingService"].full_name]
 
+    async def start_engine_then_deployments():
+        await engine.start()
+        await sync.start()  # before SERVING: a deployed name never resolves to "the newest"
+
     async def drain():
+        await sync.stop()
         registry.watchers.close()
 
     async def shutdown():
         engine.shutdown()
 
     return await run_server(name="serving", host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
-                            add_servicers=add, startup=engine.start, drain=drain, shutdown=shutdown,
+                            add_servicers=add, startup=start_engine_then_deployments, drain=drain, shutdown=shutdown,
                             drain_seconds=cfg.drain_seconds, security=ServerSecurity.from_config(cfg),
-                            health_port=cfg.health_port, max_message_bytes=cfg.max_message_bytes)
+                            health_port=cfg.health_port, max_message_bytes=cfg.max_message_bytes,
+                            watch=engine.wait_dead)  # engine death: NOT_SERVING, exit EXIT_DIED
 
 
 def model_info(cfg: ServingConfig, fingerprint: str, lora_targets: list[str], device: str,
                dtype: str) -> dict:
     """GetModelInfoResponse's fields: the served model, the limits and the engine's device settings
-    (the GPU ones as set, also on a CPU, where vLLM ignores gpu_memory_utilization)."""
+    (the GPU ones as set, also on a CPU, where vLLM ignores gpu_memory_utilization), and what a
+    LoRA adapter must satisfy to load here (adapter_checks; a trainer checks jobs against it)."""
     return {"model": cfg.model, "base_model_fingerprint": fingerprint,
             "max_model_len": cfg.max_model_len, "max_loras": cfg.max_loras,
             "max_lora_rank": cfg.max_lora_rank, "max_cpu_loras": cfg.max_cpu_loras,
@@ -86,7 +98,9 @@ def model_info(cfg: ServingConfig, fingerprint: str, lora_targets: list[str], de
             "device": device, "dtype": dtype, "gpu_memory_utilization": cfg.gpu_memory_utilization,
             "tensor_parallel_size": cfg.tensor_parallel_size,
             "enable_prefix_caching": cfg.enable_prefix_caching,
-            "max_num_batched_tokens": cfg.max_num_batched_tokens}
+            "max_num_batched_tokens": cfg.max_num_batched_tokens, "replica_id": cfg.replica_name(),
+            "lora_deployable_target_modules": sorted(wrapped_targets(cfg.lora_target_modules)),
+            "lora_dora_supported": DORA_SUPPORTED, "lora_bias_supported": BIAS_SUPPORTED}
 
 
 def _version(dist: str) -> str:

@@ -12,6 +12,7 @@ from google.rpc import code_pb2
 
 from serving_service.adapter_versions import AdapterInfo
 from serving_service.classify import HeadClassifier, resolve_head
+from serving_service.deployment_sync import DeploymentSync
 from serving_service.generation import Chunk, GenerationRequest, Generator
 from serving_service.registry import AdapterRegistry
 from tunewire import paging
@@ -52,7 +53,8 @@ def adapter_to_proto(a: AdapterInfo) -> pb.Adapter:
         request_count=a.requests, manifest_sha256=a.manifest_sha256,
         tier=pb.Adapter.Tier.Value(f"TIER_{a.tier}"), pinned=a.pinned, active=a.active,
         size_bytes=a.size_bytes, last_used_time=timestamp(a.last_used), inflight=a.inflight,
-        failure_reason=a.failure_reason, failure_message=a.failure_message)
+        failure_reason=a.failure_reason, failure_message=a.failure_message,
+        deployment_generation=a.deployment_generation)
 
 
 def _fill(out, c: Chunk):
@@ -69,9 +71,10 @@ def _fill(out, c: Chunk):
 
 class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
     def __init__(self, generator: Generator, registry: AdapterRegistry, classifier: HeadClassifier,
-                 model_info: dict):
+                 model_info: dict, sync: DeploymentSync):
         self.generator, self.registry = generator, registry
         self.classifier, self.model_info = classifier, model_info
+        self.sync = sync  # the fleet's deployment record: LoadAdapter and PinAdapter write it
 
     async def Generate(self, request, context):
         return _fill(pb.GenerateResponse(), await self.generator.complete(request_from_proto(request, context)))
@@ -103,23 +106,29 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
             for label, scores in results])
 
     async def LoadAdapter(self, request, context):
-        a = await self.registry.load(request.name, uri=request.uri, version=request.version,
-                                     manifest_sha256=request.manifest_sha256, pin=request.pin)
-        return pb.LoadAdapterResponse(adapter=adapter_to_proto(self.registry.info(a)))
+        load = dict(uri=request.uri, version=request.version, manifest_sha256=request.manifest_sha256,
+                    pin=request.pin)
+        if request.stage:  # this replica only: validated and resident, the deployment unchanged
+            a, generation = await self.registry.load(request.name, flip=False, **load), 0
+        else:  # the whole fleet: recorded in the store, every replica follows
+            a, generation = await self.sync.deploy(request.name, **load)
+        return pb.LoadAdapterResponse(adapter=adapter_to_proto(self.registry.info(a)),
+                                      deployment_generation=generation)
 
     async def UnloadAdapter(self, request, context):
         await self.registry.unload(request.name)
         return pb.UnloadAdapterResponse()
 
     async def PinAdapter(self, request, context):
-        a = await self.registry.pin(request.name, request.pinned)
+        a = await self.sync.pin(request.name, request.pinned)
         return pb.PinAdapterResponse(adapter=adapter_to_proto(self.registry.info(a)))
 
     async def ListAdapters(self, request, context):
         adapters = self.registry.list(include_store=request.include_store)
         page, nxt = paging.page(adapters, request.page_size, request.page_token,
                                 f"adapters/{int(request.include_store)}")
-        return pb.ListAdaptersResponse(adapters=[adapter_to_proto(a) for a in page], next_page_token=nxt)
+        return pb.ListAdaptersResponse(adapters=[adapter_to_proto(a) for a in page], next_page_token=nxt,
+                                       deployment_generation=self.registry.deployment_generation)
 
     async def WatchAdapters(self, request, context):
         # Headers go out once the watch is subscribed: a client that waits for them (the
@@ -135,4 +144,5 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
             pb.Token(id=i, text=t, start=a, end=b) for i, t, a, b in tokens])
 
     async def GetModelInfo(self, request, context):
-        return pb.GetModelInfoResponse(**self.model_info)
+        return pb.GetModelInfoResponse(**self.model_info,
+                                       deployment_generation=self.registry.deployment_generation)

@@ -10,7 +10,10 @@ backend will (same tokenizer, `disable_any_whitespace=True`), so that what the e
 refused with INVALID_ARGUMENT up front: in the engine an errored matcher only allows EOS, an empty
 answer with no reason. Keywords llguidance cannot enforce (uniqueItems, not, if/then, ...) are refused
 in strict mode; otherwise the engine gets a lenient copy of the schema, the response a warning, and
-`check_output` still validates the full schema. Results are cached (LRU): a repeat costs a hash.
+`check_output` still validates the full schema. A schema no value can satisfy (a `$ref` cycle with
+no base case, minLength > maxLength, `enum: []`, ...: schema_sat.py) is refused as
+SCHEMA_UNSATISFIABLE, strict or not, naming why; so is one llguidance finds unsatisfiable.
+Results are cached (LRU): a repeat costs a hash.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import regex as pyregex
 from jsonschema.validators import validator_for
 from prometheus_client import Counter, Histogram
 
+from serving_service import schema_sat
 from tunewire import reasons as R
 from tunewire.errors import TunewireError
 
@@ -58,6 +62,8 @@ _UNIMPLEMENTED = "Unimplemented keys: "
 _ONE_OF_FALLBACK = "oneOf not fully supported"
 _REASONS = {"regex": R.REGEX_INVALID, "choice": R.CHOICE_INVALID}
 _STRICT_ONLY = (_UNIMPLEMENTED, "oneOf constraints are not supported")   # errors lenient mode lifts
+# llguidance's own proofs that nothing matches (kept when schema_sat accepted the schema).
+_LL_UNSATISFIABLE = ("Unsatisfiable schema", "Failed to generate regex for integer range")
 
 
 @dataclass(frozen=True)
@@ -238,11 +244,16 @@ class StructuredOutputs:
         except jsonschema.SchemaError as e:
             raise _Failure(R.JSON_SCHEMA_INVALID,
                            f"not a valid JSON schema: {e.message} (at {e.json_path})") from None
+        # Before llguidance: an answer that can never validate is refused, strict or not, with why.
+        verdict = schema_sat.analyse(payload)
+        if not verdict.satisfiable:
+            raise _Failure(R.SCHEMA_UNSATISFIABLE, verdict.why[:500])
         err, warns = self._match(_json_grammar(payload))
         if not err and not warns:
             return {"schema": payload, "engine_schema": payload}
         if err and not err.startswith(_STRICT_ONLY):
-            raise _Failure(R.SCHEMA_COMPILE_FAILED, _short(err))
+            raise _Failure(R.SCHEMA_UNSATISFIABLE if _short(err).startswith(_LL_UNSATISFIABLE)
+                           else R.SCHEMA_COMPILE_FAILED, _short(err))
         # Either llguidance refused a keyword, or the client's own x-guidance made it lenient. The
         # lenient compile lists every unenforceable keyword (the strict error names only the first).
         guidance = payload.get("x-guidance")
@@ -297,6 +308,8 @@ def _check(c: Constraint, text: str) -> tuple[bool, str]:
         return (True, "") if matched else (False, "does not match the pattern")
     if c.kind == "choice":
         return (True, "") if text in c.choices else (False, "not one of the choices")
+    if not text.strip():               # e.g. the engine ended the answer before any output
+        return False, "the answer is empty"
     try:
         value = json.loads(text, parse_constant=_no_constant)   # no NaN / Infinity
     except (ValueError, RecursionError) as e:

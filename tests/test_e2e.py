@@ -303,18 +303,19 @@ def test_cancel_running_job_stops_the_worker(stack, dataset):
                  grpc.StatusCode.FAILED_PRECONDITION, "JOB_ALREADY_TERMINAL")
 
 
-def test_failed_handoff_fails_the_job_and_keeps_the_adapter(stack, dataset, tmp_path):
+def test_job_serving_cannot_load_is_refused_at_create(stack, dataset, tmp_path):
+    """Fail fast: a job on another base model than serving's is refused at create (before it
+    trains for nothing and fails its handoff), naming the field; nothing is stored."""
     from tunewire.tiny_model import build_tiny_llama
 
     other = build_tiny_llama(tmp_path / "other-base", hidden_size=32)  # serving runs a different base
-    job = stack.jobs.CreateTrainingJob(tpb.CreateTrainingJobRequest(
-        training_job=job_spec(other, dataset, "wrong-base", max_steps=3))).training_job
-    watch_all(stack.jobs, job.id)
-    final = stack.jobs.GetTrainingJob(tpb.GetTrainingJobRequest(name=job.name)).training_job
-    assert final.state == tpb.TrainingJob.STATE_FAILED
-    assert final.error.reason == "HANDOFF_FAILED" and "BASE_MODEL_MISMATCH" in final.error.message
-    assert final.error.retryable and not final.result.serving_loaded
-    assert Path(final.result.uri, "adapter_model.safetensors").is_file()
+    before = stack.jobs.ListTrainingJobs(tpb.ListTrainingJobsRequest(page_size=1000)).training_jobs
+    _, fields = expect_error(lambda: stack.jobs.CreateTrainingJob(tpb.CreateTrainingJobRequest(
+        training_job=job_spec(other, dataset, "wrong-base", max_steps=3))),
+        grpc.StatusCode.FAILED_PRECONDITION, "INCOMPATIBLE_WITH_SERVING")
+    assert "training_job.base_model" in fields, fields
+    after = stack.jobs.ListTrainingJobs(tpb.ListTrainingJobsRequest(page_size=1000)).training_jobs
+    assert len(after) == len(before)
 
 
 def cli(stack, *args, cwd=None):

@@ -323,7 +323,7 @@ def test_gpu_overlay_requests_gpus_and_cpu_does_not():
 def test_gpu_overlay_trains_on_gpu_pods(tmp_path):
     """overlays/gpu: the trainer launches each job as Kubernetes pods that request GPUs and
     train on them; the pods it would create validate strictly. Serving runs bf16 on its GPU."""
-    from trainer_service.k8s_launcher import manifests
+    from trainer_service.k8s_launcher import manifests, pod_specs
     from trainer_service.server import k8s_settings
     from trainer_service.spec import Hyperparameters, JobSpec
 
@@ -344,8 +344,7 @@ def test_gpu_overlay_trains_on_gpu_pods(tmp_path):
             base_model="/models/m", training_data="/data/datasets/d.jsonl", adapter_name="a",
             hyperparameters=Hyperparameters(num_processes=nproc, num_nodes=nodes, batch_size=4)).to_json())
         secret, work = manifests("j1", job_dir, cfg.worker_report_address, "t", s)
-        pods = ([work["spec"]["template"]["spec"]] if work["kind"] == "Job" else
-                [r["template"]["spec"] for r in work["spec"]["pytorchReplicaSpecs"].values()])
+        pods = pod_specs(work)  # a TrainJob's: what it sets of its runtime's pods, as one pod spec
         if work["kind"] == "Job":
             validate_strictly([secret, work], "gpu job pod")
         for pod in pods:

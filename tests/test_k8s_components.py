@@ -1,7 +1,8 @@
 """Fast checks of the kustomize components on top of the overlays: security (token + mTLS, on in
 the GPU overlay: Secrets mounted read-only, the effective config pointing at them, probes on the
-plaintext health port) and k8s-launcher (RBAC for Jobs as training workers, exactly what
-trainer_service/k8s_launcher.py calls, rendered on top of the CPU overlay).
+plaintext health port) and k8s-launcher (RBAC for Jobs and TrainJobs as training workers, exactly
+what trainer_service/k8s_launcher.py calls as recorded by a fake API at the HTTP edge, rendered on
+top of the CPU overlay).
 """
 
 from __future__ import annotations
@@ -116,13 +117,49 @@ def test_cpu_overlay_takes_every_component_as_its_comments_say(tmp_path):
 
 
 # -- components/k8s-launcher -----------------------------------------------------------------
-LAUNCHER_RULES = {  # (apiGroup, resource, verb): what trainer_service/k8s_launcher.py calls
-    ("", "secrets", "create"), ("", "secrets", "delete"),                 # the per-job token
-    ("batch", "jobs", "create"), ("batch", "jobs", "delete"), ("batch", "jobs/status", "get"),
-    ("kubeflow.org", "pytorchjobs", "create"), ("kubeflow.org", "pytorchjobs", "delete"),
-    ("kubeflow.org", "pytorchjobs/status", "get"),
-    ("", "pods/log", "get"),                                              # reading a job's log
-}
+READS_LOGS = ("", "pods/log", "get")  # granted for `kubectl logs` as the trainer; the launcher itself
+                                     # reads worker.log on the shared volume (rbac.yaml)
+
+
+def launcher_api_calls(tmp_path) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) of every request the launcher makes in its life: launches of a
+    Job and a TrainJob, status reads, a cancel, a half-created launch undone, and a restart's
+    orphan search, recorded by the fake API at the HTTP edge."""
+    import asyncio
+
+    from k8s_fake_api import PATH, FakeKubeApi
+    from trainer_service.spec import Hyperparameters, JobSpec
+
+    def job_dir(nodes):
+        d = tmp_path / f"n{nodes}"
+        d.mkdir()
+        (d / "spec.json").write_text(JobSpec(base_model="/m", training_data="d.jsonl", adapter_name="a",
+                                             hyperparameters=Hyperparameters(num_nodes=nodes, batch_size=2 * nodes))
+                                     .to_json())
+        return d
+
+    async def life(api):
+        launcher = k8s_launcher.KubernetesLauncher(k8s_launcher.K8sSettings(), api_client=api.client())
+        for nodes in (1, 2):
+            handle = await launcher.launch(job_id=f"j{nodes}", job_dir=job_dir(nodes), report_address="t:1",
+                                           token="x", attempt=1)
+            launcher.status(handle.name, handle.kind)
+            handle.terminate()
+        api.fail("POST", "secrets", 422, "invalid")
+        with pytest.raises(k8s_launcher.LaunchError):
+            await launcher.launch(job_id="j3", job_dir=tmp_path / "n1", report_address="t:1", token="x")
+        await k8s_launcher.KubernetesLauncher(k8s_launcher.K8sSettings(), api_client=api.client()).stop_orphans([])
+
+    with FakeKubeApi() as api:
+        asyncio.run(life(api))
+    groups = {"/api/v1": "", "/apis/batch/v1": "batch", "/apis/trainer.kubeflow.org/v1alpha1": "trainer.kubeflow.org"}
+    calls = set()
+    for method, path, _ in api.calls:
+        m = PATH.match(path)
+        group = next(g for prefix, g in groups.items() if path.startswith(prefix + "/"))
+        verb = {"POST": "create", "DELETE": "delete"}[method] if method != "GET" else ("get" if m["name"] else "list")
+        calls.add((group, m["res"] + ("/status" if m["status"] else ""), verb))
+    return calls
 
 
 def expression_selects(selector: dict, labels: dict) -> bool:
@@ -151,23 +188,17 @@ def test_k8s_launcher_component_validates(launcher_docs):
     assert not [d for d in launcher_docs if d["kind"].startswith("Cluster")]  # namespaced RBAC only
 
 
-def test_k8s_launcher_rbac_is_exactly_what_the_launcher_calls(launcher_docs):
+def test_k8s_launcher_rbac_is_exactly_what_the_launcher_calls(launcher_docs, tmp_path):
     role = one(launcher_docs, "Role", "trainer-launcher")
     granted = set()
     for rule in role["rules"]:
         assert set(rule) == {"apiGroups", "resources", "verbs"}  # no resourceNames, no wildcards
         granted |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     assert "*" not in json.dumps(role["rules"])
-    assert granted == LAUNCHER_RULES
-    # ... the kinds the launcher creates are the ones it may create
-    job_dir = Path("/data/jobs/j1")
+    # exactly what the launcher calls, as the API sees it, and nothing more
+    assert granted == launcher_api_calls(tmp_path) | {READS_LOGS}
+    assert ("", "secrets", "list") not in granted and ("", "secrets", "get") not in granted
     s = k8s_launcher.K8sSettings()
-    made = [k8s_launcher.token_secret("j1", "t", s), k8s_launcher.batch_job("j1", job_dir, "trainer:50051", s),
-            k8s_launcher.pytorch_job("j1", job_dir, "trainer:50051", s, num_nodes=2, nproc_per_node=1)]
-    plural = {"Secret": "secrets", "Job": "jobs", "PyTorchJob": "pytorchjobs"}
-    for m in made:
-        group = m["apiVersion"].rpartition("/")[0]
-        assert {(group, plural[m["kind"]], "create"), (group, plural[m["kind"]], "delete")} <= granted
     binding = one(launcher_docs, "RoleBinding", "trainer-launcher")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "trainer-launcher"}
     trainer = one(launcher_docs, "Deployment", "trainer")
@@ -207,8 +238,12 @@ def test_k8s_launcher_network_policies(launcher_docs):
     """Under the default deny, job pods reach the trainer's gRPC port (their reports) and each
     other (a PyTorchJob's rendezvous), nothing more is opened."""
     pols = [d for d in launcher_docs if d["kind"] == "NetworkPolicy"]
-    job = k8s_launcher.batch_job("j1", Path("/data/jobs/j1"), "trainer:50051", k8s_launcher.K8sSettings())
+    job = k8s_launcher.batch_job("tw-j1-a1", "j1", 1, Path("/data/jobs/j1"), "trainer:50051",
+                                 k8s_launcher.K8sSettings())
     job_labels = job["spec"]["template"]["metadata"]["labels"]
+    train = k8s_launcher.train_job("tw-j1-a1", "j1", 1, Path("/data/jobs/j1"), "trainer:50051",
+                                   k8s_launcher.K8sSettings(), num_nodes=2, nproc_per_node=1)
+    assert train["spec"]["podTemplateOverrides"][0]["metadata"]["labels"] == job_labels  # TrainJob pods alike
     trainer_labels = one(launcher_docs, "Deployment", "trainer")["spec"]["template"]["metadata"]["labels"]
     client = {"app.kubernetes.io/name": "some-client"}
 

@@ -1,7 +1,9 @@
 """`tunewire serve` as a process, from start to stop, on services of these tests' own:
 
 - a bad setting, config file or flag exits 2 with a message naming it, before anything listens;
-- a port that cannot be bound (gRPC, metrics, health) or an engine that cannot start exits 1;
+- a port that cannot be bound (gRPC, metrics, health) or an engine that cannot start (no
+  weights, truncated weights) exits 1;
+- SIGTERM while the engine starts: exit 0, without a drain (nothing was served);
 - SIGTERM: health says NOT_SERVING while the service drains, then the process exits 0.
 
     .venv/bin/python -m pytest tests/test_lifecycle.py -q
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -80,14 +83,39 @@ def test_a_port_that_cannot_be_bound_exits_1(tmp_path, tiny_model_dir):
             assert '"msg": "listening"' not in done.stderr
 
 
-def test_an_engine_that_cannot_start_exits_1(tmp_path):
+def test_an_engine_that_cannot_start_exits_1(tmp_path, tiny_model_dir):
     model = tmp_path / "not-a-model"  # a config, but no weights and no tokenizer
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    done = serve("serving", "--model", str(model), "--adapter-store", str(tmp_path / "a"),
-                 "--enforce-eager", cwd=tmp_path, timeout=300)
-    assert done.returncode == 1, done.stderr[-3000:]
-    assert "vLLM engine failed to start" in start_up_failure(done.stderr)["msg"]
+    truncated = tmp_path / "truncated"  # the tiny model with half its weights file: loads fail
+    shutil.copytree(tiny_model_dir, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    for bad in (model, truncated):
+        done = serve("serving", "--model", str(bad), "--adapter-store", str(tmp_path / "a"),
+                     "--enforce-eager", "--max-model-len", "256", cwd=tmp_path, timeout=300)
+        assert done.returncode == 1, (bad, done.stderr[-3000:])
+        assert "vLLM engine failed to start" in start_up_failure(done.stderr)["msg"]
+
+
+def test_sigterm_during_start_up_stops_without_a_drain(tmp_path, tiny_model_dir):
+    """A stop requested while the engine starts is a stop (exit 0), not a failure; nothing was
+    served, so there is no drain to sit through."""
+    serving = start_service("serving", tmp_path, "--model", str(tiny_model_dir), "--adapter-store",
+                            str(tmp_path / "adapters"), "--max-model-len", "256", "--enforce-eager",
+                            "--drain-seconds", "30")
+    try:
+        deadline = time.monotonic() + 120
+        while '"msg": "listening"' not in serving.log():
+            assert time.monotonic() < deadline and serving.proc.poll() is None, serving.log()[-3000:]
+            time.sleep(0.05)
+        assert health_status(serving.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        serving.proc.send_signal(15)
+        assert serving.proc.wait(120) == 0, serving.log()[-3000:]
+        log = serving.log()
+        assert '"drain_seconds": 0.0' in log and '"msg": "serving"' not in log, log[-3000:]
+    finally:
+        serving.stop()
 
 
 def test_sigterm_drains_with_health_not_serving(tmp_path, tiny_model_dir):

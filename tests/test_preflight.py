@@ -194,6 +194,75 @@ def test_lengths_truncation_and_trained_end_tokens(tmp_path, tokenizer):
     assert report.fit.trained_tokens_per_epoch == stats.label_tokens
 
 
+def _cut_rows(tokenizer):
+    """(cut, short, long, dropped): max_seq_length and rows it keeps whole, cuts, leaves empty."""
+    cut = len(tokenizer(pc(0)["prompt"]).input_ids) + 3
+    short, drop = {"prompt": "a", "completion": "b"}, {"prompt": "x " * 60, "completion": "y"}
+    assert len(encode_example(short, tokenizer)[0]) <= cut < len(encode_example(pc(0), tokenizer)[0])
+    assert len(tokenizer(drop["prompt"]).input_ids) > cut   # the completion starts after the cut
+    return cut, short, pc(0), drop
+
+
+def test_truncated_and_dropped_examples_are_named_by_line(tmp_path, tokenizer, monkeypatch):
+    from trainer_service import preflight
+
+    cut, short, long, drop = _cut_rows(tokenizer)
+    rows = [short, long, {"prompt": 1, "completion": "b"}, drop, short, pc(1)]   # line 3: an error
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    report = validate_dataset(path, tokenizer, cut)
+    assert codes(report) == [("train", 3, "prompt")]          # the same numbering as errors
+    assert (report.truncated_lines, report.dropped_lines) == ((2, 6), (4,))
+    d = json.loads(json.dumps(report.to_dict()))
+    assert (d["truncated_lines"], d["dropped_lines"], d["truncated_lines_unlisted"]) == ([2, 6], [4], 0)
+    monkeypatch.setattr(preflight, "LINES_LISTED", 1)
+    d = validate_dataset(path, tokenizer, cut).to_dict()
+    assert (d["truncated_lines"], d["truncated"], d["truncated_lines_unlisted"]) == ((2,), 2, 1)
+    # CSV counts file lines (header: line 1; long's prompt ends in a newline: lines 3-4), Parquet rows
+    report = validate_dataset(to_csv([short, long, drop], tmp_path / "d.csv"), tokenizer, cut)
+    assert (report.truncated_lines, report.dropped_lines) == ((3,), (5,))
+    pd.DataFrame([short, long, drop]).to_parquet(tmp_path / "d.parquet")
+    report = validate_dataset(tmp_path / "d.parquet", tokenizer, cut)
+    assert (report.unit, report.truncated_lines, report.dropped_lines) == ("row", (2,), (3,))
+    rows = ROWS["classification"] + [{"text": "a text far longer than four tokens", "label": 0}]
+    assert len(tokenizer(rows[-1]["text"]).input_ids) > 4 >= max(
+        len(tokenizer(r["text"]).input_ids) for r in rows[:-1])
+    report = validate_dataset(write_jsonl(tmp_path / "c.jsonl", rows), tokenizer, 4)
+    assert (report.truncated_lines, report.dropped_lines) == ((4,), ())
+
+
+def test_cli_prints_the_truncated_lines_through_grpc(tmp_path, tokenizer, capsys):
+    """`tunewire datasets validate` against a real gRPC server whose ValidateDataset answers with
+    the real report conversion: the cut and dropped lines are printed."""
+    from concurrent import futures
+
+    import grpc
+
+    from trainer_service.servicer import report_to_proto
+    from tunewire.cli import main
+    from tunewire.trainer.v1 import trainer_pb2 as tpb
+    from tunewire.trainer.v1 import trainer_pb2_grpc
+
+    cut, short, long, drop = _cut_rows(tokenizer)
+    path = write_jsonl(tmp_path / "d.jsonl", [long, short, drop, long])
+
+    class Trainer(trainer_pb2_grpc.TrainerServiceServicer):
+        def ValidateDataset(self, request, context):
+            return tpb.ValidateDatasetResponse(report=report_to_proto(validate_dataset(
+                request.training_data.path, tokenizer, request.max_seq_length)))
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(Trainer(), server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        assert main(["--trainer", address, "datasets", "validate", "--base-model", "m", "--data", path,
+                     "--max-seq-length", str(cut)]) == 0
+    finally:
+        server.stop(None)
+    out = json.loads(capsys.readouterr().out)
+    assert (out["truncated_lines"], out["dropped_lines"], out["truncated"]) == ([1, 4], [3], "2")
+
+
 @pytest.mark.parametrize("fmt", ["prompt_completion", "messages", "text"])
 def test_every_example_trains_its_end_token(tmp_path, tokenizer, fmt):
     report = validate_dataset(write_jsonl(tmp_path / "d.jsonl", ROWS[fmt]), tokenizer, 512)

@@ -157,6 +157,10 @@ def test_short_run_learns_and_saves_a_loadable_adapter(tiny_model_dir, tokenizer
     first, last = rep.metrics[0]["loss"], rep.metrics[-1]["loss"]
     assert last < 0.5 * first, (first, last)
     assert result["steps"] == 25 and result["train_tokens"] == rep.metrics[-1]["tokens_seen"]
+    streamed = [m["loss"] for m in rep.metrics]   # the reference: what the job streamed
+    assert result["final_loss"] == streamed[-1]
+    assert result["tail_loss"] == pytest.approx(sum(streamed[-10:]) / 10)
+    assert result["train_loss"] == pytest.approx(sum(streamed) / len(streamed))
 
     adapter = tmp_path / "out" / "adapter"
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json",
@@ -212,3 +216,49 @@ def test_missing_base_model_is_a_user_error(tmp_path):
     with pytest.raises(TunewireError) as e:
         run(spec, tmp_path / "out", ListReporter(), lambda: False)
     assert e.value.reason == "BASE_MODEL_INVALID" and e.value.job_error()["user_error"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_job_result_final_loss_is_the_last_streamed_point(tiny_model_dir, tmp_path):
+    """Through a real trainer service: a LoRA and a feature-extraction job's result `final_loss`
+    is the `loss` of the last MetricPoint WatchTrainingJob streamed (the reference), `tail_loss`
+    the mean of the last 10; and the VALIDATED report names the line max_seq_length cuts."""
+    import grpc
+
+    from harness import start_service, states, watch_all
+    from tunewire.trainer.v1 import trainer_pb2 as tpb
+    from tunewire.trainer.v1 import trainer_pb2_grpc
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = person_rows() * 3
+    rows[4] = {"prompt": "a b " * 4, "completion": "c d " * 40}   # line 5: 177 tokens, cut at 64
+    # (the person rows: 36 tokens each, kept whole)
+    write_jsonl(data / "pc.jsonl", rows)
+    write_jsonl(data / "cls.jsonl", [{"text": f"{n} lives in {c}", "label": i % 2}
+                                     for i, (n, _, c) in enumerate(PEOPLE * 6)])
+    svc = start_service("trainer", tmp_path, "--data-root", str(data), "--data-dir", str(tmp_path / "t"),
+                        "--adapter-store", str(tmp_path / "store"), "--drain-seconds", "0.2")
+    try:
+        svc.wait_serving(60)
+        stub = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(svc.address))
+        hp = tpb.Hyperparameters(learning_rate=1e-3, max_steps=12, batch_size=2, max_seq_length=64)
+        for name, path, method in [("lora", "pc.jsonl", {"lora": tpb.LoraMethod(r=4)}),
+                                   ("fe", "cls.jsonl", {"feature_extraction": tpb.FeatureExtractionMethod()})]:
+            job = stub.CreateTrainingJob(tpb.CreateTrainingJobRequest(training_job=tpb.TrainingJob(
+                base_model=str(tiny_model_dir), adapter_name=name, training_data=tpb.DatasetRef(path=path),
+                hyperparameters=hp, **method))).training_job
+            entries = watch_all(stub, job.id, timeout=300)
+            assert states(entries)[-1] == "SUCCEEDED", name
+            losses = [e.metric.loss for e in entries if e.WhichOneof("payload") == "metric"]
+            result = stub.GetTrainingJob(tpb.GetTrainingJobRequest(name=job.name)).training_job.result
+            assert len(losses) >= 10 and result.metrics["final_loss"] == losses[-1], name
+            assert result.metrics["tail_loss"] == pytest.approx(sum(losses[-10:]) / 10), name
+            if name == "lora":
+                validated = [e.event for e in entries if e.WhichOneof("payload") == "event"
+                             and e.event.type == tpb.JobEvent.TYPE_VALIDATED]
+                report = json.loads(validated[0].data["report"])
+                assert (report["truncated_lines"], report["dropped_lines"]) == ([5], []), report
+    finally:
+        svc.stop()

@@ -135,6 +135,8 @@ def test_head_separates_the_classes_and_reports_evaluations(trained):
     assert all(p["total_steps"] == total_steps and p["tokens_per_second"] > 0 for p in rep.metrics)
     seen = [p["tokens_seen"] for p in rep.metrics]
     assert seen == sorted(seen) and m["train_tokens"] == seen[-1]
+    streamed = [p["loss"] for p in rep.metrics]    # the reference: what the job streamed
+    assert m["final_loss"] == streamed[-1] and m["tail_loss"] == pytest.approx(sum(streamed[-10:]) / 10)
     assert rep.metrics[0]["loss"] == pytest.approx(torch.log(torch.tensor(3.0)).item(), rel=1e-4)
 
     steps = [s for s, _ in rep.evaluations]

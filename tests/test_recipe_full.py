@@ -97,6 +97,8 @@ def test_loss_falls_and_events_match_the_lora_recipe(trained):
     assert len(losses) == 15 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
     assert result["final_loss"] < result["train_loss"]
+    assert result["final_loss"] == losses[-1]      # the last streamed point, exactly
+    assert result["tail_loss"] == pytest.approx(sum(losses[-10:]) / 10)
     assert rep.events == ["DATASET_LOADED", "MODEL_LOADED", "FIT_ESTIMATED", "ADAPTER_SAVED"]
     assert dict(rep.event_data)["ADAPTER_SAVED"]["path"] == str(trained[0])
 

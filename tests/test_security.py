@@ -213,13 +213,19 @@ def test_a_rotated_token_file_is_picked_up(pki, tmp_path):
     _run(scenario, ServerSecurity(token_file=str(token)))
 
 
-def test_handoff_to_serving_uses_tls_and_token_and_checks_the_name(pki):
+def test_handoff_to_serving_uses_tls_and_token_and_checks_the_name(pki, tmp_path):
     """ServingHandoff dials each replica by IP; the certificate is checked against the name."""
+    from tunewire import deployments
 
     class Serving(serving_pb2_grpc.ServingServiceServicer):
         async def LoadAdapter(self, request, context):
+            assert request.stage  # the handoff stages first; the record deploys
             return serving_pb2.LoadAdapterResponse(adapter=serving_pb2.Adapter(
                 name=request.name, version=request.version, rank=8))
+
+        async def GetModelInfo(self, request, context):  # follows the record at once
+            return serving_pb2.GetModelInfoResponse(
+                replica_id="fake", deployment_generation=deployments.read(tmp_path).generation)
 
     async def main():
         sec = ServerSecurity(token_file=pki["token"], cert_file=pki["server-by-name"][0],
@@ -228,16 +234,20 @@ def test_handoff_to_serving_uses_tls_and_token_and_checks_the_name(pki):
         port = sec.add_port(server, "127.0.0.1:0")
         serving_pb2_grpc.add_ServingServiceServicer_to_server(Serving(), server)
         await server.start()
+        handoff = {"name": "a", "version": "v1", "uri": "/x", "manifest_sha256": "",
+                   "adapter_store": tmp_path, "source": "trainingJobs/t"}
         try:
             client = pki["client@ca"]
-            ok = ServingHandoff(f"localhost:{port}", 5, ca_file=pki["ca"], cert_file=client[0],
-                                key_file=client[1], token_file=pki["token"])
-            msg = await ok.load_adapter(name="a", version="v1", uri="/x", manifest_sha256="")
-            assert "a@v1" in msg
             no_token = ServingHandoff(f"localhost:{port}", 5, ca_file=pki["ca"], cert_file=client[0],
                                       key_file=client[1])
-            with pytest.raises(Exception, match="UNAUTHENTICATED TOKEN_MISSING"):
-                await no_token.load_adapter(name="a", version="v1", uri="/x", manifest_sha256="")
+            refused = await no_token.load_adapter(**handoff)
+            assert refused.refused and "UNAUTHENTICATED TOKEN_MISSING" in refused.replicas[0].message
+            assert deployments.read(tmp_path).generation == 0  # a refusal records nothing
+            ok = ServingHandoff(f"localhost:{port}", 5, ca_file=pki["ca"], cert_file=client[0],
+                                key_file=client[1], token_file=pki["token"])
+            out = await ok.load_adapter(**handoff)
+            assert "a@v1" in out.message and out.deployment_generation == 1, out
+            assert [(r.replica_id, r.loaded, r.serving) for r in out.replicas] == [("fake", True, True)]
         finally:
             await server.stop(0)
 

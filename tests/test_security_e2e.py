@@ -201,8 +201,9 @@ def test_trainer_serves_mtls_with_a_token_and_a_plaintext_health_port(pki, tmp_p
         reports = next(json.loads(line)["report_address"] for line in svc.log().splitlines()
                        if '"worker reports"' in line)
         with grpc.insecure_channel(reports) as ch:
+            # an unknown job answers like a bad token: no probing which job ids exist
             expect_error(lambda: worker_pb2_grpc.TrainerWorkerServiceStub(ch).ReportProgress(
-                worker_pb2.ReportProgressRequest(job_id="nope"), timeout=5), grpc.StatusCode.NOT_FOUND)
+                worker_pb2.ReportProgressRequest(job_id="nope"), timeout=5), UNAUTH, "WORKER_TOKEN_INVALID")
             expect_error(lambda: trainer_pb2_grpc.TrainerServiceStub(ch).ListTrainingJobs(
                 tpb.ListTrainingJobsRequest(), timeout=5), grpc.StatusCode.UNIMPLEMENTED)
         # the CLI's client flags

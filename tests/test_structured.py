@@ -89,7 +89,8 @@ def test_json_schema_compiles_and_checks(so):
     ('{"type": 5}', "JSON_SCHEMA_INVALID", "not a valid JSON schema"),          # meta-schema
     ('{"type": "string", "format": "foo-bar"}', "SCHEMA_COMPILE_FAILED", "Unknown format: foo-bar"),
     ('{"$ref": "#/$defs/missing"}', "SCHEMA_COMPILE_FAILED", "does not exist"),
-    ('{"allOf": [{"type": "string"}, {"type": "integer"}]}', "SCHEMA_COMPILE_FAILED", "Unsatisfiable"),
+    ('{"allOf": [{"type": "string"}, {"type": "integer"}]}', "SCHEMA_UNSATISFIABLE",
+     "types string at #/allOf/0, integer at #/allOf/1 have no type in common"),   # schema_sat.py
     ('{"type": "array", "uniqueItems": true, "items": {"format": "foo-bar"}}', "SCHEMA_COMPILE_FAILED",
      "Unknown format"),   # the lenient fallback does not hide other errors
     ('{"type": "object", "properties": {"a": {"type": "array", "uniqueItems": true}}}',
@@ -239,3 +240,17 @@ def test_compile_timeout(tokenizer):
     assert e.reason == "SCHEMA_COMPILE_TIMEOUT" and "0.2 s" in e.field_violations[SCHEMA_FIELD]
     assert samples("miss") == misses + 1
     # With a generous timeout the schema ends in SCHEMA_COMPILE_FAILED after ~3 s: not tested (slow).
+
+
+@pytest.mark.parametrize("kind", ["json_schema", "json_object", "regex", "choice"])
+def test_an_invalid_answer_always_says_why(so, kind):
+    """Whatever the engine ends with (empty, cut, EOS mid-value, wrong), check_output never
+    answers invalid without a reason the client reads in structured_output_error."""
+    c = prepare(so, kind, schema=json.dumps(PERSON), regex=r"\d{3}", choices=["yes", "no"])
+    answers = ["", " ", "{", '{"name":"ann"}', '{"name":"ann","age":3}', "[]", "123", "yes", "nan"]
+    for text in answers:
+        for finish in ("stop", "length", "abort"):
+            ok, why = check_output(c, text, finish)
+            assert ok or why, (kind, text, finish)
+    if kind.startswith("json"):          # e.g. an errored matcher in the engine allows only EOS
+        assert check_output(c, "", "stop") == (False, "the answer is empty")

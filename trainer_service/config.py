@@ -23,6 +23,7 @@ class TrainerConfig:
     model_root: str = "~/.cache/tunewire/models"  # base models may only be read from under here
     adapter_store: str = "var/adapters"  # published adapters: <name>/<version>/ (shared with serving)
     serving_address: str = ""          # host:port of serving for the handoff; "" = publish only
+    # (a headless Service's name reaches every replica; or list each replica's, comma-separated)
     max_concurrent_jobs: int = 1       # workers running at once (1 suits a CPU machine)
     max_queued_jobs: int = 100         # queued jobs beyond this are refused (RESOURCE_EXHAUSTED)
     max_worker_retries: int = 2        # a job whose worker dies is resumed this often, then FAILED
@@ -35,7 +36,7 @@ class TrainerConfig:
                                        # num_processes N takes max(N, gpus_per_job) GPUs (extras idle)
     gpus: str = ""                     # local launcher: GPU ids it hands out, "" = all visible, or "0,1,3";
                                        # no two jobs share a GPU (a job waits for free ones)
-    launcher: str = "local"            # "local" subprocesses, or "kubernetes" Jobs / PyTorchJobs
+    launcher: str = "local"            # "local" subprocesses, or "kubernetes" Jobs / Kubeflow TrainJobs
     worker_report_address: str = ""    # address workers report to ("" = this host); pods: "trainer:50051"
     worker_port: int = 0               # with TLS: plaintext worker-report port (0 = loopback, random)
     k8s_namespace: str = "tunewire"    # kubernetes launcher: where job pods run
@@ -47,9 +48,13 @@ class TrainerConfig:
     k8s_memory: str = "8Gi"            # kubernetes launcher: memory per job pod (requests = limits)
     k8s_node_selector: tuple[str, ...] = ()  # kubernetes launcher: "label=value" job pods need,
                                        # e.g. ["nvidia.com/gpu.present=true"]
+    k8s_training_runtime: str = "torch-distributed"  # kubernetes launcher, num_nodes > 1: the Kubeflow
+                                       # Trainer runtime of the TrainJob, a ClusterTrainingRuntime's
+                                       # name or "TrainingRuntime/<name>" (namespaced)
     cancel_grace_seconds: float = 10.0  # SIGTERM → SIGKILL delay for a worker being stopped
     drain_seconds: float = 2.0         # NOT_SERVING period on SIGTERM before the server stops
-    handoff_timeout_seconds: float = 300.0  # deadline of the LoadAdapter call to serving
+    handoff_timeout_seconds: float = 300.0  # deadline of each handoff phase: staging on every
+    # serving replica, then every replica serving the recorded deployment
     log_level: str = "INFO"            # Python logging level
     # Security (docs/operations.md "Security"); "" = off. Files, so Kubernetes Secrets can be mounted.
     auth_token_file: str = ""          # clients must send `authorization: Bearer <this file's text>`
@@ -83,6 +88,8 @@ class TrainerConfig:
             raise ValueError('k8s_cpu and k8s_memory are required; k8s_gpu_resource is like "nvidia.com/gpu"')
         if any("=" not in s or not s.split("=", 1)[0] for s in self.k8s_node_selector):
             raise ValueError('k8s_node_selector entries are "label=value"')
+        if not re.fullmatch(r"(TrainingRuntime/)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?", self.k8s_training_runtime):
+            raise ValueError('k8s_training_runtime is a runtime name, or "TrainingRuntime/<name>"')
         if self.cancel_grace_seconds < 0 or self.drain_seconds < 0 or self.handoff_timeout_seconds <= 0:
             raise ValueError("grace, drain and handoff timeouts must be positive")
         if not 0 <= self.health_port <= 65535 or (self.health_port and self.health_port == self.port):

@@ -40,6 +40,7 @@ from trainer_service.launcher import Launcher
 from trainer_service.publisher import Handoff
 from trainer_service.results import CheckpointInfo, Results
 from trainer_service.scheduler import Scheduler
+from trainer_service.serving_check import CapabilitySource, check_job
 from trainer_service.spec import METHOD_FORMATS, Hyperparameters, JobSpec
 from trainer_service.store import Entry, Job, JobStore
 from trainer_service.uploads import Upload
@@ -66,6 +67,8 @@ class JobService:
         self.gpus = gpus  # the device setting and the GPUs jobs get (trainer_service.gpus)
         self.journal = Journal(store, Path(data_dir).resolve() / "jobs")
         self.results = Results(self.journal, adapter_store=adapter_store, handoff=handoff)
+        # LoRA jobs are checked against serving at create: ServingHandoff is also a CapabilitySource
+        self.serving: CapabilitySource | None = handoff
         self.scheduler = Scheduler(self.journal, launcher, self.results, report_address=report_address,
                                    serving=handoff is not None, max_concurrent=max_concurrent,
                                    max_retries=max_retries, cancel_grace_seconds=cancel_grace_seconds,
@@ -82,6 +85,7 @@ class JobService:
     async def create(self, spec: JobSpec, request_id: str | None) -> Job:
         spec = await asyncio.to_thread(self._check_inputs, spec)
         if request_id is None or not self.store.find_request(request_id):
+            await self._check_serving(spec)
             queued = len(self.store.queued())
             if queued >= self.max_queued:
                 raise TunewireError(R.QUEUE_FULL, f"{queued} jobs are queued (max_queued_jobs "
@@ -93,6 +97,15 @@ class JobService:
             self.journal.set_state(job.id, "QUEUED")
             self.scheduler.kick()
         return self.get(job.id)
+
+    async def _check_serving(self, spec: JobSpec) -> None:
+        """A LoRA job whose adapter serving could not load is refused now, not after training:
+        INCOMPATIBLE_WITH_SERVING, or SERVING_UNAVAILABLE when serving does not answer
+        (trainer_service.serving_check). Without serving, or publish_only, nothing to check."""
+        if self.serving is None or spec.method != "lora" or spec.publish_only:
+            return
+        caps = await self.serving.capabilities()
+        await asyncio.to_thread(check_job, spec, caps)
 
     def _check_inputs(self, spec: JobSpec) -> JobSpec:
         """Create-time checks that need the disk: the base model exists, the data files lie under
@@ -160,7 +173,11 @@ class JobService:
             raise invalid(field, f"{path!r} is not a usable path", R.MODEL_PATH_INVALID) from None
         if not real.is_relative_to(self.model_root):
             raise invalid(field, f"{path!r} is outside the model directory", R.MODEL_PATH_INVALID)
-        if not (real / "config.json").is_file():
+        try:
+            found = (real / "config.json").is_file()
+        except OSError:  # e.g. ENAMETOOLONG: is_file only swallows "not there"
+            raise invalid(field, f"{path[:200]!r} is not a usable path", R.MODEL_PATH_INVALID) from None
+        if not found:
             raise invalid(field, f"no model directory at {path}")
         return real
 

@@ -15,6 +15,11 @@ trainer_service.gpus); the worker's `CUDA_VISIBLE_DEVICES` is set to exactly tho
 them as cuda:0..n-1 and each torchrun rank takes cuda:LOCAL_RANK (tunewire.devices.resolve_device).
 `CUDA_DEVICE_ORDER=PCI_BUS_ID` (unless set) makes the ids mean what nvidia-smi lists. CPU jobs
 (no ids) share the cores: OMP_NUM_THREADS = threads / ranks, as before.
+
+A launch that cannot start its worker raises (OSError locally, LaunchError from the Kubernetes
+launcher): the scheduler fails that job LAUNCH_FAILED with the message and goes on. At start-up
+the scheduler hands `stop_orphans` the jobs a dead trainer left running: the local launcher
+kills their process groups (if the pid is still theirs).
 """
 
 from __future__ import annotations
@@ -24,10 +29,14 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+import psutil
+
 from trainer_service.spec import JobSpec
+from trainer_service.store import Job
 
 log = logging.getLogger("tunewire.trainer.launcher")
 
@@ -40,9 +49,17 @@ class WorkerHandle(Protocol):
     def kill(self) -> None: ...
 
 
+class LaunchError(Exception):
+    """The worker could not be started; the message says what refused and why."""
+
+
 class Launcher(Protocol):
     async def launch(self, *, job_id: str, job_dir: Path, report_address: str,
                      token: str, gpus: tuple[str, ...] = ()) -> WorkerHandle: ...
+
+    async def stop_orphans(self, jobs: Sequence[Job]) -> object:
+        """At start-up, before any launch: stops the workers an earlier trainer left behind;
+        `jobs` are those the store still held as running (the scheduler re-queues them)."""
 
 
 class _LocalWorker:
@@ -91,6 +108,10 @@ class LocalLauncher:
             out.close()
         return _LocalWorker(proc)
 
+    async def stop_orphans(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            stop_local_orphan(job)
+
 
 def worker_env(token: str, *, threads: int, ranks: int, gpus: tuple[str, ...] = ()) -> dict[str, str]:
     """The environment of a local worker: the trainer's, plus its token, its GPUs, its threads."""
@@ -115,3 +136,17 @@ def num_processes(job_dir: Path) -> int:
     except Exception as e:  # noqa: BLE001 - a bad spec is the worker's to report
         log.warning("cannot read the job's spec: %s", e, extra={"job_dir": str(job_dir)})
         return 1
+
+
+def stop_local_orphan(job: Job) -> None:
+    """Kills the process group of a worker left over from a crashed trainer, if it is still ours."""
+    if not job.worker_pid:
+        return
+    try:
+        proc = psutil.Process(job.worker_pid)
+        if job.id not in " ".join(proc.cmdline()):
+            return  # the pid was reused by something else
+        os.killpg(job.worker_pid, signal.SIGKILL)
+        proc.wait(10)
+    except (psutil.Error, ProcessLookupError, PermissionError):
+        pass

@@ -104,11 +104,20 @@ class Outcome:
     saved: bool = False  # this rank wrote the artifact (rank 0)
 
     def metrics(self) -> dict[str, float]:
-        losses = self.state.losses
-        tail = losses[-min(10, len(losses)):]
-        return {**self.result, "train_loss": sum(losses) / len(losses),
-                "final_loss": sum(tail) / len(tail), "steps": float(self.state.step),
+        return {**self.result, **loss_metrics(self.state.losses), "steps": float(self.state.step),
                 "train_tokens": float(self.state.tokens_seen), "train_seconds": self.train_seconds}
+
+
+TAIL_STEPS = 10  # tail_loss averages the last this-many steps: one step's loss is noisy
+
+
+def loss_metrics(losses: list[float]) -> dict[str, float]:
+    """The job result's loss metrics, from every step's loss in order (what MetricPoints streamed):
+    final_loss is the last step's loss exactly, tail_loss the mean of the last TAIL_STEPS steps,
+    train_loss the mean of all of them (docs/training.md, "Metrics")."""
+    tail = losses[-TAIL_STEPS:]
+    return {"train_loss": sum(losses) / len(losses), "final_loss": losses[-1],
+            "tail_loss": sum(tail) / len(tail)}
 
 
 def prepare_data(spec: JobSpec, tokenizer, reporter: Reporter):

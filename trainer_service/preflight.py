@@ -6,7 +6,10 @@ row problem (up to
 training does, and measures what decides whether the job is worth running: token lengths against
 max_seq_length, how much of each example carries loss and whether its end token is trained,
 exact duplicates, validation examples that also occur in training, and the steps and tokens the
-job will take. Data problems never raise; they are in `errors` and make `ok` false.
+job will take. Data problems never raise; they are in `errors` and make `ok` false. The examples
+that max_seq_length cuts (`truncated_lines`) or leaves with nothing to learn (`dropped_lines`) are
+named by their line or row, numbered as the errors are (the first LINES_LISTED of each; to_dict
+adds how many more there are).
 
     report = validate_dataset("train.jsonl", tokenizer, 512, validation_path="val.jsonl",
                               batch_size=8, num_epochs=3, step_seconds=0.4)
@@ -35,6 +38,7 @@ __all__ = ["DatasetIssue", "DatasetReport", "FitEstimate", "Leakage", "LengthSta
            "validate_dataset"]
 
 SAMPLES = 5  # example pairs kept for duplicates and leakage: enough to find them in the file
+LINES_LISTED = 100  # truncated / dropped lines named in the report; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -91,14 +95,19 @@ class DatasetReport:
     num_classes: int | None
     fit: FitEstimate
     validation_unit: str = "line"
+    truncated_lines: tuple[int, ...] = ()   # the first LINES_LISTED truncated examples' lines (unit)
+    dropped_lines: tuple[int, ...] = ()     # the first LINES_LISTED dropped examples' lines (unit)
 
     @property
     def ok(self) -> bool:
         return self.error_count == 0
 
     def to_dict(self) -> dict:
-        """Plain JSON-ready values (tuples become lists when dumped), plus `ok`."""
-        return {**asdict(self), "ok": self.ok}
+        """Plain JSON-ready values (tuples become lists when dumped), plus `ok` and how many
+        truncated / dropped lines are not listed."""
+        return {**asdict(self), "ok": self.ok,
+                "truncated_lines_unlisted": self.truncated - len(self.truncated_lines),
+                "dropped_lines_unlisted": self.dropped - len(self.dropped_lines)}
 
 
 def validate_dataset(train_path: str | Path, tokenizer, max_seq_length: int, *,
@@ -129,7 +138,7 @@ def validate_dataset(train_path: str | Path, tokenizer, max_seq_length: int, *,
                                               f"data is {train.format}", "validation"))
 
     if train.format == "classification":
-        measured = _measure_classification(examples, tokenizer, max_seq_length)
+        measured = _measure_classification(examples, train.lines, tokenizer, max_seq_length)
     else:
         measured = _measure_lm(examples, train.lines, tokenizer, max_seq_length, eos_ids, issues)
     if examples and measured["kept"] == 0:
@@ -160,7 +169,9 @@ def validate_dataset(train_path: str | Path, tokenizer, max_seq_length: int, *,
         coverage_mean=measured["coverage_mean"], coverage_min=measured["coverage_min"],
         eos_untrained=measured["eos_untrained"], label_counts=labels,
         num_classes=len(labels) if labels is not None else None, fit=fit,
-        validation_unit=val.unit if val is not None else "line")
+        validation_unit=val.unit if val is not None else "line",
+        truncated_lines=tuple(measured["truncated_lines"][:LINES_LISTED]),
+        dropped_lines=tuple(measured["dropped_lines"][:LINES_LISTED]))
 
 
 def _as_trained(scan: FileScan, issues: list[DatasetIssue]) -> list[dict]:
@@ -186,7 +197,7 @@ def _measure_lm(examples: list[dict], lines: list[int], tokenizer, max_seq_lengt
     (the very labels training uses)."""
     ends = end_ids(tokenizer, eos_ids)
     lengths, coverage, tokens, trained_total = [], [], 0, 0
-    truncated = dropped = eos_untrained = 0
+    truncated, dropped, eos_untrained = [], [], 0
     for ex, line in zip(examples, lines):
         try:
             ids, labels = encode_example(ex, tokenizer, eos_ids=eos_ids)
@@ -201,23 +212,27 @@ def _measure_lm(examples: list[dict], lines: list[int], tokenizer, max_seq_lengt
         kept = labels[:max_seq_length]
         trained = trained_tokens(kept)
         if trained == 0:
-            dropped += 1
+            dropped.append(line)
             continue
-        truncated += len(ids) > max_seq_length
+        if len(ids) > max_seq_length:
+            truncated.append(line)
         tokens += len(kept)
         trained_total += trained
         coverage.append(trained / (len(kept) - 1))  # position 0 is never predicted
-    return {"lengths": lengths, "kept": len(coverage), "truncated": truncated, "dropped": dropped,
+    return {"lengths": lengths, "kept": len(coverage), "truncated": len(truncated),
+            "truncated_lines": truncated, "dropped": len(dropped), "dropped_lines": dropped,
             "tokens": tokens, "trained": trained_total, "eos_untrained": eos_untrained,
             "coverage_mean": sum(coverage) / len(coverage) if coverage else None,
             "coverage_min": min(coverage) if coverage else None, "labels": None}
 
 
-def _measure_classification(examples: list[dict], tokenizer, max_seq_length: int) -> dict:
+def _measure_classification(examples: list[dict], lines: list[int], tokenizer,
+                            max_seq_length: int) -> dict:
     # A feature-extraction method reads the text with the tokenizer's own special tokens.
     lengths = [len(tokenizer(ex["text"]).input_ids) for ex in examples]
-    return {"lengths": lengths, "kept": len(examples),
-            "truncated": sum(n > max_seq_length for n in lengths), "dropped": 0,
+    cut = [line for n, line in zip(lengths, lines) if n > max_seq_length]
+    return {"lengths": lengths, "kept": len(examples), "truncated": len(cut),
+            "truncated_lines": cut, "dropped": 0, "dropped_lines": [],
             "tokens": sum(min(n, max_seq_length) for n in lengths), "trained": None,
             "eos_untrained": None, "coverage_mean": None, "coverage_min": None,
             "labels": dict(sorted(Counter(ex["label"] for ex in examples).items()))}

@@ -2,7 +2,9 @@
 
 LoRA adapters and classifier heads are copied into the adapter store as the next version of
 their name, with a checksummed manifest (`tunewire.adapters.publish`); a LoRA adapter is then
-handed to serving (`Handoff.load_adapter`), and when the job declares a JSON schema and a
+handed to serving (`Handoff.load_adapter`: staged on every replica, recorded as the name's
+deployment only when all of them accepted it, then awaited until every replica serves it; the
+result lists each replica's outcome), and when the job declares a JSON schema and a
 validation file, serving also answers the validation prompts with and without the adapter
 (JSON parse rate, schema-valid rate, field accuracy). A full fine-tuned model stays in the job
 directory: serving is started on it rather than hot-loading it.
@@ -16,6 +18,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -32,8 +35,31 @@ class HandoffError(Exception):
     """Serving refused or could not be reached; the message says why."""
 
 
+@dataclass(frozen=True)
+class ReplicaOutcome:
+    """One serving replica's part in a handoff (JobResult.replicas)."""
+    address: str
+    replica_id: str = ""
+    loaded: bool = False      # staged: validated and resident on it
+    serving: bool = False     # it serves the recorded deployment (its generation reached it)
+    reason: str = ""          # its refusal's ErrorInfo reason, or why it is not serving
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class HandoffOutcome:
+    replicas: tuple[ReplicaOutcome, ...]
+    deployment_generation: int = 0   # the record's generation; 0 = nothing recorded (refused)
+    message: str = ""
+
+    @property
+    def refused(self) -> bool:
+        return not self.deployment_generation
+
+
 class Handoff(Protocol):
-    async def load_adapter(self, *, name: str, version: str, uri: str, manifest_sha256: str) -> str: ...
+    async def load_adapter(self, *, name: str, version: str, uri: str, manifest_sha256: str,
+                           adapter_store: Path, source: str) -> HandoffOutcome: ...
     async def generate(self, *, adapter: str, prompt: str, messages: list[dict], max_tokens: int) -> str: ...
 
 
@@ -54,7 +80,9 @@ async def publish(spec: JobSpec, job_id: str, artifact: Path, metrics: dict[str,
         return "FAILED", None, TunewireError(R.PUBLISH_FAILED, f"{type(e).__name__}: {e}")
     result = {"adapter": spec.adapter_name, "version": manifest.version, "uri": str(dest),
               "manifest_sha256": manifest.sha256, "metrics": metrics,
-              "serving_loaded": False, "serving_message": "no serving endpoint configured"}
+              "serving_loaded": False,
+              "serving_message": "publish_only: stored, not handed to serving" if spec.publish_only
+              else "no serving endpoint configured"}
     emit("ADAPTER_PUBLISHED", f"published {spec.adapter_name}@{manifest.version}",
          {"uri": str(dest), "version": manifest.version, "manifest_sha256": manifest.sha256})
     if cancelled():  # cancelled while publishing: no handoff
@@ -62,18 +90,22 @@ async def publish(spec: JobSpec, job_id: str, artifact: Path, metrics: dict[str,
     if spec.method == "feature_extraction":
         result["serving_message"] = "classifier heads are published to the store only"
         return "SUCCEEDED", result, None
-    if handoff is None:
+    if handoff is None or spec.publish_only:  # publish_only: the store only, serving never asked
         return "SUCCEEDED", result, None
     try:
-        msg = await handoff.load_adapter(name=spec.adapter_name, version=manifest.version,
-                                         uri=str(dest), manifest_sha256=manifest.sha256)
+        outcome = await handoff.load_adapter(name=spec.adapter_name, version=manifest.version,
+                                             uri=str(dest), manifest_sha256=manifest.sha256,
+                                             adapter_store=adapter_store, source=f"trainingJobs/{job_id}")
     except HandoffError as e:
-        result["serving_message"] = str(e)
-        emit("SERVING_LOAD_FAILED", str(e))
+        outcome = HandoffOutcome(replicas=(), message=str(e))
+    result.update(serving_message=outcome.message, deployment_generation=outcome.deployment_generation,
+                  replicas=[asdict(r) for r in outcome.replicas])
+    if outcome.refused:  # nothing recorded: every replica keeps serving the previous deployment
+        emit("SERVING_LOAD_FAILED", outcome.message)
         return "FAILED", result, TunewireError(R.HANDOFF_FAILED, f"serving did not load the adapter "
-                                               f"(it stays in the store at {dest}): {e}")
-    result.update(serving_loaded=True, serving_message=msg)
-    emit("SERVING_LOADED", msg)
+                                               f"(it stays in the store at {dest}): {outcome.message}")
+    result.update(serving_loaded=True)
+    emit("SERVING_LOADED", outcome.message, {"deployment_generation": str(outcome.deployment_generation)})
     if spec.json_schema and spec.validation_data:
         result["metrics"] = {**metrics, **await json_eval(spec, handoff, emit)}
     return "SUCCEEDED", result, None

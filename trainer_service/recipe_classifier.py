@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from trainer_service.common import clip_gradients
 from trainer_service.data_readers import DatasetIssue
 from trainer_service.data_rows import load_examples, scan_file
-from trainer_service.loop import Cancelled, Reporter  # one protocol for every recipe
+from trainer_service.loop import Cancelled, Reporter, loss_metrics  # one protocol for every recipe
 from tunewire.adapters import base_model_fingerprint
 from tunewire import devices
 from tunewire import reasons as R
@@ -272,9 +272,7 @@ def run(settings: ClassifierSettings, out_dir: Path, reporter: Reporter,
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    tail = losses[-min(10, len(losses)):]
-    return {"train_loss": sum(losses) / len(losses), "final_loss": sum(tail) / len(tail),
-            **final, "steps": float(step), "train_tokens": float(tokens_seen),
+    return {**loss_metrics(losses), **final, "steps": float(step), "train_tokens": float(tokens_seen),
             "train_seconds": train_seconds, "feature_seconds": feature_seconds,
             "feature_tokens": float(feature_tokens), "examples": float(len(train_rows)),
             "validation_examples": float(len(val_rows)), "truncated_examples": float(truncated),

@@ -29,18 +29,15 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
-import signal
 import time
 from pathlib import Path
 
-import psutil
 from prometheus_client import Counter
 
 from trainer_service.gpus import GpuSettings
 from trainer_service.journal import Journal
-from trainer_service.launcher import Launcher, WorkerHandle
+from trainer_service.launcher import Launcher, WorkerHandle, stop_local_orphan
 from trainer_service.spec import JobSpec
 from trainer_service.results import Results
 from trainer_service.store import Job
@@ -58,6 +55,10 @@ DATASET_FAILURES = Counter("tunewire_trainer_dataset_failures_total",
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+# compared against for a report of an unknown job, so that it costs what a known one does
+_NO_JOB_HASH = token_hash("")
 
 
 class Scheduler:
@@ -79,10 +80,17 @@ class Scheduler:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        for job in self.store.in_states("RUNNING", "PUBLISHING"):
-            # The trainer died while this job ran. Its worker may still be alive, reporting to
-            # nobody: stop it, then resume from the last checkpoint.
-            _stop_orphan(job)
+        orphans = self.store.in_states("RUNNING", "PUBLISHING")
+        # The trainer died while these jobs ran. Their workers may still be alive, reporting to
+        # nobody: the launcher stops them (local: the process groups; kubernetes: every object
+        # it finds by label), then the jobs resume from their last checkpoint.
+        stop = getattr(self.launcher, "stop_orphans", None)
+        if stop:
+            await stop(orphans)
+        else:  # a launcher without the hook: its workers are local processes, if anything
+            for job in orphans:
+                stop_local_orphan(job)
+        for job in orphans:
             self.journal.event(job.id, "REQUEUED", "the trainer restarted while the job ran; it "
                                "resumes from its last checkpoint")
             self.journal.set_state(job.id, "QUEUED", attempts=max(job.attempts - 1, 0))  # not its fault
@@ -136,8 +144,17 @@ class Scheduler:
 
     # -- worker reports --------------------------------------------------------------------
     def authenticate(self, job_id: str, token: str) -> Job:
-        job = self.store.get(job_id)
-        if not token or not hmac.compare_digest(job.token_hash, token_hash(token)):
+        """The job a report is for, if `token` is its current worker's. An unknown job gets the
+        same answer as a bad token (same code, reason, message, and a hash compare all the
+        same), so a caller without a token cannot probe which job ids exist."""
+        try:
+            job: Job | None = self.store.get(job_id)
+        except TunewireError as e:
+            if e.reason != R.JOB_NOT_FOUND:
+                raise
+            job = None
+        expected = job.token_hash if job else _NO_JOB_HASH
+        if not (hmac.compare_digest(expected, token_hash(token)) and token and job):
             raise TunewireError(R.WORKER_TOKEN_INVALID, "bad worker token for this job")
         return job
 
@@ -208,7 +225,9 @@ class Scheduler:
         (job_dir / "spec.json").write_text(job.spec)
         # What the worker cannot know by itself: with serving, JSON evals run there after the handoff.
         # ... and the device setting, which the worker resolves (tunewire.devices.resolve_device).
-        (job_dir / "worker.json").write_text(json.dumps({"serving": self.serving,
+        # A publish_only job is never handed to serving, so its worker runs the JSON eval itself.
+        serving = self.serving and not json.loads(job.spec).get("publish_only", False)
+        (job_dir / "worker.json").write_text(json.dumps({"serving": serving,
                                                          "device": self.gpus.device}))
         token = secrets.token_urlsafe(32)  # a new token per launch: an orphan's reports bounce
         self.store.update(job.id, token_hash=token_hash(token), attempts=job.attempts + 1)
@@ -216,14 +235,17 @@ class Scheduler:
         if gpus:
             self._held[job.id] = gpus  # taken before the first await: the next launch sees them
             log.info("GPUs assigned", extra={"job": job.id, "gpus": ",".join(gpus)})
+        extra: dict = {"gpus": gpus} if gpus else {}
+        if getattr(self.launcher, "numbers_attempts", False):
+            extra["attempt"] = job.attempts + 1  # in the Kubernetes objects' names and labels
         try:
             handle = await self.launcher.launch(job_id=job.id, job_dir=job_dir,
-                                                report_address=self.report_address, token=token,
-                                                **({"gpus": gpus} if gpus else {}))
-        except OSError as e:
+                                                report_address=self.report_address, token=token, **extra)
+        except Exception as e:  # noqa: BLE001 - any launcher failure fails this job, not the loop
             self._held.pop(job.id, None)
+            log.error("launch failed: %s", e, extra={"job": job.id})
             self.journal.set_state(job.id, "FAILED", end_time=time.time(),
-                                   error=TunewireError(R.LAUNCH_FAILED, str(e)).job_error())
+                                   error=TunewireError(R.LAUNCH_FAILED, str(e) or type(e).__name__).job_error())
             return
         except BaseException:
             self._held.pop(job.id, None)
@@ -231,6 +253,8 @@ class Scheduler:
         self._workers[job.id] = handle
         self.store.update(job.id, worker_pid=handle.pid)
         self._exits[job.id] = self.journal.spawn(self._reap(job.id, handle))
+        if self.store.get(job.id).state == "CANCELLING":  # cancelled while the launch was under way
+            self.stop_worker(job.id)
 
     async def _reap(self, job_id: str, handle: WorkerHandle) -> None:
         try:
@@ -271,17 +295,3 @@ def _num_processes(job: Job) -> int:
         return JobSpec.from_json(job.spec).hyperparameters.num_processes
     except Exception:  # noqa: BLE001
         return 1
-
-
-def _stop_orphan(job: Job) -> None:
-    """Kills the process group of a worker left over from a crashed trainer, if it is still ours."""
-    if not job.worker_pid:
-        return
-    try:
-        proc = psutil.Process(job.worker_pid)
-        if job.id not in " ".join(proc.cmdline()):
-            return  # the pid was reused by something else
-        os.killpg(job.worker_pid, signal.SIGKILL)
-        proc.wait(10)
-    except (psutil.Error, ProcessLookupError, PermissionError):
-        pass

@@ -39,6 +39,13 @@ def _inverse(mapping: dict) -> dict:
     return out
 
 
+def _enum(mapping: dict, value: int, field: str):
+    """A proto enum's spec value; proto3 enums are open, so an unknown number is INVALID_ARGUMENT."""
+    if value not in mapping:
+        raise invalid(field, f"unknown value {value}")
+    return mapping[value]
+
+
 def spec_from_proto(job: pb.TrainingJob) -> JobSpec:
     method = job.WhichOneof("method")
     if method is None:
@@ -46,7 +53,8 @@ def spec_from_proto(job: pb.TrainingJob) -> JobSpec:
     m, h = job.lora, job.hyperparameters
     lora = LoraSpec(r=m.r or 8, lora_alpha=m.lora_alpha if m.HasField("lora_alpha") else None,
                     target_modules=tuple(m.target_modules), lora_dropout=m.lora_dropout,
-                    bias=_BIAS[m.bias], use_rslora=m.use_rslora, use_dora=m.use_dora)
+                    bias=_enum(_BIAS, m.bias, "training_job.lora.bias"), use_rslora=m.use_rslora,
+                    use_dora=m.use_dora)
     d = Hyperparameters()
     hp = Hyperparameters(
         learning_rate=h.learning_rate or d.learning_rate, num_epochs=h.num_epochs or d.num_epochs,
@@ -56,9 +64,11 @@ def spec_from_proto(job: pb.TrainingJob) -> JobSpec:
         # unset: the default; 0 is a value (no clipping), not "unset"
         max_grad_norm=h.max_grad_norm if h.HasField("max_grad_norm") else d.max_grad_norm,
         num_processes=h.num_processes or 1, packing=h.packing, num_nodes=h.num_nodes or 1,
-        precision=_PRECISION[h.precision], gradient_checkpointing=h.gradient_checkpointing,
+        precision=_enum(_PRECISION, h.precision, "training_job.hyperparameters.precision"),
+        gradient_checkpointing=h.gradient_checkpointing,
         gradient_accumulation_steps=h.gradient_accumulation_steps or 1,
-        quantization=_QUANTIZATION[h.quantization])
+        quantization=_enum(_QUANTIZATION, h.quantization,
+                           "training_job.hyperparameters.quantization"))
     e = job.eval
     ev = EvalSpec(
         validation_fraction=e.validation_fraction if e.HasField("validation_fraction") else None,
@@ -69,8 +79,9 @@ def spec_from_proto(job: pb.TrainingJob) -> JobSpec:
     return JobSpec(base_model=job.base_model, training_data=job.training_data.path,
                    adapter_name=job.adapter_name, lora=lora, hyperparameters=hp,
                    validation_data=job.validation_data.path, eval=ev, priority=job.priority,
-                   method=method, pooling=_POOLING[job.feature_extraction.pooling],
-                   json_schema=job.json_schema)
+                   method=method, pooling=_enum(_POOLING, job.feature_extraction.pooling,
+                                                "training_job.feature_extraction.pooling"),
+                   json_schema=job.json_schema, publish_only=job.publish_only)
 
 
 def job_to_proto(job: Job) -> pb.TrainingJob:
@@ -89,7 +100,7 @@ def job_to_proto(job: Job) -> pb.TrainingJob:
             precision=_inverse(_PRECISION)[h.precision], gradient_checkpointing=h.gradient_checkpointing,
             gradient_accumulation_steps=h.gradient_accumulation_steps,
             quantization=_inverse(_QUANTIZATION)[h.quantization]),
-        json_schema=spec.json_schema,
+        json_schema=spec.json_schema, publish_only=spec.publish_only,
         validation_data=pb.DatasetRef(path=spec.validation_data) if spec.validation_data else None,
         eval=pb.EvalSettings(validation_fraction=spec.eval.validation_fraction,
                              eval_every_steps=spec.eval.eval_every_steps,
@@ -176,6 +187,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def ListTrainingJobs(self, request, context):
         state = None
         if request.state:
+            if request.state not in pb.TrainingJob.State.values():  # proto3 enums are open
+                raise invalid("state", f"unknown state {request.state}")
             state = pb.TrainingJob.State.Name(request.state).removeprefix("STATE_")
         jobs, nxt = self.jobs.list(state=state, page_size=request.page_size,
                                    page_token=request.page_token)
@@ -254,6 +267,8 @@ class WorkerServicer(worker_pb2_grpc.TrainerWorkerServiceServicer):
                                              for f in pb.MetricPoint.DESCRIPTOR.fields})
         elif kind == "event":
             ev = request.event
+            if ev.type not in pb.JobEvent.Type.values():  # an enum value this trainer does not know
+                raise invalid("event.type", f"unknown event type {ev.type}")
             self.scheduler.report_event(job_id, pb.JobEvent.Type.Name(ev.type).removeprefix("TYPE_"),
                                    ev.message, dict(ev.data), dict(ev.metrics))
         elif kind == "finished":

@@ -149,6 +149,7 @@ class JobSpec:
     method: str = "lora"                      # lora | full | feature_extraction
     pooling: str = "mean"                     # feature_extraction: mean | last
     json_schema: str = ""                     # JSON schema of completions: enables JSON evals
+    publish_only: bool = False                # store only: no handoff, no serving check at create
 
     def __post_init__(self):
         if not self.base_model:

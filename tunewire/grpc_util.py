@@ -3,6 +3,10 @@
 - Servicers raise `tunewire.errors.TunewireError`; the interceptor turns it into the canonical
   status with `google.rpc` details (tunewire/status.py). Anything else becomes INTERNAL without
   a traceback for the client.
+- It also checks each request message first: over `max_message_bytes` is RESOURCE_EXHAUSTED
+  MESSAGE_TOO_LARGE (`server_options` puts gRPC's own cap above it, so the client gets
+  tunewire's details), bytes that do not parse are INVALID_ARGUMENT REQUEST_UNDECODABLE, on
+  every method, request streams included; one log line, no traceback.
 - The interceptor also counts and times every RPC (`grpc_server_handled_total`,
   `grpc_server_handling_seconds`) and logs one structured line per RPC with its request id.
 - `run_server` wires health (NOT_SERVING until `startup` finishes and again while draining),
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 import time
@@ -60,23 +65,94 @@ def _request_id(request, context) -> str:
     return rid if isinstance(rid, str) and rid else uuid.uuid4().hex[:16]
 
 
+# gRPC core refuses a message over its receive limit before any handler runs, with a bare status
+# and none of tunewire's details. So the core limit sits above `max_message_bytes` and the
+# interceptor refuses what lies between with MESSAGE_TOO_LARGE and the limit; the core limit stays
+# a hard cap on what one message may cost in memory (docs/operations.md "Limits").
+CORE_RECEIVE_LIMIT_HEADROOM = 1 << 20
+
+
+def core_receive_limit(max_message_bytes: int) -> int:
+    """gRPC core's receive limit for a service whose messages may be up to `max_message_bytes`."""
+    return 2 * max_message_bytes + CORE_RECEIVE_LIMIT_HEADROOM
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """The grpc.aio.server options for `max_message_bytes` (pair with ServerInterceptor(same)).
+    Answers get the same hard cap: one may carry a request at the limit back (reflection echoes
+    it), and a send over the cap fails with a bare status and an error in the log."""
+    cap = core_receive_limit(max_message_bytes)
+    return [("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", cap)]
+
+
+class _BadRequest:
+    """What a request deserializer returns instead of raising: raising there would answer
+    UNKNOWN (INTERNAL mid-stream) with a traceback in the log, before any interceptor code runs.
+    The wrapped behaviour raises `error` when it meets one."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: TunewireError):
+        self.error = error
+
+
+def _checked_deserializer(deserialize, limit: int | None):
+    """`deserialize` that turns an over-size or undecodable message into a `_BadRequest`."""
+    message_type = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    type_name = message_type.full_name if message_type is not None else "request"
+
+    def run(raw: bytes):
+        if limit is not None and len(raw) > limit:
+            return _BadRequest(TunewireError(
+                R.MESSAGE_TOO_LARGE, f"a request message of {len(raw)} bytes is over the limit of "
+                f"{limit} bytes", metadata={"limit_bytes": str(limit), "size_bytes": str(len(raw))}))
+        if deserialize is None:
+            return raw
+        try:
+            return deserialize(raw)
+        except Exception as e:  # noqa: BLE001 - DecodeError, invalid UTF-8, too deep, ...
+            return _BadRequest(TunewireError(
+                R.REQUEST_UNDECODABLE, f"the request bytes are not a valid {type_name} message "
+                f"({type(e).__name__})", metadata={"message_type": type_name}))
+    return run
+
+
+async def _checked_requests(requests):
+    """A request stream that raises the error of the first bad message where it comes out."""
+    async for request in requests:
+        if isinstance(request, _BadRequest):
+            raise request.error
+        yield request
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Error mapping + metrics + request-id logging around every unary and server-stream RPC."""
+    """Error mapping + metrics + request-id logging around every RPC, and the request checks:
+    a message over `max_message_bytes` (None = no check) is RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE,
+    bytes that do not parse are INVALID_ARGUMENT REQUEST_UNDECODABLE, for every kind of method
+    (a bad message in a request stream fails the call where the servicer reads it)."""
+
+    def __init__(self, max_message_bytes: int | None = None):
+        self.max_message_bytes = max_message_bytes
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or handler.stream_stream:
+        if handler is None:
             return handler
         _, service, method = details.method.split("/")
         # health probes, reflection and per-step worker reports: count them, but do not log each
         quiet = service.startswith("grpc.") or service.endswith(".TrainerWorkerService")
+        ser = dict(request_deserializer=_checked_deserializer(handler.request_deserializer,
+                                                              self.max_message_bytes),
+                   response_serializer=handler.response_serializer)
 
         @contextlib.asynccontextmanager
         async def guard(request, context):
             started = time.perf_counter()
             request_id_var.set(_request_id(request, context))
-            code = grpc.StatusCode.OK
+            code, reason = grpc.StatusCode.OK, ""
             try:
+                if isinstance(request, _BadRequest):
+                    raise request.error
                 yield
             except grpc.aio.AbortError:  # the servicer aborted by itself
                 code = context.code() or grpc.StatusCode.UNKNOWN
@@ -84,19 +160,28 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             except asyncio.CancelledError:  # the client went away
                 code = grpc.StatusCode.CANCELLED
                 raise
+            except NotImplementedError:
+                if context.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise  # a bug: the handler below maps it to INTERNAL
+                # a generated servicer base class without this method (e.g. Health.List)
+                code = grpc.StatusCode.UNIMPLEMENTED
+                await context.abort(code, f"{details.method} is not implemented")
             except Exception as e:  # noqa: BLE001 - mapped, never leaked as a traceback
                 if not isinstance(e, TunewireError):
                     log.exception("unhandled error in %s", details.method)
                     e = TunewireError(R.INTERNAL, f"internal error: {type(e).__name__}")
+                reason = str(e.reason)
                 code, msg, trailers = status_of(e)
                 await context.abort(code, msg, trailing_metadata=trailers)
             finally:
                 elapsed = time.perf_counter() - started
                 HANDLED.labels(service, method, code.name).inc()
                 LATENCY.labels(service, method).observe(elapsed)
-                if not quiet:
+                # bad bytes are logged even on quiet services: one line, no traceback
+                if not quiet or reason in (R.REQUEST_UNDECODABLE, R.MESSAGE_TOO_LARGE):
                     log.info("rpc", extra={"rpc": details.method, "code": code.name,
-                                           "ms": round(1000 * elapsed, 1)})
+                                           "ms": round(1000 * elapsed, 1),
+                                           **({"reason": reason} if reason else {})})
 
         if handler.unary_unary:
             inner = handler.unary_unary
@@ -105,20 +190,33 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 async with guard(request, context):
                     return await inner(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(unary, **ser)
 
         if handler.stream_unary:  # client streaming (uploads): the request is an async iterator
             inner_upload = handler.stream_unary
 
             async def upload(requests, context):
                 async with guard(None, context):
-                    return await inner_upload(requests, context)
+                    return await inner_upload(_checked_requests(requests), context)
 
-            return grpc.stream_unary_rpc_method_handler(
-                upload, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+            return grpc.stream_unary_rpc_method_handler(upload, **ser)
+
+        # A response stream comes from an async generator, or from a coroutine that calls
+        # context.write (grpc's Health.Watch): the wrapper must be the same kind as the handler.
+        if handler.stream_stream:  # reflection
+            inner_bidi = handler.stream_stream
+
+            async def bidi(requests, context):
+                async with guard(None, context):
+                    async for item in inner_bidi(_checked_requests(requests), context):
+                        yield item
+
+            async def bidi_writes(requests, context):
+                async with guard(None, context):
+                    await inner_bidi(_checked_requests(requests), context)
+
+            return grpc.stream_stream_rpc_method_handler(
+                bidi if inspect.isasyncgenfunction(inner_bidi) else bidi_writes, **ser)
 
         inner_stream = handler.unary_stream
 
@@ -127,9 +225,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 async for item in inner_stream(request, context):
                     yield item
 
+        async def stream_writes(request, context):
+            async with guard(request, context):
+                await inner_stream(request, context)
+
         return grpc.unary_stream_rpc_method_handler(
-            stream, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+            stream if inspect.isasyncgenfunction(inner_stream) else stream_writes, **ser)
+
+
+# The process exit statuses run_server returns (tunewire/cli/serve.py adds 2: a bad setting);
+# docs/operations.md "Start, health and shutdown" has the table.
+EXIT_STOPPED = 0  # stopped by SIGTERM/SIGINT after a drain
+EXIT_FAILED = 1   # could not start: a port that cannot be bound, `startup` failed
+EXIT_DIED = 3     # served, then `watch` said it cannot serve any more (serving: the engine died)
 
 
 async def run_server(*, name: str, host: str, port: int, metrics_port: int,
@@ -139,17 +247,19 @@ async def run_server(*, name: str, host: str, port: int, metrics_port: int,
                      shutdown: Callable[[], Awaitable[None]] | None = None,
                      drain_seconds: float = 5.0, stop_grace_seconds: float = 30.0,
                      max_message_bytes: int = 64 << 20,
-                     security: ServerSecurity | None = None, health_port: int = 0) -> int:
+                     security: ServerSecurity | None = None, health_port: int = 0,
+                     watch: Callable[[], Awaitable[str]] | None = None) -> int:
     """Serves until SIGTERM/SIGINT, then drains: health NOT_SERVING for `drain_seconds` (load
     balancers notice while requests are still answered), then stop with `stop_grace_seconds`
-    for in-flight RPCs, then `shutdown`. Returns the process exit status: 0 after a stop, 1 when
-    a port cannot be bound or `startup` failed (the service then shuts down at once: Kubernetes
-    restarts it)."""
+    for in-flight RPCs, then `shutdown`. `watch`, awaited once `startup` finished, returns (why)
+    when the service can no longer serve (serving's engine died): health turns NOT_SERVING at
+    once, then the same drain and stop. Returns the process exit status: EXIT_STOPPED after a
+    stop, EXIT_FAILED when a port cannot be bound or `startup` failed (the service then shuts
+    down at once), EXIT_DIED after `watch` returned; Kubernetes restarts the last two."""
     security = security or ServerSecurity()
     # the token check sits inside ServerInterceptor, so refusals are counted and logged too
-    server = grpc.aio.server(interceptors=[ServerInterceptor(), *security.interceptors()], options=[
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes)])
+    server = grpc.aio.server(interceptors=[ServerInterceptor(max_message_bytes), *security.interceptors()],
+                             options=server_options(max_message_bytes))
     health = HealthServicer()
     probes = grpc.aio.server() if health_port else None
     try:  # every port is bound before anything serves: one taken port = a clean exit status 1
@@ -165,7 +275,7 @@ async def run_server(*, name: str, host: str, port: int, metrics_port: int,
                                                    "metrics_port": metrics_port, "health_port": health_port})
         if shutdown:
             await shutdown()
-        return 1
+        return EXIT_FAILED
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for svc in ["", *services]:  # NOT_SERVING until startup() finishes
         await health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -184,22 +294,38 @@ async def run_server(*, name: str, host: str, port: int, metrics_port: int,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    async def start_then_serve():
+    served = False
+
+    async def start_then_serve() -> int:
+        nonlocal served
         if startup:
             await startup()
         for svc in ["", *services]:
             await health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        served = True
         log.info("serving", extra={"service": name})
+        if watch is None:
+            return await asyncio.Future()  # serves until stopped
+        why = await watch()
+        await health.enter_graceful_shutdown()  # NOT_SERVING now, before the drain
+        log.error("cannot serve any more: %s", why, extra={"service": name})
+        return EXIT_DIED
 
     starter = asyncio.create_task(start_then_serve())
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({starter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    failed = starter in done and starter.exception() is not None
-    if failed:
-        log.error("start-up failed: %s", starter.exception())
+    status = EXIT_STOPPED
+    if starter in done:
+        error = starter.exception()
+        if error is not None and not served:
+            log.error("start-up failed: %s", error)
+        elif error is not None:  # watch() itself failed: the service cannot vouch for itself
+            log.error("cannot serve any more: %s", error, extra={"service": name})
+        status = EXIT_FAILED if error is not None and not served else EXIT_DIED
         stop.set()
-        drain_seconds = 0.0  # nothing was served: no load balancer to warn
     await stop.wait()
+    if not served:  # stopped (or failed) during start-up: no load balancer to warn
+        drain_seconds = 0.0
     starter.cancel()
     stopper.cancel()
     log.info("draining", extra={"service": name, "drain_seconds": drain_seconds})
@@ -212,5 +338,5 @@ async def run_server(*, name: str, host: str, port: int, metrics_port: int,
         await probes.stop(0)
     if shutdown:
         await shutdown()
-    log.info("stopped", extra={"service": name, "exit_status": int(failed)})
-    return int(failed)
+    log.info("stopped", extra={"service": name, "exit_status": status})
+    return status

@@ -107,6 +107,10 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return handler if err is None else _refusal(handler, err)
 
 
+def _unread(raw: bytes) -> bytes:
+    return raw
+
+
 def _refusal(handler: grpc.RpcMethodHandler, err: TunewireError) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that only aborts with `err` (the servicer never
     runs, a client stream is never read)."""
@@ -119,8 +123,9 @@ def _refusal(handler: grpc.RpcMethodHandler, err: TunewireError) -> grpc.RpcMeth
         await context.abort(code, message, trailing_metadata=trailers)
         yield  # pragma: no cover - unreachable
 
-    ser = dict(request_deserializer=handler.request_deserializer,
-               response_serializer=handler.response_serializer)
+    # the request is never read, so never parsed: an unauthenticated caller learns nothing from
+    # how its bytes parse (ServerInterceptor still refuses an over-size message first)
+    ser = dict(request_deserializer=_unread, response_serializer=handler.response_serializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(deny, **ser)
     if handler.unary_stream:

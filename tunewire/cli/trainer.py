@@ -85,7 +85,7 @@ def _job(args):
             schema = f.read()
     return pb.TrainingJob(
         base_model=args.base_model, adapter_name=args.adapter_name, eval=ev, priority=args.priority,
-        json_schema=schema, training_data=pb.DatasetRef(path=args.data),
+        json_schema=schema, training_data=pb.DatasetRef(path=args.data), publish_only=args.publish_only,
         validation_data=pb.DatasetRef(path=args.validation_data) if args.validation_data else None,
         hyperparameters=pb.Hyperparameters(
             learning_rate=args.lr, num_epochs=args.epochs, max_steps=args.max_steps,
@@ -125,7 +125,13 @@ def cmd_datasets(args) -> int:
         max_seq_length=args.max_seq_length, batch_size=args.batch_size, max_steps=args.max_steps,
         measure_step_time=args.time)).report
     d = MessageToDict(report, preserving_proto_field_name=True)
-    d.pop("details_json", None)
+    details = json.loads(d.pop("details_json", "") or "{}")
+    # The lines max_seq_length cuts or drops are only in the details: name them too.
+    for key in ("truncated_lines", "dropped_lines"):
+        if details.get(key):
+            d[key] = details[key]
+            if details.get(f"{key}_unlisted"):
+                d[f"{key}_unlisted"] = details[f"{key}_unlisted"]
     print(json.dumps(d, indent=2))
     return 0 if report.ok else 1
 
@@ -143,7 +149,10 @@ def add_parser(sub) -> None:
     c.add_argument("--dropout", type=float, default=0.05)
     c.add_argument("--bias", default="none", choices=["none", "all", "lora_only"])
     c.add_argument("--rslora", action="store_true")
-    c.add_argument("--dora", action="store_true", help="DoRA (trains; vLLM cannot serve it)")
+    c.add_argument("--dora", action="store_true", help="DoRA (vLLM cannot serve it: with --publish-only)")
+    c.add_argument("--publish-only", action="store_true",
+                   help="publish to the adapter store only: no handoff to serving, so the job is not "
+                        "checked against what serving can load (rank, targets, DoRA, bias)")
     c.add_argument("--json-schema", default="", help="local file: JSON schema of completions (JSON evals)")
     for name, typ in [("lr", float), ("epochs", int), ("warmup-steps", int), ("seed", int)]:
         c.add_argument(f"--{name}", type=typ, default=0, help="0 = the trainer's default")
