@@ -246,6 +246,12 @@ def test_run_server_watch_turns_health_not_serving_and_exits_3():
             if await check(f"127.0.0.1:{port}") == SERVING:
                 break
             await asyncio.sleep(0.02)
+        # the probe port has the main port's edge: bytes that do not parse are a tunewire error
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as ch:
+            raw = ch.unary_unary("/grpc.health.v1.Health/Check")  # no serializers: raw bytes
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await raw(b"\xff\xff\xff", timeout=2)
+            seen["undecodable"] = [bad.value.code(), error_info(bad.value)[0]]
         died.set()
         t0 = time.monotonic()
         while time.monotonic() - t0 < 0.5 and await check(f"127.0.0.1:{port}") != NOT_SERVING:
@@ -256,4 +262,5 @@ def test_run_server_watch_turns_health_not_serving_and_exits_3():
         return await asyncio.wait_for(server, 30)
 
     assert asyncio.run(scenario()) == EXIT_DIED
-    assert seen == {"main": [NOT_SERVING], "probe": [NOT_SERVING]}
+    assert seen == {"main": [NOT_SERVING], "probe": [NOT_SERVING],
+                    "undecodable": [grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_UNDECODABLE"]}

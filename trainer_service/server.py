@@ -25,7 +25,7 @@ from trainer_service.store import JobStore
 from tunewire import deployments
 from tunewire import reasons as R
 from tunewire.errors import TunewireError
-from tunewire.grpc_util import ServerInterceptor, run_server
+from tunewire.grpc_util import ServerInterceptor, run_server, server_options
 from tunewire.status import error_info
 from tunewire.logs import setup_logging
 from tunewire.security import ServerSecurity, channel
@@ -216,7 +216,8 @@ async def serve(cfg: TrainerConfig) -> int:
     # With TLS on, workers (local subprocesses) report on a plaintext port bound to loopback
     # that serves only TrainerWorkerService, so they need no CA or client certificate: nothing
     # outside this pod/host can reach it, and each report still carries its per-job token.
-    reports = grpc.aio.server(interceptors=[ServerInterceptor()]) if security.tls else None
+    reports = grpc.aio.server(interceptors=[ServerInterceptor(cfg.max_message_bytes)],
+                              options=server_options(cfg.max_message_bytes)) if security.tls else None
 
     def add(server: grpc.aio.Server, port: int):
         # Workers report to the bound port (known only after binding when cfg.port is 0).

@@ -261,7 +261,9 @@ async def run_server(*, name: str, host: str, port: int, metrics_port: int,
     server = grpc.aio.server(interceptors=[ServerInterceptor(max_message_bytes), *security.interceptors()],
                              options=server_options(max_message_bytes))
     health = HealthServicer()
-    probes = grpc.aio.server() if health_port else None
+    # the probe port gets the same edge (bad bytes, sizes) as the main one
+    probes = grpc.aio.server(interceptors=[ServerInterceptor(max_message_bytes)],
+                             options=server_options(max_message_bytes)) if health_port else None
     try:  # every port is bound before anything serves: one taken port = a clean exit status 1
         bound = security.add_port(server, f"{host}:{port}")
         services = list(add_servicers(server, bound))  # they may need the bound port (port 0)
