@@ -226,7 +226,7 @@ class Scheduler:
         # What the worker cannot know by itself: with serving, JSON evals run there after the handoff.
         # ... and the device setting, which the worker resolves (tunewire.devices.resolve_device).
         # A publish_only job is never handed to serving, so its worker runs the JSON eval itself.
-        serving = self.serving and not json.loads(job.spec).get("publish_only", False)
+        serving = self.serving and not JobSpec.from_json(job.spec).publish_only
         (job_dir / "worker.json").write_text(json.dumps({"serving": serving,
                                                          "device": self.gpus.device}))
         token = secrets.token_urlsafe(32)  # a new token per launch: an orphan's reports bounce
