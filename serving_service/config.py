@@ -43,6 +43,10 @@ class ServingConfig(EngineConfig):
     tls_key_file: str = ""             # PEM private key of tls_cert_file
     tls_client_ca_file: str = ""       # PEM CA: clients need a certificate it signed (mTLS)
     health_port: int = 0               # extra plaintext port with only grpc.health.v1 (0 = off)
+    # The OpenAI-compatible HTTP API (serving_service/openai_http.py): same engine, admission,
+    # adapters, token and TLS as gRPC, on its own port
+    http_port: int = 0                 # /v1/chat/completions, /v1/completions, /v1/models (0 = off)
+    served_model_name: str = ""        # the base model's `model` name over HTTP; "" = the model directory's name
     # Deployments across replicas (serving_service/deployment_sync.py)
     deployment_poll_seconds: float = 0.25  # how often the store's deployment record is checked:
     # it bounds how far this replica lags behind a deployment another replica or the trainer made
@@ -64,6 +68,9 @@ class ServingConfig(EngineConfig):
             raise ValueError("default_max_tokens must be <= max_model_len")
         if not 0 <= self.health_port <= 65535 or (self.health_port and self.health_port == self.port):
             raise ValueError("health_port must be in [0, 65535] and differ from port")
+        if not 0 <= self.http_port <= 65535 or (self.http_port and self.http_port in (
+                self.port, self.health_port, self.metrics_port)):
+            raise ValueError("http_port must be in [0, 65535] and differ from port, health_port and metrics_port")
         if not 0 < self.deployment_poll_seconds <= 60:
             raise ValueError("deployment_poll_seconds must be in (0, 60]")
         check_settings(self)
@@ -71,6 +78,10 @@ class ServingConfig(EngineConfig):
     def replica_name(self) -> str:
         """replica_id, else the pod's name (Kubernetes' downward API sets POD_NAME), else the host's."""
         return self.replica_id or os.environ.get("POD_NAME", "") or socket.gethostname()
+
+    def base_model_name(self) -> str:
+        """What `model` names the base model as over HTTP (GET /v1/models lists it)."""
+        return self.served_model_name or os.path.basename(os.path.normpath(self.model))
 
     def engine_config(self) -> EngineConfig:
         """The engine's settings out of these (already checked)."""

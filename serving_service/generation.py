@@ -34,13 +34,16 @@ from tunewire import reasons as R
 from tunewire.chat import ROLES, render_prompt
 from tunewire.errors import TunewireError, invalid
 
-REQUESTS = Counter("tunewire_serving_requests_total", "Generation requests by adapter and outcome.",
-                   ["adapter", "outcome"])
-TTFT = Histogram("tunewire_serving_ttft_seconds", "Time to first token.", ["adapter"],
+# `frontend` is the API the request came through (FRONTENDS): one engine serves both.
+REQUESTS = Counter("tunewire_serving_requests_total", "Generation requests by adapter, outcome and front end.",
+                   ["adapter", "outcome", "frontend"])
+TTFT = Histogram("tunewire_serving_ttft_seconds", "Time to first token.", ["adapter", "frontend"],
                  buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-LATENCY = Histogram("tunewire_serving_e2e_latency_seconds", "End-to-end generation latency.", ["adapter"],
-                    buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
-TOKENS = Counter("tunewire_serving_tokens_total", "Prompt and completion tokens.", ["adapter", "kind"])
+LATENCY = Histogram("tunewire_serving_e2e_latency_seconds", "End-to-end generation latency.",
+                    ["adapter", "frontend"], buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
+TOKENS = Counter("tunewire_serving_tokens_total", "Prompt and completion tokens.", ["adapter", "kind", "frontend"])
+FRONTENDS = ("grpc", "http")  # ServingService over gRPC; the OpenAI-compatible HTTP API
+MAX_BATCH = 64  # requests in one BatchGenerate, prompts x n in one HTTP completion
 
 
 class LabelLimiter:
@@ -81,6 +84,7 @@ class GenerationRequest:
     request_id: str = ""
     time_limit_ms: int = 0                        # 0 = none
     deadline: float | None = None                 # time.monotonic() of the gRPC deadline, if any
+    frontend: str = "grpc"                        # one of FRONTENDS: the metrics' label
 
 
 @dataclass
@@ -199,7 +203,7 @@ class Generator:
                                                     "request was aborted")
                             if first is None and (d.text or d.completion_tokens):
                                 first = time.perf_counter()
-                                TTFT.labels(label).observe(first - started)
+                                TTFT.labels(label, req.frontend).observe(first - started)
                             chunk = Chunk(text=d.text, prompt_tokens=d.prompt_tokens,
                                           completion_tokens=d.completion_tokens, request_id=rid,
                                           adapter=adapter.name if adapter else "",
@@ -217,9 +221,9 @@ class Generator:
                                     ok, why = check_output(c, "".join(parts), d.finish_reason)
                                     chunk.structured_output_valid, chunk.structured_output_error = ok, why
                                     STRUCTURED.labels(c.kind, str(ok).lower()).inc()
-                                LATENCY.labels(label).observe(end - started)
-                                TOKENS.labels(label, "prompt").inc(d.prompt_tokens)
-                                TOKENS.labels(label, "completion").inc(d.completion_tokens)
+                                LATENCY.labels(label, req.frontend).observe(end - started)
+                                TOKENS.labels(label, "prompt", req.frontend).inc(d.prompt_tokens)
+                                TOKENS.labels(label, "completion", req.frontend).inc(d.completion_tokens)
                                 outcome = "ok" if d.finish_reason != "abort" else "aborted"
                             yield chunk
                     finally:
@@ -236,7 +240,7 @@ class Generator:
                        "DEADLINE_EXCEEDED": "deadline"}.get(e.code, "error")
             raise
         finally:
-            REQUESTS.labels(label, outcome).inc()
+            REQUESTS.labels(label, outcome, req.frontend).inc()
 
 
 def _check_engine(engine) -> None:

@@ -13,7 +13,7 @@ from google.rpc import code_pb2
 from serving_service.adapter_versions import AdapterInfo
 from serving_service.classify import HeadClassifier, resolve_head
 from serving_service.deployment_sync import DeploymentSync
-from serving_service.generation import Chunk, GenerationRequest, Generator
+from serving_service.generation import MAX_BATCH, Chunk, GenerationRequest, Generator
 from serving_service.registry import AdapterRegistry
 from tunewire import paging
 from tunewire.errors import TunewireError, invalid
@@ -23,7 +23,6 @@ from tunewire.serving.v1 import serving_pb2_grpc
 
 _FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
            "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
-MAX_BATCH = 64
 
 
 def request_from_proto(r, context=None) -> GenerationRequest:

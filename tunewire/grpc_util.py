@@ -13,6 +13,8 @@
   reflection and the Prometheus HTTP endpoint, and turns SIGTERM/SIGINT into a graceful drain.
   With a `ServerSecurity` (tunewire/security.py) it binds with TLS/mTLS and checks the bearer
   token; `health_port` adds a plaintext, health-only listener for probes that cannot speak TLS.
+  `frontends` (a `Frontend` each: serving's OpenAI-compatible HTTP API) are bound, started,
+  marked serving and drained with the gRPC server.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Protocol
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -233,6 +236,22 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             stream if inspect.isasyncgenfunction(inner_stream) else stream_writes, **ser)
 
 
+class Frontend(Protocol):
+    """Another API on its own port, run beside the gRPC server by `run_server`."""
+
+    def bind(self) -> None:
+        """Takes the port (OSError when it cannot): called with the gRPC ports, before serving."""
+
+    async def start(self) -> None:
+        """Starts answering (requests before the engine is ready get 503, like gRPC's UNAVAILABLE)."""
+
+    def set_serving(self, serving: bool) -> None:
+        """Follows the health status: SERVING after start-up, NOT_SERVING while draining."""
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Stops accepting, lets in-flight requests finish for up to `grace_seconds`, closes."""
+
+
 # The process exit statuses run_server returns (tunewire/cli/serve.py adds 2: a bad setting);
 # docs/operations.md "Start, health and shutdown" has the table.
 EXIT_STOPPED = 0  # stopped by SIGTERM/SIGINT after a drain
@@ -248,7 +267,8 @@ async def run_server(*, name: str, host: str, port: int, metrics_port: int,
                      drain_seconds: float = 5.0, stop_grace_seconds: float = 30.0,
                      max_message_bytes: int = 64 << 20,
                      security: ServerSecurity | None = None, health_port: int = 0,
-                     watch: Callable[[], Awaitable[str]] | None = None) -> int:
+                     watch: Callable[[], Awaitable[str]] | None = None,
+                     frontends: Sequence[Frontend] = ()) -> int:
     """Serves until SIGTERM/SIGINT, then drains: health NOT_SERVING for `drain_seconds` (load
     balancers notice while requests are still answered), then stop with `stop_grace_seconds`
     for in-flight RPCs, then `shutdown`. `watch`, awaited once `startup` finished, returns (why)
@@ -272,6 +292,8 @@ async def run_server(*, name: str, host: str, port: int, metrics_port: int,
             probes.add_insecure_port(f"{host}:{health_port}")
         if metrics_port:
             start_http_server(metrics_port, addr=host)
+        for frontend in frontends:
+            frontend.bind()
     except (OSError, RuntimeError) as e:  # grpc raises RuntimeError("Failed to bind ...")
         log.error("start-up failed: %s", e, extra={"service": name, "port": port,
                                                    "metrics_port": metrics_port, "health_port": health_port})
@@ -287,6 +309,8 @@ async def run_server(*, name: str, host: str, port: int, metrics_port: int,
     await server.start()
     if probes:
         await probes.start()
+    for frontend in frontends:
+        await frontend.start()
     log.info("listening", extra={"service": name, "port": bound, "metrics_port": metrics_port,
                                  "tls": security.tls, "mtls": bool(security.client_ca_file),
                                  "token_auth": bool(security.token_file), "health_port": health_port})
@@ -304,12 +328,16 @@ async def run_server(*, name: str, host: str, port: int, metrics_port: int,
             await startup()
         for svc in ["", *services]:
             await health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        for frontend in frontends:
+            frontend.set_serving(True)
         served = True
         log.info("serving", extra={"service": name})
         if watch is None:
             return await asyncio.Future()  # serves until stopped
         why = await watch()
         await health.enter_graceful_shutdown()  # NOT_SERVING now, before the drain
+        for frontend in frontends:
+            frontend.set_serving(False)
         log.error("cannot serve any more: %s", why, extra={"service": name})
         return EXIT_DIED
 
@@ -332,10 +360,14 @@ async def run_server(*, name: str, host: str, port: int, metrics_port: int,
     stopper.cancel()
     log.info("draining", extra={"service": name, "drain_seconds": drain_seconds})
     await health.enter_graceful_shutdown()
+    for frontend in frontends:
+        frontend.set_serving(False)
     if drain:
         await drain()
     await asyncio.sleep(drain_seconds)
-    await server.stop(stop_grace_seconds)
+    # both APIs stop together: in-flight requests on either get the same grace
+    await asyncio.gather(server.stop(stop_grace_seconds),
+                         *(frontend.stop(stop_grace_seconds) for frontend in frontends))
     if probes:
         await probes.stop(0)
     if shutdown:

@@ -20,6 +20,11 @@ from pathlib import Path
 CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED",
          "DEADLINE_EXCEEDED", "UNAVAILABLE", "UNAUTHENTICATED", "INTERNAL")
 DOMAIN = "tunewire"  # ErrorInfo.domain of every reason
+# The HTTP status each code becomes on serving's OpenAI-compatible API: google.rpc's own mapping
+# (google/rpc/code.proto), which is also what OpenAI clients expect (400, 401, 404, 429, 503).
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 400,
+               "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429, "DEADLINE_EXCEEDED": 504,
+               "UNAVAILABLE": 503, "UNAUTHENTICATED": 401, "INTERNAL": 500}
 
 
 class Reason(str):
@@ -62,11 +67,11 @@ def table() -> str:
 
 def by_code() -> str:
     """The README's summary: the reasons each status code carries."""
-    rows = ["| status code | reasons |", "|---|---|"]
+    rows = ["| status code | HTTP | reasons |", "|---|---|---|"]
     for code in (*CODES, None):
         names = [f"`{r}`" for r in ALL.values() if r.code == code]
         if names:
-            rows.append(f"| {code or 'job error only'} | {', '.join(names)} |")
+            rows.append(f"| {code or 'job error only'} | {HTTP_STATUS.get(code, '')} | {', '.join(names)} |")
     return "\n".join(rows)
 
 

@@ -82,22 +82,33 @@ class _TokenFile:
         return self._token
 
 
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses RPCs without `authorization: Bearer <token>` (unary and streaming alike)."""
+class BearerToken:
+    """The one check of an `authorization` value against the token file, for gRPC metadata and
+    HTTP headers alike."""
 
     def __init__(self, token_file: str):
         self.token = _TokenFile(token_file)
 
-    def check(self, metadata) -> TunewireError | None:
-        header = next((v for k, v in metadata or () if k == "authorization"), "")
+    def check(self, header) -> TunewireError | None:
+        """None when `header` (the authorization value, "" or None when absent) carries the token."""
         scheme, _, given = (header if isinstance(header, str) else "").partition(" ")
         if not header or (scheme.lower() == "bearer" and not given.strip()):
-            return TunewireError(R.TOKEN_MISSING, "missing 'authorization: Bearer <token>' metadata")
+            return TunewireError(R.TOKEN_MISSING, "missing 'authorization: Bearer <token>'")
         # compare_digest: the time taken must not tell how much of a guess was right
         if scheme.lower() != "bearer" or not hmac.compare_digest(
                 given.strip().encode(), self.token.get().encode()):
             return TunewireError(R.TOKEN_INVALID, "invalid bearer token")
         return None
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses RPCs without `authorization: Bearer <token>` (unary and streaming alike)."""
+
+    def __init__(self, token_file: str):
+        self.bearer = BearerToken(token_file)
+
+    def check(self, metadata) -> TunewireError | None:
+        return self.bearer.check(next((v for k, v in metadata or () if k == "authorization"), ""))
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -152,6 +163,10 @@ class ServerSecurity:
     @property
     def tls(self) -> bool:
         return bool(self.cert_file)
+
+    def bearer(self) -> BearerToken | None:
+        """The token check for other front ends (HTTP); None when no token is required."""
+        return BearerToken(self.token_file) if self.token_file else None
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [TokenAuthInterceptor(self.token_file)] if self.token_file else []
