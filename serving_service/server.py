@@ -1,5 +1,6 @@
 """The serving process: a vLLM engine, the adapter registry, and the gRPC servicer (+ health,
-reflection, metrics). Health stays NOT_SERVING until the engine has started.
+reflection, metrics), with the OpenAI-compatible HTTP API beside it when `http_port` is set.
+Health stays NOT_SERVING until the engine has started.
 
     tunewire serve serving --model /path/to/hf-model [--config configs/serving.example.toml]
 """
@@ -20,6 +21,7 @@ from serving_service.deployment_sync import DeploymentSync
 from serving_service.engine import (STRUCTURED_BACKEND, VllmEngine, engine_device, serving_dtype,
                                     wrapped_targets)
 from serving_service.generation import Generator
+from serving_service.openai_http import HttpFrontend, OpenAIApp
 from serving_service.registry import AdapterRegistry
 from serving_service.servicer import ServingServicer
 from serving_service.structured import KINDS, StructuredOutputs
@@ -59,6 +61,13 @@ async def serve(cfg: ServingConfig) -> int:
     info = model_info(cfg, registry.checks.base_fingerprint,
                       sorted(checks.allowed_targets) if cfg.lora_target_modules else [], device, dtype)
 
+    security = ServerSecurity.from_config(cfg)
+    frontends = [HttpFrontend(lambda serving: OpenAIApp(
+        generator, registry, base_name=cfg.base_model_name(), model_path=cfg.model,
+        max_model_len=cfg.max_model_len, max_body_bytes=cfg.max_message_bytes,
+        bearer=security.bearer(), serving=serving), host=cfg.host, port=cfg.http_port,
+        security=security)] if cfg.http_port else []
+
     def add(server, port):
         serving_pb2_grpc.add_ServingServiceServicer_to_server(ServingServicer(generator, registry, classifier, info, sync), server)
         return [serving_pb2.DESCRIPTOR.services_by_name["ServingService"].full_name]
@@ -76,7 +85,7 @@ async def serve(cfg: ServingConfig) -> int:
 
     return await run_server(name="serving", host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
                             add_servicers=add, startup=start_engine_then_deployments, drain=drain, shutdown=shutdown,
-                            drain_seconds=cfg.drain_seconds, security=ServerSecurity.from_config(cfg),
+                            drain_seconds=cfg.drain_seconds, security=security, frontends=frontends,
                             health_port=cfg.health_port, max_message_bytes=cfg.max_message_bytes,
                             watch=engine.wait_dead)  # engine death: NOT_SERVING, exit EXIT_DIED
 
