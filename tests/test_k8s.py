@@ -4,25 +4,24 @@ schemas with kubernetes-validate in strict mode (unknown fields are errors); the
 CRD, which those schemas lack, is checked structurally. On top: the restricted pod security
 settings on every container, native gRPC probes on the configured ports, the TOML in the
 ConfigMaps loading as the services' configs, storage, scaling, NetworkPolicies and the GPU
-overlay's GPU requests. The components: tests/test_k8s_components.py; the dashboards:
-tests/test_dashboards.py; the images: tests/test_docker.py.
+overlay's GPU requests. The components: tests/test_k8s_components.py; serving's HTTP API (port,
+Services, readiness, policy): tests/test_k8s_http.py; the dashboards: tests/test_dashboards.py;
+the images: tests/test_docker.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 import tomllib
 from pathlib import Path
 
 import pytest
-import yaml
 
 from manifests import (CLIENT_LABEL, CRD_KINDS, GPU, K8S, OVERLAYS, ROOT, containers,
-                      effective_config, exported_metrics, main_container, mount_of, one, render,
-                      selects, service_config, tls_on, validate_strictly, workloads)
+                      effective_config, exported_metrics, kustomize, main_container, mount_of, one,
+                      render, scratch_overlay, selects, service_config, tls_on, validate_strictly,
+                      workloads)
 from tunewire.config import load_config
 from tunewire.models import MODEL_NAME
 
@@ -90,15 +89,7 @@ def test_monitoring_component_composes_with_the_cpu_overlay(tmp_path):
     assert "# components:\n#   - ../../components/monitoring\n" in text
     text = text.replace("# components:\n#   - ../../components/monitoring\n",
                         "components:\n  - ../../components/monitoring\n")
-    overlay = tmp_path / "k8s" / "overlays" / "cpu-monitoring"
-    overlay.mkdir(parents=True)
-    (overlay / "kustomization.yaml").write_text(text)
-    for d in ("base", "namespace", "components"):
-        (tmp_path / "k8s" / d).symlink_to(K8S / d)
-    out = subprocess.run([shutil.which("kubectl") or pytest.skip("kubectl is not installed"), "kustomize",
-                          str(overlay)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    docs = kustomize(scratch_overlay(tmp_path, "cpu-monitoring", text))  # kubectl kustomize, checked
     sms = [d for d in docs if d["kind"] == "ServiceMonitor"]
     assert sorted(d["metadata"]["name"] for d in sms) == ["serving", "trainer"]
     assert all(d["metadata"]["namespace"] == "tunewire" for d in sms)
@@ -159,7 +150,8 @@ def gib(quantity: str) -> float:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_probes_are_native_grpc_on_the_configured_port(overlay, tmp_path):
     """The kubelet's gRPC probes cannot speak TLS: with TLS on they must use the plaintext
-    health_port (health only), else the gRPC port."""
+    health_port (health only), else the gRPC port. Serving's readiness without TLS is GET
+    /health on the HTTP port (tests/test_k8s_http.py checks it)."""
     docs = render(overlay)
     for name in ("trainer", "serving"):
         doc = one(docs, "Deployment", name)
@@ -169,6 +161,8 @@ def test_probes_are_native_grpc_on_the_configured_port(overlay, tmp_path):
         expected = {"grpc": values["port"], "metrics": values["metrics_port"]}
         if values.get("health_port"):
             expected["health"] = values["health_port"]
+        if values.get("http_port"):
+            expected["http"] = values["http_port"]
         if values.get("worker_port") and tls_on(values):  # job pods' plaintext report port
             expected["worker-report"] = values["worker_port"]
         assert ports == expected
@@ -179,6 +173,9 @@ def test_probes_are_native_grpc_on_the_configured_port(overlay, tmp_path):
         assert (overlay == "gpu") == tls_on(values)  # production secured, kind not
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = c[kind]
+            if (name, kind) == ("serving", "readinessProbe") and not tls_on(values):
+                assert set(probe) & {"grpc", "tcpSocket", "exec"} == set() and "httpGet" in probe
+                continue
             handlers = {"grpc", "httpGet", "tcpSocket", "exec"} & set(probe)
             assert handlers == {"grpc"}, f"{name} {kind}: {handlers}"
             assert probe["grpc"]["port"] == probe_port, f"{name} {kind}"
@@ -384,7 +381,10 @@ def test_network_policies(overlay, tmp_path):
                 {"key": "tunewire.dev/job", "operator": "Exists"}]}}]
             _, values = effective_config(docs, "trainer", tmp_path)
             assert values["worker_port"] and tls_on(values)
-        # not the plaintext health port (components/security): kubelet probes need no rule
+        # not the plaintext health port (components/security): kubelet probes need no rule;
+        # serving's HTTP API: labelled clients only (tests/test_k8s_http.py)
+        if name == "serving":
+            assert by_port.pop("http") == [{"podSelector": {"matchLabels": CLIENT_LABEL}}]
         assert set(by_port) == {"grpc", "metrics"}, name
         for peer in by_port["grpc"]:
             # pods of this namespace only: the trainer (serving only) or labelled clients

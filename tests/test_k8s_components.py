@@ -114,6 +114,10 @@ def test_cpu_overlay_takes_every_component_as_its_comments_say(tmp_path):
     assert {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceMonitor"} == {"serving", "trainer"}
     _, trainer = effective_config(docs, "trainer", tmp_path / "t")
     assert trainer["launcher"] == "kubernetes" and tls_on(trainer)
+    # serving: every probe on the plaintext health port, base's HTTP readiness probe replaced
+    _, serving = effective_config(docs, "serving", tmp_path / "s")
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "httpGet" not in c[kind] and c[kind]["grpc"]["port"] == serving["health_port"], kind
 
 
 # -- components/k8s-launcher -----------------------------------------------------------------
