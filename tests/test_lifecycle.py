@@ -4,7 +4,8 @@
 - a port that cannot be bound (gRPC, metrics, health) or an engine that cannot start (no
   weights, truncated weights) exits 1;
 - SIGTERM while the engine starts: exit 0, without a drain (nothing was served);
-- SIGTERM: health says NOT_SERVING while the service drains, then the process exits 0.
+- SIGTERM: health says NOT_SERVING (gRPC and the HTTP API's /health) while the service
+  drains, a stream in flight on the HTTP API finishes, then the process exits 0.
 
     .venv/bin/python -m pytest tests/test_lifecycle.py -q
 """
@@ -20,10 +21,11 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2
 
-from harness import health_status, start_service
+from harness import free_port, health_status, start_service
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -74,6 +76,8 @@ def test_a_port_that_cannot_be_bound_exits_1(tmp_path, tiny_model_dir):
             ("trainer", ["--metrics-port", port]),
             ("trainer", ["--health-port", port]),
             ("serving", ["--model", str(tiny_model_dir), "--adapter-store", str(tmp_path / "a"), "--port", port]),
+            ("serving", ["--model", str(tiny_model_dir), "--adapter-store", str(tmp_path / "a"),
+                         "--http-port", port]),
         ]:
             extra = trainer_flags(tmp_path) if kind == "trainer" else []
             done = serve(kind, *extra, *flags, cwd=tmp_path)
@@ -119,14 +123,34 @@ def test_sigterm_during_start_up_stops_without_a_drain(tmp_path, tiny_model_dir)
 
 
 def test_sigterm_drains_with_health_not_serving(tmp_path, tiny_model_dir):
+    http = f"http://127.0.0.1:{free_port()}"
     serving = start_service("serving", tmp_path, "--model", str(tiny_model_dir), "--adapter-store",
                             str(tmp_path / "adapters"), "--max-model-len", "256", "--enforce-eager",
-                            "--drain-seconds", "3")
+                            "--drain-seconds", "3", "--http-port", http.rsplit(":", 1)[1])
     trainer = start_service("trainer", tmp_path, *trainer_flags(tmp_path), "--drain-seconds", "3")
     try:
         trainer.wait_serving(60)
         serving.wait_serving(300)
-        for svc in (serving, trainer):
+        assert httpx.get(f"{http}/health", timeout=5).status_code == 200
+        # an HTTP stream in flight when SIGTERM comes: it finishes during the drain
+        with httpx.Client(timeout=60) as client, client.stream("POST", f"{http}/v1/completions", json={
+                "model": Path(tiny_model_dir).name, "prompt": "x", "max_tokens": 200, "min_tokens": 200,
+                "temperature": 0, "stream": True}) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: {")
+            serving.proc.send_signal(15)
+            deadline = time.monotonic() + 3  # the drain lasts 3 s: NOT_SERVING shows within it
+            while httpx.get(f"{http}/health", timeout=5).status_code != 503:
+                assert time.monotonic() < deadline, serving.log()[-3000:]
+            assert health_status(serving.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+            rest = [x for x in lines if x]
+        assert rest[-1] == "data: [DONE]", rest[-3:]
+        last = json.loads(rest[-2][len("data: "):])
+        assert last["choices"][0]["finish_reason"] == "length", last
+        assert serving.proc.wait(120) == 0, serving.log()[-3000:]
+        with pytest.raises(httpx.ConnectError):  # stopped with the gRPC server
+            httpx.get(f"{http}/health", timeout=5)
+        for svc in (trainer,):
             svc.proc.send_signal(15)
             seen = None
             deadline = time.monotonic() + 3  # the drain lasts 3 s: NOT_SERVING shows within it

@@ -8,7 +8,10 @@ One engine start and one short LoRA job for the whole module:
   token, checking serving's certificate (DNS name `localhost` only) against `serving_address`;
 - Generate on the adapter works over mTLS + token; without the token it is UNAUTHENTICATED
   (TOKEN_MISSING); a plaintext channel to serving's main port gets nowhere;
-- both services are waited on through their plaintext `--health-port`.
+- both services are waited on through their plaintext `--health-port`;
+- the OpenAI-compatible HTTP API on the same serving process takes the same TLS, client CA and
+  token: the official `openai` client over HTTPS with a client certificate gets the adapter's
+  answer (equal to gRPC's), 401 without the token; no client certificate or plain HTTP gets nowhere.
 
 And a trainer on its own (no engine): config flags → run_server → a TLS port with a token, a
 plaintext health-only port, the plaintext loopback port for worker reports, the CLI's client flags.
@@ -19,9 +22,12 @@ plaintext health-only port, the plaintext loopback port for worker reports, the 
 from __future__ import annotations
 
 import json
+import ssl
 from pathlib import Path
 
 import grpc
+import httpx
+import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -79,7 +85,7 @@ def stack(tmp_path_factory, tiny_model_dir, pki):  # noqa: F811
         "--max-model-len", "256", "--enforce-eager", "--drain-seconds", "0.1",
         "--tls-cert-file", pki["server-by-name"][0], "--tls-key-file", pki["server-by-name"][1],
         "--tls-client-ca-file", pki["ca"], "--auth-token-file", pki["token"],
-        "--health-port", str(serving_health))
+        "--health-port", str(serving_health), "--http-port", str(serving_http := free_port()))
     serving_address = f"localhost:{_port(serving)}"
     trainer = start_service(
         "trainer", tmp, "--data-dir", str(tmp / "trainer"), "--data-root", str(tmp.parent),
@@ -101,7 +107,8 @@ def stack(tmp_path_factory, tiny_model_dir, pki):  # noqa: F811
         }
         yield dict(
             tmp=tmp, model=Path(tiny_model_dir), serving=serving, trainer=trainer,
-            serving_port=_port(serving), serving_health=serving_health,
+            serving_port=_port(serving), serving_health=serving_health, serving_http=serving_http,
+            tls=tls, token=Path(pki["token"]).read_text().strip(),
             jobs=trainer_pb2_grpc.TrainerServiceStub(channels["trainer"]),
             gen=serving_pb2_grpc.ServingServiceStub(channels["serving"]),
             gen_no_token=serving_pb2_grpc.ServingServiceStub(channels["serving_no_token"]))
@@ -164,6 +171,28 @@ def test_generate_needs_tls_and_the_token(stack, trained):
             health_status(f"127.0.0.1:{stack['serving_port']}")
     # the plaintext health port still answers, without a token
     assert health_status(f"127.0.0.1:{stack['serving_health']}") == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_http_api_takes_the_same_mtls_and_token(stack, trained):
+    _, final = trained
+    tls = stack["tls"]
+    url = f"https://localhost:{stack['serving_http']}"
+    context = ssl.create_default_context(cafile=tls["ca_file"])  # httpx 0.28 wants the client cert here
+    context.load_cert_chain(tls["cert_file"], tls["key_file"])
+    https = httpx.Client(verify=context, timeout=120)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=stack["token"], http_client=https, max_retries=0)
+    r = client.completions.create(model=ADAPTER, prompt="alice is 21 years old.\nJSON: ", max_tokens=8,
+                                  temperature=0)
+    assert r.model == f"{ADAPTER}@{final.result.version}"
+    assert r.choices[0].text == _generate(stack["gen"]).text  # gRPC, same request: the reference
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", http_client=https, max_retries=0).models.list()
+    assert https.get(f"{url}/health").json() == {"status": "SERVING"}  # probes need no token
+    https.close()
+    with pytest.raises(httpx.HTTPError):  # no client certificate: the handshake fails
+        httpx.get(f"{url}/health", verify=ssl.create_default_context(cafile=tls["ca_file"]), timeout=10)
+    with pytest.raises(httpx.HTTPError):  # plain HTTP to the TLS port
+        httpx.get(f"http://127.0.0.1:{stack['serving_http']}/health", timeout=10)
 
 
 def test_trainer_serves_mtls_with_a_token_and_a_plaintext_health_port(pki, tmp_path):  # noqa: F811
