@@ -6,8 +6,9 @@ Slow (real `tunewire serve serving` processes, tiny model, vLLM on CPU):
   connections until SERVING: every call answers (nothing blocks the event loop while the engine
   starts);
 - kill -9 of the engine core process while a StreamGenerate is in flight: health NOT_SERVING
-  within 1 s on the main port and the health port, the stream ends UNAVAILABLE ENGINE_DEAD, a new
-  Generate during the drain is UNAVAILABLE ENGINE_DEAD, and the process exits 3.
+  within 1 s on the main port and the health port (and 503 on the HTTP API's /health), the
+  stream ends UNAVAILABLE ENGINE_DEAD, a new Generate during the drain is UNAVAILABLE
+  ENGINE_DEAD (HTTP: 503 ENGINE_DEAD), and the process exits 3.
 Fast: the death watcher on a stand-in for AsyncLLM (a real child process as its engine core),
 ENGINE_DEAD vs ENGINE_NOT_READY in the generator, and run_server's `watch` on a real gRPC server.
 
@@ -20,9 +21,11 @@ import asyncio
 import multiprocessing
 import socket
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
+import httpx
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -115,8 +118,10 @@ def wait_status(address: str, want, within: float, since: float) -> float:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_engine_death_turns_health_not_serving_fails_requests_and_exits_3(tmp_path, tiny_model_dir):
-    health_port = free_port()
-    svc = start_serving(tmp_path, tiny_model_dir, "--drain-seconds", "4", "--health-port", str(health_port))
+    health_port, http_port = free_port(), free_port()
+    http = f"http://127.0.0.1:{http_port}"
+    svc = start_serving(tmp_path, tiny_model_dir, "--drain-seconds", "4", "--health-port", str(health_port),
+                        "--http-port", str(http_port))
     probe = f"127.0.0.1:{health_port}"
     try:
         svc.wait_serving(300)
@@ -133,6 +138,7 @@ def test_engine_death_turns_health_not_serving_fails_requests_and_exits_3(tmp_pa
         took = {a: wait_status(a, NOT_SERVING, 1.0, since=killed) for a in (svc.address, probe)}
         for service in ("", "tunewire.serving.v1.ServingService"):
             assert health_status(svc.address, service) == NOT_SERVING
+        assert httpx.get(f"{http}/health", timeout=5).status_code == 503  # the HTTP API's too
         with pytest.raises(grpc.RpcError) as e:  # the in-flight stream
             for _ in stream:
                 pass
@@ -143,6 +149,9 @@ def test_engine_death_turns_health_not_serving_fails_requests_and_exits_3(tmp_pa
         expect_error(lambda: stub.Generate(spb.GenerateRequest(
             prompt="dave", sampling=spb.SamplingParams(max_tokens=4)), timeout=10),
             grpc.StatusCode.UNAVAILABLE, R.ENGINE_DEAD)
+        r = httpx.post(f"{http}/v1/completions", json={"model": Path(tiny_model_dir).name, "prompt": "dave",
+                                                       "max_tokens": 4}, timeout=10)
+        assert (r.status_code, r.json()["error"]["code"]) == (503, R.ENGINE_DEAD), r.text
         ch.close()
         assert svc.proc.wait(120) == EXIT_DIED, svc.log()[-3000:]
         log = svc.log()
