@@ -403,8 +403,8 @@ def test_metrics_endpoints_expose_named_metrics(stack, trained):
                  'grpc_method="CreateTrainingJob"', "grpc_server_handling_seconds_bucket"):
         assert name in t, name
     s = _metrics(stack.serving.metrics_port)
-    for name in ('tunewire_serving_requests_total{adapter="json-extract",outcome="ok",frontend="grpc"}',
-                 'tunewire_serving_requests_total{adapter="base",outcome="ok",frontend="grpc"}',
+    for name in ('tunewire_serving_requests_total{adapter="json-extract",frontend="grpc",outcome="ok"}',
+                 'tunewire_serving_requests_total{adapter="base",frontend="grpc",outcome="ok"}',
                  "tunewire_serving_ttft_seconds_bucket", "tunewire_serving_e2e_latency_seconds_bucket",
                  "tunewire_serving_tokens_total", "tunewire_serving_adapters_resident",
                  'grpc_method="Generate"', "vllm:"):

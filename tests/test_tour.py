@@ -47,6 +47,6 @@ def test_the_readme_tour_runs_as_written(tmp_path, tiny_model_dir):
     assert '"ok": true' in out                                   # the pre-flight report
     assert "state succeeded" in out                              # the job, watched to the end
     assert '"adapter": "extract"' in out and '"structured_output_valid": true' in out
-    assert re.search(r'tunewire_serving_requests_total\{adapter="extract",outcome="ok"\} 1\.0', out)
+    assert re.search(r'tunewire_serving_requests_total\{adapter="extract",frontend="grpc",outcome="ok"\} 1\.0', out)
     assert re.search(r'tunewire_trainer_jobs\{state="SUCCEEDED"\} 1\.0', out)
     assert (tmp_path / "var" / "adapters" / "extract" / "v1" / "manifest.json").is_file()
