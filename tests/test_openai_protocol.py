@@ -254,6 +254,10 @@ def test_frontend_starts_serves_and_stops_on_a_free_port():
             assert (await h.get("/health")).status_code == 503
             frontend.set_serving(True)
             assert (await h.get("/health")).json() == {"status": "SERVING"}
+            # the kept-alive connection is served with Nagle off: small SSE events leave at once
+            conns = frontend._server.server_state.connections
+            assert conns and all(c.transport.get_extra_info("socket").getsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NODELAY) for c in conns)
         await frontend.stop(1.0)
         with pytest.raises(OSError):  # closed
             socket.create_connection(("127.0.0.1", frontend.port), timeout=1).close()
