@@ -3,9 +3,9 @@ loading, LRU eviction and pinning, validation failures, WatchAdapters, Classify 
 of a scripted workload. (Generation: tests/test_serving_generation.py, on a service of its own.)
 
 One serving subprocess (tiny random Llama, vLLM CPU) with small limits serves the whole module
-(`Serving`, which test_serving_generation.py uses too): 3 resident adapters, 4 requests running
-and 4 queued, 3 adapters with their own metric label. Each test publishes adapters of its own
-and leaves none pinned or running, so the tests pass in any order.
+(`harness.Serving`, which test_serving_generation.py uses too): 3 resident adapters, 4 requests
+running and 4 queued, 3 adapters with their own metric label. Each test publishes adapters of
+its own and leaves none pinned or running, so the tests pass in any order.
 """
 
 from __future__ import annotations
@@ -13,80 +13,17 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
 
-from harness import expect_error, start_service
+from harness import Serving, expect_error
 from tunewire import adapters
 from tunewire.serving.v1 import serving_pb2 as spb
-from tunewire.serving.v1 import serving_pb2_grpc
 
 # 600 s: the first test also pays for starting the service (~30-90 s on 2 shared cores)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-class Serving:
-    def __init__(self, tmp: Path, model: Path):
-        self.tmp, self.model, self.store = tmp, model, tmp / "adapters"
-        self.store.mkdir()
-        self.svc = start_service(
-            "serving", tmp, "--model", str(model), "--adapter-store", str(self.store),
-            "--max-model-len", "512", "--enforce-eager", "--max-loras", "2", "--max-cpu-loras", "3",
-            "--max-concurrent-requests", "4", "--max-queued-requests", "4",
-            "--schema-compile-timeout-s", "0.5", "--metrics-top-adapters", "3", "--drain-seconds", "1")
-        self.svc.wait_serving(300)
-        self.channel = grpc.insecure_channel(self.svc.address)
-        self.stub = serving_pb2_grpc.ServingServiceStub(self.channel)
-        self._n = 0
-
-    def publish(self, name: str, *, r: int = 8, targets=("q_proj", "v_proj"), seed: int = 0, **lora) -> Path:
-        """A random (non-zero) peft LoRA adapter published as the next version of `name`."""
-        import torch
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
-
-        self._n += 1
-        src = self.tmp / f"src-{name}-{self._n}"
-        torch.manual_seed(seed)
-        get_peft_model(AutoModelForCausalLM.from_pretrained(self.model),
-                       LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
-                                  init_lora_weights=False, **lora)).save_pretrained(src)
-        dest, _ = adapters.publish(src, self.store, name, base_model_dir=self.model)
-        return dest
-
-    def metrics(self) -> dict[str, float]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.svc.metrics_port}/metrics", timeout=10).read()
-        out = {}
-        for line in text.decode().splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                out[key] = float(value)
-        return out
-
-    def unfinished(self) -> float:
-        return self.metrics()["tunewire_serving_engine_unfinished_requests"]
-
-    def wait_engine_idle(self, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while self.unfinished() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert self.unfinished() == 0, "the engine kept a request after abort/deadline"
-
-    def adapters(self, **kw) -> dict[str, spb.Adapter]:
-        return {f"{a.name}@{a.version}": a for a in self.stub.ListAdapters(
-            spb.ListAdaptersRequest(**kw)).adapters}
-
-    @classmethod
-    def for_module(cls, tmp_path_factory, model_dir, name: str):
-        """A module fixture's body: the service while the module's tests run, then stopped."""
-        s = cls(tmp_path_factory.mktemp(name), Path(model_dir))
-        yield s
-        s.channel.close()
-        s.svc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -301,9 +238,9 @@ def test_metrics_after_a_scripted_workload(srv):
     def delta(key):
         return after.get(key, 0) - before.get(key, 0)
 
-    assert delta('tunewire_serving_requests_total{adapter="other",outcome="ok",frontend="grpc"}') == 8
+    assert delta('tunewire_serving_requests_total{adapter="other",frontend="grpc",outcome="ok"}') == 8
     assert not any(k.startswith("tunewire_serving_requests_total") and 'adapter="m-' in k for k in after)
-    assert delta('tunewire_serving_tokens_total{adapter="other",kind="completion",frontend="grpc"}') == 40
+    assert delta('tunewire_serving_tokens_total{adapter="other",frontend="grpc",kind="completion"}') == 40
     assert delta('tunewire_serving_ttft_seconds_count{adapter="other",frontend="grpc"}') == 8
     assert delta('tunewire_serving_adapter_cache_total{result="miss"}') == 4
     assert delta('tunewire_serving_adapter_cache_total{result="hit"}') == 4
@@ -313,7 +250,7 @@ def test_metrics_after_a_scripted_workload(srv):
         assert delta(f'tunewire_serving_adapter_load_phase_seconds_count{{phase="{phase}"}}') == 4
     assert after["tunewire_serving_adapters_resident"] == 3
     assert delta('tunewire_serving_structured_output_total{format="regex",valid="true"}') == 1
-    assert delta('tunewire_serving_requests_total{adapter="base",outcome="ok",frontend="grpc"}') == 1
+    assert delta('tunewire_serving_requests_total{adapter="base",frontend="grpc",outcome="ok"}') == 1
     for key in ("tunewire_serving_schema_compile_seconds_count", "tunewire_serving_admission_queue_depth",
                 "vllm:"):
         assert any(k.startswith(key) for k in after), key
