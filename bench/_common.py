@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -45,6 +46,28 @@ def pct(values, q: float) -> float:
 
 def median(values) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+async def run_workload(send, items: list, concurrency: int) -> dict:
+    """send(item) -> (ttft_s, latency_s, completion_tokens, extra); `concurrency` in flight.
+    Shared by the serving benches: the in-process engine, the gRPC client and the HTTP client."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(item):
+        async with sem:
+            return await send(item)
+
+    t0 = time.perf_counter()
+    res = await asyncio.gather(*[one(it) for it in items])
+    wall = time.perf_counter() - t0
+    tokens = sum(r[2] for r in res)
+    ttft = [r[0] * 1000 for r in res]
+    lat = [r[1] * 1000 for r in res]
+    return {"requests": len(items), "concurrency": concurrency, "wall_s": wall, "tokens": tokens,
+            "tok_s": tokens / wall, "counts": [r[2] for r in res], "req_s": len(items) / wall,
+            "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p95": pct(ttft, 95),
+            "latency_ms_p50": pct(lat, 50), "latency_ms_p95": pct(lat, 95),
+            "extra": [r[3] for r in res]}
 
 
 def md_table(headers: list[str], rows: list[list]) -> str:

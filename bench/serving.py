@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import PROMPTS, conditions, other_benches, pct  # noqa: E402
+from _common import PROMPTS, conditions, other_benches, run_workload  # noqa: E402
 from serving_grpc import Client, load_phases, start_server, stop_server, wait_serving  # noqa: E402
 from serving_report import report  # noqa: E402
 from serving_schemas import PERSON_SCHEMA, schema_part  # noqa: E402
@@ -74,28 +74,6 @@ PEOPLE = [
 def json_prompt(i: int) -> str:
     return ("Extract the person as JSON with keys name, age, city, hobbies.\nText: "
             f"{PEOPLE[i % len(PEOPLE)]}\nJSON: ")
-
-
-# --- workload runner (shared by the in-process engine and the gRPC client) ---------------------
-async def run_workload(send, items: list, concurrency: int) -> dict:
-    """send(item) -> (ttft_s, latency_s, completion_tokens, extra); `concurrency` in flight."""
-    sem = asyncio.Semaphore(concurrency)
-
-    async def one(item):
-        async with sem:
-            return await send(item)
-
-    t0 = time.perf_counter()
-    res = await asyncio.gather(*[one(it) for it in items])
-    wall = time.perf_counter() - t0
-    tokens = sum(r[2] for r in res)
-    ttft = [r[0] * 1000 for r in res]
-    lat = [r[1] * 1000 for r in res]
-    return {"requests": len(items), "concurrency": concurrency, "wall_s": wall, "tokens": tokens,
-            "tok_s": tokens / wall, "req_s": len(items) / wall,
-            "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p95": pct(ttft, 95),
-            "latency_ms_p50": pct(lat, 50), "latency_ms_p95": pct(lat, 95),
-            "extra": [r[3] for r in res]}
 
 
 def overhead_items(args, c: int) -> list[str]:

@@ -27,17 +27,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_argv(args, store: Path, port: int, metrics_port: int) -> list[str]:
+    """`tunewire` arguments (`serve serving ...`) of the bench's service: args.model, the LoRA
+    limits, max_model_len, max_num_seqs, kv_cache_gib, enforce_eager. bench/serving_frontends.py
+    parses the same list with tunewire's own parser to build its in-process engine's settings."""
+    argv = ["serve", "serving", "--host", "127.0.0.1",
+            "--port", str(port), "--metrics-port", str(metrics_port), "--model", args.model,
+            "--adapter-store", str(store), "--max-loras", str(args.max_loras),
+            "--max-cpu-loras", str(args.max_cpu_loras), "--max-model-len", str(args.max_model_len),
+            "--max-queued-requests", "1024", "--max-num-seqs", str(args.max_num_seqs),
+            "--kv-cache-gib", str(args.kv_cache_gib)]
+    if args.enforce_eager:
+        argv.append("--enforce-eager")
+    return argv
+
+
 def start_server(args, store: Path, log_path: Path):
     """(process, gRPC address, metrics URL)."""
     port, metrics_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "tunewire.cli", "serve", "serving", "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", str(metrics_port), "--model", args.model,
-           "--adapter-store", str(store), "--max-loras", str(args.max_loras),
-           "--max-cpu-loras", str(args.max_cpu_loras), "--max-model-len", str(args.max_model_len),
-           "--max-queued-requests", "1024", "--max-num-seqs", str(args.max_num_seqs),
-           "--kv-cache-gib", str(args.kv_cache_gib)]
-    if args.enforce_eager:
-        cmd.append("--enforce-eager")
+    cmd = [sys.executable, "-m", "tunewire.cli", *serve_argv(args, store, port, metrics_port)]
     env = {**os.environ}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
     log = open(log_path, "wb")
