@@ -23,7 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from harness import expect_error, health_status, start_service, states, watch_all
+from harness import expect_error, health_status, series, start_service, states, watch_all
 from reference import hf_greedy, random_adapter, visible_text
 from tunewire import adapters
 from tunewire.serving.v1 import serving_pb2 as spb
@@ -403,8 +403,8 @@ def test_metrics_endpoints_expose_named_metrics(stack, trained):
                  'grpc_method="CreateTrainingJob"', "grpc_server_handling_seconds_bucket"):
         assert name in t, name
     s = _metrics(stack.serving.metrics_port)
-    for name in ('tunewire_serving_requests_total{adapter="json-extract",frontend="grpc",outcome="ok"}',
-                 'tunewire_serving_requests_total{adapter="base",frontend="grpc",outcome="ok"}',
+    for name in (series("tunewire_serving_requests_total", adapter="json-extract", frontend="grpc", outcome="ok"),
+                 series("tunewire_serving_requests_total", adapter="base", frontend="grpc", outcome="ok"),
                  "tunewire_serving_ttft_seconds_bucket", "tunewire_serving_e2e_latency_seconds_bucket",
                  "tunewire_serving_tokens_total", "tunewire_serving_adapters_resident",
                  'grpc_method="Generate"', "vllm:"):

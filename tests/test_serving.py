@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from harness import Serving, expect_error
+from harness import Serving, expect_error, series
 from tunewire import adapters
 from tunewire.serving.v1 import serving_pb2 as spb
 
@@ -238,10 +238,10 @@ def test_metrics_after_a_scripted_workload(srv):
     def delta(key):
         return after.get(key, 0) - before.get(key, 0)
 
-    assert delta('tunewire_serving_requests_total{adapter="other",frontend="grpc",outcome="ok"}') == 8
+    assert delta(series("tunewire_serving_requests_total", adapter="other", frontend="grpc", outcome="ok")) == 8
     assert not any(k.startswith("tunewire_serving_requests_total") and 'adapter="m-' in k for k in after)
-    assert delta('tunewire_serving_tokens_total{adapter="other",frontend="grpc",kind="completion"}') == 40
-    assert delta('tunewire_serving_ttft_seconds_count{adapter="other",frontend="grpc"}') == 8
+    assert delta(series("tunewire_serving_tokens_total", adapter="other", frontend="grpc", kind="completion")) == 40
+    assert delta(series("tunewire_serving_ttft_seconds_count", adapter="other", frontend="grpc")) == 8
     assert delta('tunewire_serving_adapter_cache_total{result="miss"}') == 4
     assert delta('tunewire_serving_adapter_cache_total{result="hit"}') == 4
     assert delta("tunewire_serving_adapter_evictions_total") >= 1  # 4 adapters, 3 slots
@@ -250,7 +250,7 @@ def test_metrics_after_a_scripted_workload(srv):
         assert delta(f'tunewire_serving_adapter_load_phase_seconds_count{{phase="{phase}"}}') == 4
     assert after["tunewire_serving_adapters_resident"] == 3
     assert delta('tunewire_serving_structured_output_total{format="regex",valid="true"}') == 1
-    assert delta('tunewire_serving_requests_total{adapter="base",frontend="grpc",outcome="ok"}') == 1
+    assert delta(series("tunewire_serving_requests_total", adapter="base", frontend="grpc", outcome="ok")) == 1
     for key in ("tunewire_serving_schema_compile_seconds_count", "tunewire_serving_admission_queue_depth",
                 "vllm:"):
         assert any(k.startswith(key) for k in after), key

@@ -16,7 +16,7 @@ import time
 import grpc
 import pytest
 
-from harness import expect_error
+from harness import expect_error, series
 from test_serving import LONG, LONG_TOKENS, Serving, gen, wait_state
 from tunewire.serving.v1 import serving_pb2 as spb
 
@@ -64,7 +64,8 @@ def test_grpc_deadline_reaches_the_engine(srv):
 
 
 def test_client_cancel_aborts_the_engine_request(srv):
-    before = srv.metrics().get('tunewire_serving_requests_total{adapter="base",frontend="grpc",outcome="cancelled"}', 0)
+    key = series("tunewire_serving_requests_total", adapter="base", frontend="grpc", outcome="cancelled")
+    before = srv.metrics().get(key, 0)
     call = srv.stub.StreamGenerate(spb.StreamGenerateRequest(
         prompt="carol", sampling=spb.SamplingParams(max_tokens=LONG_TOKENS), response_format=LONG), timeout=60)
     next(call)
@@ -73,10 +74,9 @@ def test_client_cancel_aborts_the_engine_request(srv):
     call.cancel()
     srv.wait_engine_idle()
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and srv.metrics().get(
-            'tunewire_serving_requests_total{adapter="base",frontend="grpc",outcome="cancelled"}', 0) == before:
+    while time.monotonic() < deadline and srv.metrics().get(key, 0) == before:
         time.sleep(0.05)
-    assert srv.metrics()['tunewire_serving_requests_total{adapter="base",frontend="grpc",outcome="cancelled"}'] == before + 1
+    assert srv.metrics()[key] == before + 1
 
 
 def test_resource_exhausted_only_past_the_queue(srv):
